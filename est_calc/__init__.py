@@ -1,0 +1,23 @@
+"""est_calc: Equivariant Spherical Transformer potentials for ASE.
+
+Public entry points:
+
+* :class:`est_calc.ESTCalculator` - the ASE calculator (``atoms.calc = ESTCalculator()``).
+* :class:`est_calc.batch.AtomsBatch` and :func:`est_calc.neighbors.build_graph` - the batch object
+  and graph that every code path (calculator, training, recipes, benchmarks) shares.
+* :func:`est_calc.forces.energy_forces_stress` - the only place forces and stress are computed.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["ESTCalculator", "__version__"]
+
+
+def __getattr__(name):
+    # The calculator pulls in ASE and the model; import it lazily so that `import est_calc.sphere`
+    # stays light.
+    if name == "ESTCalculator":
+        from est_calc.calculator import ESTCalculator
+
+        return ESTCalculator
+    raise AttributeError(f"module 'est_calc' has no attribute {name!r}")
