@@ -1,0 +1,311 @@
+"""ModelConfig (the only build recipe, with named presets) and ESTModel (returns energy only).
+
+ESTModel(batch, graph) computes
+
+    r_ij        = edge_vectors(...)                       inside autograd (forces/stress by grad)
+    r_ij       <- R_b r_ij   (train mode only, one uniform random rotation per structure b)
+    x           = AtomEmbedding(Z) + EdgeDegreeEmbedding
+    x           = [UpdateBlock(MessageBlock(x))] x n_layers
+    e_i         = head(LN(x_i)^(0)) - head_isolated(Z_i)   (exactly 0 for an atom without neighbours)
+    energies_i  = e_i * energy_scale / avg_atoms + energy_shift + element_reference[Z_i]
+    energy_b    = sum_{i in b} energies_i
+
+so an isolated atom has energy element_reference[Z] + energy_shift exactly and zero force.
+Rotating the edge vectors by R is equivalent to rotating the sphere lattice by R^T (stochastic
+frame averaging of the lattice discretisation error, EST_SPEC 5); eval mode is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from est_calc.geometry import edge_vectors
+from est_calc.nn.embedding import N_ELEMENTS, AtomEmbedding, EdgeDegreeEmbedding
+from est_calc.nn.radial import PolynomialEnvelope, make_radial_basis
+
+__all__ = ["ModelConfig", "PRESETS", "ModelOutput", "ESTModel", "random_rotations"]
+
+
+_CHOICES = {
+    "grid": ("fibonacci", "fibonacci_poles", "lebedev", "lat_long"),
+    "inverse": ("lstsq", "normalized_transpose"),
+    "message": ("est", "so2"),
+    "rbf": ("bessel", "gaussian"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of an EST model (frozen; stored in checkpoints via to_dict).
+
+    Attributes:
+        cutoff_A: neighbour cutoff r_c in Å.
+        l_max: maximum degree L of the steerable features (K = (L+1)^2).
+        channels: C, channels per degree.
+        n_layers: number of (message block, update block) layers.
+        n_heads: attention heads in the node update blocks (divides channels).
+        l_roe: degree of the Legendre orientation bias in spherical attention.
+        grid: sphere lattice kind: "fibonacci" | "fibonacci_poles" | "lebedev" | "lat_long".
+        n_points: number of sample points S (None: the grid's default, (2L+1)(2L+2) for Fibonacci).
+        inverse: inverse transform: "lstsq" | "normalized_transpose".
+        n_steerable: steerable experts per update block.
+        n_spherical: spherical experts per update block.
+        hidden_mult: hidden width multiplier of the expert and message FFNs.
+        message: message block: "est" (full EST per edge) | "so2" (SO(2) graph attention).
+        fourier_channels: C_f, channels of the per-edge grid in the "est" message block.
+        message_heads: attention heads of the per-edge cross-attention (divides fourier_channels).
+        so2_m_max: M, the largest |m| kept by the "so2" message block.
+        n_rbf: number of radial basis functions.
+        rbf: radial basis: "bessel" | "gaussian".
+        envelope_p: order p of the polynomial cutoff envelope.
+        radial_hidden: hidden width of the radial MLPs.
+        species_channels: width of the scalar species embedding fed to the radial MLPs.
+        avg_degree: neighbour-sum normaliser (typical number of neighbours).
+        avg_atoms: per-structure energy normaliser (divides the learned part of e_i).
+        rotate_grid_in_training: random lattice rotation per structure in train mode.
+    """
+
+    cutoff_A: float = 5.0
+    l_max: int = 2
+    channels: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    l_roe: int = 2
+    grid: str = "fibonacci"
+    n_points: Optional[int] = None
+    inverse: str = "lstsq"
+    n_steerable: int = 1
+    n_spherical: int = 1
+    hidden_mult: int = 2
+    message: str = "est"
+    fourier_channels: int = 8
+    message_heads: int = 2
+    so2_m_max: int = 2
+    n_rbf: int = 8
+    rbf: str = "bessel"
+    envelope_p: int = 5
+    radial_hidden: int = 32
+    species_channels: int = 16
+    avg_degree: float = 12.0
+    avg_atoms: float = 1.0
+    rotate_grid_in_training: bool = True
+
+    def __post_init__(self):
+        for name, kinds in _CHOICES.items():
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {kinds}")
+        positive_ints = ("l_max", "channels", "n_layers", "n_heads", "hidden_mult",
+                         "fourier_channels", "message_heads", "n_rbf", "envelope_p",
+                         "radial_hidden", "species_channels")
+        for name in positive_ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("l_roe", "n_steerable", "n_spherical", "so2_m_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {v!r}")
+        if self.n_steerable + self.n_spherical < 1:
+            raise ValueError("ModelConfig needs at least one expert (n_steerable + n_spherical >= 1)")
+        for name in ("cutoff_A", "avg_degree", "avg_atoms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
+        if self.n_points is not None and (isinstance(self.n_points, bool)
+                                          or not isinstance(self.n_points, int)
+                                          or self.n_points < (self.l_max + 1) ** 2):
+            raise ValueError(f"ModelConfig.n_points must be None or an integer >= (l_max+1)^2 = "
+                             f"{(self.l_max + 1) ** 2}, got {self.n_points!r}")
+        if self.channels % self.n_heads:
+            raise ValueError(f"channels={self.channels} is not divisible by n_heads={self.n_heads}")
+        if self.fourier_channels % self.message_heads:
+            raise ValueError(f"fourier_channels={self.fourier_channels} is not divisible by "
+                             f"message_heads={self.message_heads}")
+        if self.so2_m_max > self.l_max:
+            raise ValueError(f"so2_m_max={self.so2_m_max} exceeds l_max={self.l_max}")
+        if not isinstance(self.rotate_grid_in_training, bool):
+            raise ValueError("ModelConfig.rotate_grid_in_training must be a bool")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset ("tiny", "small", "medium") with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+    def to_dict(self) -> dict:
+        """Plain-Python dict of every field (safe for torch.save(weights_only) and JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """Inverse of to_dict; unknown keys raise ValueError naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+#: Named presets. "tiny": unit tests (seconds on CPU). "small": CPU MD and CPU training.
+#: "medium": GPU training and production.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(cutoff_A=4.0, l_max=2, channels=8, n_layers=1, n_heads=2, l_roe=1,
+                        hidden_mult=1, fourier_channels=4, message_heads=1, n_rbf=4,
+                        radial_hidden=8, species_channels=4, avg_degree=8.0),
+    "small": ModelConfig(cutoff_A=5.0, l_max=2, channels=32, n_layers=2, n_heads=4, l_roe=2,
+                         fourier_channels=8, message_heads=2, n_rbf=8, radial_hidden=32,
+                         species_channels=16, avg_degree=30.0),
+    "medium": ModelConfig(cutoff_A=6.0, l_max=4, channels=128, n_layers=6, n_heads=8, l_roe=2,
+                          n_steerable=2, n_spherical=2, fourier_channels=32, message_heads=4,
+                          n_rbf=16, radial_hidden=64, species_channels=32, avg_degree=40.0),
+}
+
+
+class ModelOutput(NamedTuple):
+    """energy (n_systems,) eV and energies (n_atoms,) eV, with energy = sum of energies per system."""
+
+    energy: Tensor
+    energies: Tensor
+
+
+def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) -> Tensor:
+    """(n, 3, 3) uniformly distributed rotation matrices (normalised Gaussian quaternions)."""
+    q = torch.randn(n, 4, dtype=torch.float64, generator=generator).to(device)
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    rot = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ], dim=-1).view(n, 3, 3)
+    return rot.to(dtype)
+
+
+def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
+    if config.message == "est":
+        from est_calc.nn.message import ESTMessageBlock
+
+        return ESTMessageBlock(config, grid)
+    from est_calc.nn.message_so2 import SO2MessageBlock
+
+    return SO2MessageBlock(config, grid)
+
+
+class ESTModel(nn.Module):
+    """Equivariant Spherical Transformer interatomic potential (energy only).
+
+    Args:
+        config: a :class:`ModelConfig` (or the name of a preset).
+
+    Buffers (set by training): ``element_reference`` (119,) eV, ``energy_scale`` () and
+    ``energy_shift`` () eV.
+    """
+
+    def __init__(self, config: ModelConfig | str):
+        super().__init__()
+        from e3nn import o3
+
+        from est_calc.nn.block import ESTUpdateBlock
+        from est_calc.nn.so3 import EquivariantLayerNorm
+        from est_calc.sphere import make_grid
+
+        if isinstance(config, str):
+            config = ModelConfig.preset(config)
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"ESTModel needs a ModelConfig or preset name, got {type(config)}")
+        self.config = config
+        c = config
+        self._sh_irreps = o3.Irreps.spherical_harmonics(c.l_max)
+        self.grid = make_grid(c.grid, c.l_max, n_points=c.n_points, inverse=c.inverse)
+        self.rbf = make_radial_basis(c.rbf, c.n_rbf, c.cutoff_A)
+        self.envelope = PolynomialEnvelope(c.cutoff_A, p=c.envelope_p)
+        self.atom_embedding = AtomEmbedding(c.l_max, c.channels)
+        self.species_embedding = nn.Embedding(N_ELEMENTS, c.species_channels)
+        self.edge_embedding = EdgeDegreeEmbedding(c.l_max, c.channels, c.n_rbf, c.species_channels,
+                                                  c.radial_hidden, c.avg_degree)
+        self.messages = nn.ModuleList(_message_block(c, self.grid) for _ in range(c.n_layers))
+        self.updates = nn.ModuleList(
+            ESTUpdateBlock(c.l_max, c.channels, self.grid, n_heads=c.n_heads, l_roe=c.l_roe,
+                           n_steerable=c.n_steerable, n_spherical=c.n_spherical,
+                           hidden_mult=c.hidden_mult)
+            for _ in range(c.n_layers))
+        self.final_norm = EquivariantLayerNorm(c.l_max, c.channels)
+        self.head = nn.Sequential(nn.Linear(c.channels, c.channels), nn.SiLU(),
+                                  nn.Linear(c.channels, 1))
+        self.register_buffer("element_reference", torch.zeros(N_ELEMENTS))
+        self.register_buffer("energy_scale", torch.tensor(1.0))
+        self.register_buffer("energy_shift", torch.tensor(0.0))
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor) -> Tensor:
+        """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3)."""
+        from e3nn import o3
+
+        atom_emb = self.species_embedding(z)
+        x = self.atom_embedding(z)
+        if edge_index.shape[1] > 0:
+            r = vec.norm(dim=-1)
+            edge_sh = o3.spherical_harmonics(self._sh_irreps, vec, normalize=True,
+                                             normalization="component")
+            edge_rbf = self.rbf(r)
+            env = self.envelope(r)
+            x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+        else:
+            edge_sh = edge_rbf = env = None
+        for message, update in zip(self.messages, self.updates):
+            if edge_sh is not None:
+                x = message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+            x = update(x)
+        return self.final_norm(x)[:, 0, :]
+
+    def forward(self, batch, graph) -> ModelOutput:
+        """Energies of a batch of structures.
+
+        Args:
+            batch: ``est_calc.batch.AtomsBatch`` (positions in Å).
+            graph: ``est_calc.neighbors.Graph`` (edge_index (2, E), shifts (E, 3) int64).
+
+        Returns:
+            ModelOutput(energy (n_systems,) eV, energies (n_atoms,) eV).
+        """
+        z = batch.atomic_numbers
+        dtype = self.element_reference.dtype
+        pos = batch.positions.to(dtype)
+        edge_index = graph.edge_index.to(pos.device)
+        if edge_index.ndim != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"graph.edge_index must be (2, E), got {tuple(edge_index.shape)}")
+        vec = edge_vectors(pos, batch.cell.to(dtype), edge_index, graph.shifts.to(pos.device),
+                           batch.system_idx)
+        if self.training and self.config.rotate_grid_in_training and vec.shape[0] > 0:
+            rot = random_rotations(batch.n_systems, dtype, device=pos.device)
+            rot_e = rot[batch.system_idx[edge_index[0]]]  # (E, 3, 3)
+            vec = torch.einsum("eab,eb->ea", rot_e, vec)
+
+        feats = self._features(z, edge_index, vec)
+        e = self.head(feats).squeeze(-1)
+        # Subtract what the same network gives for an isolated atom of each species, so that an
+        # atom without neighbours has e_i = 0 and the energy tends to the sum of references.
+        species, inverse = torch.unique(z, return_inverse=True)
+        no_edges = edge_index.new_zeros((2, 0))
+        e_iso = self.head(self._features(species, no_edges, vec.new_zeros(0, 3))).squeeze(-1)
+        e = e - e_iso[inverse]
+        if vec.shape[0] > 0:
+            has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+            has_neighbour[edge_index[0][vec.norm(dim=-1) < self.config.cutoff_A]] = True
+            e = torch.where(has_neighbour, e, torch.zeros_like(e))
+        else:
+            e = torch.zeros_like(e)
+        energies = (e * self.energy_scale / self.config.avg_atoms + self.energy_shift
+                    + self.element_reference[z])
+        energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
+        return ModelOutput(energy=energy, energies=energies)
