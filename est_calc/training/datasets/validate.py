@@ -1,0 +1,136 @@
+"""Checking frames before training: count every problem by kind, then stop or skip explicitly."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._frame import Frame
+
+__all__ = ["ValidationReport", "frame_problems", "validate_frames"]
+
+MAX_Z = 118
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_frames` found.
+
+    Attributes:
+        n_frames: frames examined.
+        n_kept: frames without problems.
+        counts: number of frames showing each problem kind (a frame may show several).
+        examples: up to ``max_examples`` frame indices per problem kind.
+        messages: the error text of frames that could not be read at all, by index.
+    """
+
+    n_frames: int = 0
+    n_kept: int = 0
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    messages: dict = field(default_factory=dict)
+
+    @property
+    def n_dropped(self) -> int:
+        """Frames with at least one problem."""
+        return self.n_frames - self.n_kept
+
+    def summary(self) -> str:
+        """One line: ``kept k of n frames; problems: kind=count, ...``."""
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
+        return f"kept {self.n_kept} of {self.n_frames} frames; problems: {kinds}"
+
+
+def frame_problems(frame: Frame, *, allowed_species=None, require_energy: bool = True,
+                   require_forces: bool = True) -> list[str]:
+    """List the problem kinds of one frame (empty when the frame is usable).
+
+    Kinds: ``length_mismatch`` (numbers/tags/fixed/forces disagree with positions),
+    ``unknown_element`` (Z outside 1..118), ``species_not_allowed``, ``nan_positions``,
+    ``nan_cell``, ``missing_energy``, ``nan_energy``, ``missing_forces``, ``nan_forces``,
+    ``nan_stress``.
+    """
+    problems = []
+    n = len(frame.positions)
+    lengths_ok = all(len(getattr(frame, k)) == n for k in ("numbers", "tags", "fixed"))
+    if frame.forces is not None and frame.forces.shape != (n, 3):
+        lengths_ok = False
+    if not lengths_ok or n == 0:
+        problems.append("length_mismatch")
+    z = frame.numbers
+    if np.any((z < 1) | (z > MAX_Z)):
+        problems.append("unknown_element")
+    elif allowed_species is not None and not np.isin(z, list(allowed_species)).all():
+        problems.append("species_not_allowed")
+    if not np.isfinite(frame.positions).all():
+        problems.append("nan_positions")
+    if not np.isfinite(frame.cell).all():
+        problems.append("nan_cell")
+    if frame.energy is None:
+        if require_energy:
+            problems.append("missing_energy")
+    elif not np.isfinite(frame.energy):
+        problems.append("nan_energy")
+    if frame.forces is None:
+        if require_forces:
+            problems.append("missing_forces")
+    elif not np.isfinite(frame.forces).all():
+        problems.append("nan_forces")
+    if frame.stress is not None and not np.isfinite(frame.stress).all():
+        problems.append("nan_stress")
+    return problems
+
+
+def validate_frames(dataset, *, policy: str = "stop", allowed_species=None,
+                    require_energy: bool = True, require_forces: bool = True,
+                    max_examples: int = 5) -> tuple[list[int], ValidationReport]:
+    """Check every frame of ``dataset``; never drop a frame without counting it.
+
+    A frame whose reading raises (a corrupt record, or a pickle refused by the restricted
+    unpickler) counts as ``unreadable``; its message is kept in ``report.messages``.
+
+    Args:
+        dataset: a sequence of :class:`Frame` (any reader of this package).
+        policy: ``"stop"`` raises if any frame has a problem; ``"skip"`` returns the indices of
+            the good frames together with the report.
+        allowed_species: optional iterable of atomic numbers the model supports.
+        require_energy, require_forces: whether a missing label is a problem.
+        max_examples: frame indices remembered per problem kind.
+
+    Returns:
+        ``(good_indices, report)``.
+
+    Raises:
+        ValueError: unknown policy, or ``policy="stop"`` and some frame has a problem (the
+            message gives the counts per kind and example indices).
+    """
+    if policy not in ("stop", "skip"):
+        raise ValueError(f"policy must be 'stop' or 'skip', got {policy!r}")
+    report = ValidationReport()
+    good = []
+    for index in range(len(dataset)):
+        report.n_frames += 1
+        try:
+            problems = frame_problems(dataset[index], allowed_species=allowed_species,
+                                      require_energy=require_energy,
+                                      require_forces=require_forces)
+        except (ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError) as err:
+            problems = ["unreadable"]
+            report.messages[index] = f"{type(err).__name__}: {err}"
+        if not problems:
+            good.append(index)
+            continue
+        for kind in problems:
+            report.counts[kind] += 1
+            examples = report.examples.setdefault(kind, [])
+            if len(examples) < max_examples:
+                examples.append(index)
+    report.n_kept = len(good)
+    if policy == "stop" and report.counts:
+        raise ValueError(f"bad frames in {getattr(dataset, 'path', 'dataset')}: "
+                         f"{report.summary()}; example indices {report.examples} "
+                         "(use policy='skip' to train on the good frames only)")
+    return good, report
