@@ -1,0 +1,41 @@
+"""Plots of MD results (matplotlib Agg canvas: files only, no display needed)."""
+
+from __future__ import annotations
+
+__all__ = ["plot_md"]
+
+
+def plot_md(result, path: str) -> str:
+    """Write a PNG of energies and temperature (and pressure when known) vs time.
+
+    Args:
+        result: an :class:`md_recipes.md.MDResult`.
+        path: output PNG path.
+
+    Returns:
+        The path written.
+    """
+    # The Agg canvas is attached to this figure only: no pyplot state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_panels = 3 if result.pressure is not None else 2
+    fig = Figure(figsize=(6.4, 2.4 * n_panels))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_panels, 1, sharex=True)
+    t_ps = result.time_fs / 1000.0
+    ax = axes[0]
+    ax.plot(t_ps, result.epot - result.epot[0], label="E_pot - E_pot(0)")
+    ax.plot(t_ps, result.ekin - result.ekin[0], label="E_kin - E_kin(0)")
+    ax.plot(t_ps, result.etot - result.etot[0], label="E_tot - E_tot(0)", color="k")
+    ax.set_ylabel("energy (eV)")
+    ax.legend(fontsize="small")
+    axes[1].plot(t_ps, result.temperature, color="tab:red")
+    axes[1].set_ylabel("T (K)")
+    if result.pressure is not None:
+        axes[2].plot(t_ps, result.pressure, color="tab:green")
+        axes[2].set_ylabel("P (GPa)")
+    axes[-1].set_xlabel("time (ps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
