@@ -195,6 +195,10 @@ def test_sidecar_ids_reference_and_count_mismatch(tmp_path):
     (tmp_path / "0.txt").write_text("\n".join(lines[:2]) + "\n")
     with pytest.raises(ValueError, match="2 lines but .* 3 frames"):
         open_dataset(path)
+    (tmp_path / "0.txt").unlink()  # without a sidecar, ids come from the extxyz header
+    plain = open_dataset(path)
+    assert [(f.sid, f.fid, f.reference_energy) for f in plain] == [(100, 0, None), (101, 1, None),
+                                                                   (102, 2, None)]
 
 
 def test_folder_of_shards_concatenates_in_sorted_order(tmp_path):
@@ -367,6 +371,34 @@ def test_validate_frames_counts_every_problem():
     assert report.n_dropped == 7
     kept, _ = validate_frames(data, policy="skip")  # O allowed without a species list
     assert kept == [0, 7, 8]
+
+
+def test_hdf5_whole_array_validation_matches_frame_by_frame(tmp_path):
+    good = emt_frames()[0]
+    frames = [good, replace(good, energy=float("nan")), replace(good, forces=None),
+              replace(good, energy=None),
+              replace(good, positions=np.where(np.eye(good.n_atoms, 3) > 0, np.inf,
+                                               good.positions)),
+              replace(good, numbers=np.r_[good.numbers[:-1], 0]),
+              replace(good, numbers=np.r_[good.numbers[:-1], 8]),
+              replace(good, stress=np.full((3, 3), np.nan)), good]
+    write_hdf5(frames, tmp_path / "bad.h5", chunk_frames=4)
+    packed = HDF5Dataset(tmp_path / "bad.h5")
+    for options in ({}, {"allowed_species": [29]}, {"require_energy": False}):
+        fast = validate_frames(packed, policy="skip", **options)
+        slow = validate_frames(list(packed), policy="skip", **options)
+        assert fast[0] == slow[0] and fast[1].counts == slow[1].counts, options
+    assert validate_frames(packed, policy="skip")[0] == [0, 6, 8]
+
+
+def test_datasets_pickle_for_worker_processes(tmp_path):
+    frames = emt_frames()
+    for name in ("w.h5", "w.aselmdb", "w.db"):
+        convert_frames(frames, tmp_path / name)
+        data = open_dataset(tmp_path / name)
+        data[0]  # open the handle, then make sure it is not what gets pickled
+        clone = pickle.loads(pickle.dumps(data))
+        assert_same_frame(clone[3], frames[3])
 
 
 def test_missing_and_empty_paths_are_clear_errors(tmp_path):

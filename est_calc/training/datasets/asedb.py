@@ -21,12 +21,23 @@ def _is_aselmdb(path: Path) -> bool:
     return path.name.endswith(".aselmdb")
 
 
+# LMDB allows one environment per file and process, so every reader of the same database file
+# (train and validation sets, a pickled copy) shares one connection.
+_CONNECTIONS: dict[tuple, object] = {}
+
+
 def _connect_readonly(path: Path):
     import ase.db
 
-    if _is_aselmdb(path):
-        return ase.db.connect(str(path), readonly=True, use_lock_file=False)
-    return ase.db.connect(str(path), use_lock_file=False)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, os.getpid())
+    if key not in _CONNECTIONS:
+        if _is_aselmdb(path):
+            db = ase.db.connect(str(path), readonly=True, use_lock_file=False)
+        else:
+            db = ase.db.connect(str(path), use_lock_file=False)
+        _CONNECTIONS[key] = db
+    return _CONNECTIONS[key]
 
 
 class AseDBDataset(FrameDataset):
@@ -57,6 +68,10 @@ class AseDBDataset(FrameDataset):
         if not self._ids:
             raise ValueError(f"ASE database {self.path} holds no rows"
                              + (f" matching {selection!r}" if selection else ""))
+
+    def __getstate__(self):
+        # database connections are not picklable (spawned DataLoader workers): re-open lazily
+        return {**self.__dict__, "_db": None, "_pid": None}
 
     def _database(self):
         if self._db is None or self._pid != os.getpid():

@@ -49,6 +49,10 @@ _FRAME_FIELDS = {"energy": ((), "f8"), "has_energy": ((), "bool"), "cell": ((3, 
 _STR_FIELDS = ("sid", "extra_json")
 
 
+def _all_finite(values: np.ndarray, axes) -> np.ndarray:
+    return np.isfinite(values).all(axis=axes)
+
+
 def _extra_json(extra: dict) -> str:
     keep = {}
     for key, value in extra.items():
@@ -199,6 +203,12 @@ class HDF5Dataset(FrameDataset):
         self._frame = {name: h5[name][:] for name in _FRAME_FIELDS}
         self._frame.update({name: h5[name].asstr()[:] for name in _STR_FIELDS})
 
+    def __getstate__(self):
+        # h5py handles cannot be pickled (spawned DataLoader workers): re-open on first use
+        state = dict(self.__dict__)
+        state.update(_h5=None, _pid=None, _atom_dsets=None)
+        return state
+
     def _file(self):
         import h5py
 
@@ -226,3 +236,46 @@ class HDF5Dataset(FrameDataset):
                      fixed=atoms["fixed"], sid=sid, fid=int(f["fid"]) if f["has_fid"] else None,
                      reference_energy=None if np.isnan(ref) else ref,
                      extra=json.loads(f["extra_json"]))
+
+    def frame_problems_bulk(self, *, allowed_species=None, require_energy: bool = True,
+                            require_forces: bool = True, block_frames: int = 65536):
+        """Problem kinds of every frame, computed on whole arrays (same kinds and rules as
+        :func:`est_calc.training.datasets.validate.frame_problems`), block by block.
+
+        Returns:
+            A list with one list of problem kinds per frame.
+        """
+        from .validate import MAX_Z
+
+        f = self._frame
+        frame_bad = {
+            "nan_cell": ~_all_finite(f["cell"], (1, 2)),
+            "missing_energy": ~f["has_energy"] & require_energy,
+            "nan_energy": f["has_energy"] & ~np.isfinite(f["energy"]),
+            "missing_forces": ~f["has_forces"] & require_forces,
+            "nan_stress": f["has_stress"] & ~_all_finite(f["stress"], (1, 2)),
+            "length_mismatch": np.diff(self._ptr) == 0,
+        }
+        atom_bad = {k: np.zeros(len(self), bool) for k in
+                    ("unknown_element", "species_not_allowed", "nan_positions", "nan_forces")}
+        self._file()
+        allowed = None if allowed_species is None else np.asarray(list(allowed_species))
+        for first in range(0, len(self), block_frames):
+            last = min(first + block_frames, len(self))
+            a0, a1 = int(self._ptr[first]), int(self._ptr[last])
+            owner = np.repeat(np.arange(first, last), np.diff(self._ptr[first:last + 1]))
+            z = self._atom_dsets["numbers"][a0:a1]
+            flags = {"unknown_element": (z < 1) | (z > MAX_Z),
+                     "nan_positions": ~_all_finite(self._atom_dsets["positions"][a0:a1], 1),
+                     "nan_forces": ~_all_finite(self._atom_dsets["forces"][a0:a1], 1)
+                     & f["has_forces"][owner]}
+            if allowed is not None:
+                flags["species_not_allowed"] = ~np.isin(z, allowed)
+            for kind, flag in flags.items():
+                atom_bad[kind][np.unique(owner[flag])] = True
+        atom_bad["species_not_allowed"] &= ~atom_bad["unknown_element"]
+        order = ("length_mismatch", "unknown_element", "species_not_allowed", "nan_positions",
+                 "nan_cell", "missing_energy", "nan_energy", "missing_forces", "nan_forces",
+                 "nan_stress")
+        bad = {**frame_bad, **atom_bad}
+        return [[k for k in order if bad[k][i]] for i in range(len(self))]

@@ -111,15 +111,21 @@ def validate_frames(dataset, *, policy: str = "stop", allowed_species=None,
         raise ValueError(f"policy must be 'stop' or 'skip', got {policy!r}")
     report = ValidationReport()
     good = []
+    options = dict(allowed_species=allowed_species, require_energy=require_energy,
+                   require_forces=require_forces)
+    bulk = getattr(dataset, "frame_problems_bulk", None)  # whole-array fast path (HDF5)
+    all_problems = bulk(**options) if callable(bulk) else None
     for index in range(len(dataset)):
         report.n_frames += 1
-        try:
-            problems = frame_problems(dataset[index], allowed_species=allowed_species,
-                                      require_energy=require_energy,
-                                      require_forces=require_forces)
-        except (ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError) as err:
-            problems = ["unreadable"]
-            report.messages[index] = f"{type(err).__name__}: {err}"
+        if all_problems is not None:
+            problems = all_problems[index]
+        else:
+            try:
+                problems = frame_problems(dataset[index], **options)
+            except (ValueError, KeyError, TypeError, IndexError,
+                    pickle.UnpicklingError) as err:
+                problems = ["unreadable"]
+                report.messages[index] = f"{type(err).__name__}: {err}"
         if not problems:
             good.append(index)
             continue
