@@ -25,7 +25,7 @@ def _check_basis_args(n_basis: int, cutoff_A: float) -> None:
 class BesselBasis(nn.Module):
     """Spherical Bessel (sine) basis  b_n(r) = sqrt(2/rc) sin(n pi r / rc) / r,  n = 1..n_basis.
 
-    The frequencies n*pi/rc are trainable (DimeNet). The 1/r factor diverges as r -> 0; edge
+    The frequencies n*pi/rc are trainable (DimeNet; stored as n). The 1/r factor diverges as r -> 0; edge
     lengths are clamped from below at 1e-6 Å so a (non-physical) zero-length edge gives a finite,
     large value instead of NaN.
 
@@ -39,8 +39,10 @@ class BesselBasis(nn.Module):
         _check_basis_args(n_basis, cutoff_A)
         self.n_basis = int(n_basis)
         self.cutoff_A = float(cutoff_A)
-        freq = torch.arange(1, self.n_basis + 1, dtype=torch.float64) * math.pi / self.cutoff_A
-        self.frequencies = nn.Parameter(freq.to(torch.get_default_dtype()))
+        # Trainable frequencies in units of pi / r_c: initial values 1, 2, 3, ... are exact in any
+        # float dtype, so casting the module does not perturb them.
+        self.frequencies = nn.Parameter(torch.arange(1, self.n_basis + 1).to(torch.get_default_dtype()))
+        self.omega = math.pi / self.cutoff_A
         self.prefactor = math.sqrt(2.0 / self.cutoff_A)
 
     def forward(self, r: Tensor) -> Tensor:
@@ -53,7 +55,7 @@ class BesselBasis(nn.Module):
             (E, n_basis) basis values (units Å^-3/2).
         """
         r = r.clamp_min(1e-6).unsqueeze(-1)
-        return self.prefactor * torch.sin(self.frequencies * r) / r
+        return self.prefactor * torch.sin(self.frequencies * (self.omega * r)) / r
 
     def extra_repr(self) -> str:
         return f"n_basis={self.n_basis}, cutoff_A={self.cutoff_A}"
