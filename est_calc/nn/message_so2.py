@@ -1,0 +1,285 @@
+"""EquiformerV2-style SO(2) graph-attention message block (EST_SPEC 7.1), smooth and conservative.
+
+Same interface as :class:`est_calc.nn.message.ESTMessageBlock`::
+
+    x_new = SO2MessageBlock(config, grid)(x, edge_index, edge_sh, edge_rbf, envelope, atom_emb,
+                                          edge_vec=None)
+
+Per edge i <- j (i = centre), with D_e = D(R_e) the Wigner-D of a rotation taking r_hat_ij onto
+the edge axis (y in e3nn 0.6.0; see :mod:`est_calc.nn.wigner`), keeping only |m| <= M rows:
+
+    h        = EquivariantLayerNorm(x)
+    z_e      = D_e [h_i || h_j]                                  (K_M, 2C)  edge frame, |m| <= M
+    z_e      = z_e * R(rbf, emb_i, emb_j)                         radial weights, per (m, l, channel)
+    y, s     = SO2Linear_1(z_e)                                   (K_M, C_h) + invariant m=0 scalars s
+    y        = Gate(y; gates from s)                              SiLU on l=0, sigmoid gates on l>0
+    v        = SO2Linear_2(y)                                     (K_M, H * d_v)
+    a_eh     = a_h . SmoothLeakyReLU(LayerNorm(s_h))              (H,) attention logits
+    alpha_eh = u_e exp(a_eh) / sum_{e' -> i} u_e' exp(a_e'h)      softmax with log u added
+    x_i     += DWLinear( sum_j D_e^T (u_e alpha_eh v_eh) )
+
+SO2Linear: for m = 0 an ordinary linear map over (l, channel); for m > 0 the pair
+(x_{+m}, x_{-m}) maps as y_{+m} = W_r x_{+m} - W_i x_{-m}, y_{-m} = W_i x_{+m} + W_r x_{-m}, which
+commutes with the roll about the edge axis (a 2-D rotation by m phi of every (+m, -m) pair, with
+the same handedness for every l). Hence the result does not depend on the roll of R_e, and
+D_e^T f(D_e x) is exactly SO(3)-equivariant.
+
+Smoothness and gradients: the Wigner-D matrices are polynomials in R_e (no Euler angles), nothing
+on the geometric path is detached, every message carries u_e (C^2 to zero at the cutoff), and the
+softmax uses u_e as a multiplicative weight (edges with u_e <= 0 are masked, never log(0)). Atoms
+without edges (or with all u = 0) receive exactly zero message, also in gradients.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+from e3nn import o3
+from torch import Tensor, nn
+
+from est_calc.nn.radial import RadialMLP
+from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
+from est_calc.nn.wigner import WignerD, edge_frame, so2_index
+
+if TYPE_CHECKING:  # pragma: no cover
+    from est_calc.model import ModelConfig
+
+__all__ = ["SO2Linear", "SO2MessageBlock", "segment_softmax", "smooth_leaky_relu"]
+
+
+def smooth_leaky_relu(x: Tensor, slope: float = 0.2) -> Tensor:
+    """C^inf leaky ReLU: ((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)."""
+    return 0.5 * (1.0 + slope) * x + 0.5 * (1.0 - slope) * x * (2.0 * torch.sigmoid(x) - 1.0)
+
+
+def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments: int) -> Tensor:
+    """Weighted softmax over the edges of each segment (centre atom).
+
+    alpha_e = w_e exp(a_e) / sum_{e' in seg(e)} w_e' exp(a_e'), i.e. a softmax of a_e + log w_e,
+    computed without a logarithm. Edges with w_e <= 0 get alpha = 0; segments without any
+    positive-weight edge get alpha = 0 everywhere (no 0/0, also in gradients).
+
+    Args:
+        logits: (E, H) logits a.
+        weight: (E,) non-negative weights w (the envelope).
+        segment: (E,) int64 segment index of each edge.
+        n_segments: number of segments N.
+
+    Returns:
+        (E, H) attention weights.
+    """
+    valid = (weight > 0).unsqueeze(-1)
+    # The shift only guards exp() against overflow: it cancels exactly between numerator and
+    # denominator, so it carries no gradient (detaching it is exact, and avoids differentiating
+    # through a max).
+    masked = torch.where(valid, logits, torch.full_like(logits, -torch.inf)).detach()
+    shift = logits.new_full((n_segments, logits.shape[1]), -torch.inf)
+    shift = shift.scatter_reduce(0, segment[:, None].expand_as(masked), masked, "amax")
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    expo = torch.exp(torch.where(valid, logits - shift[segment], torch.zeros_like(logits)))
+    w = torch.where(valid, weight.unsqueeze(-1) * expo, torch.zeros_like(expo))
+    denom = w.new_zeros(n_segments, w.shape[1]).index_add(0, segment, w)
+    # denom >= exp(0) * min positive weight on segments with a valid edge; 0 only on empty ones.
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return w / denom[segment]
+
+
+class SO2Linear(nn.Module):
+    """Roll-equivariant linear map on edge-frame coefficients with |m| <= M.
+
+    Input layout (K_M rows) as :func:`est_calc.nn.wigner.so2_index`: m = 0 for l = 0..L, then
+    (+m rows, -m rows) for l = m..L, m = 1..M.
+
+    Args:
+        l_max: maximum degree L.
+        m_max: maximum order M (<= L).
+        in_channels: Cin.
+        out_channels: Cout.
+        extra_scalars: number of additional invariant outputs produced from the m = 0 rows.
+    """
+
+    def __init__(self, l_max: int, m_max: int, in_channels: int, out_channels: int,
+                 extra_scalars: int = 0):
+        super().__init__()
+        if not 0 <= m_max <= l_max or in_channels < 1 or out_channels < 1 or extra_scalars < 0:
+            raise ValueError(f"SO2Linear: bad sizes l_max={l_max}, m_max={m_max}, "
+                             f"in={in_channels}, out={out_channels}, extra={extra_scalars}")
+        self.l_max, self.m_max = l_max, m_max
+        self.in_channels, self.out_channels, self.extra_scalars = in_channels, out_channels, extra_scalars
+        n0 = l_max + 1
+        self.fc0 = nn.Linear(n0 * in_channels, n0 * out_channels + extra_scalars)
+        self.fcm = nn.ModuleList(
+            nn.Linear((l_max - m + 1) * in_channels, 2 * (l_max - m + 1) * out_channels, bias=False)
+            for m in range(1, m_max + 1))
+        # Row r of the K_M layout -> its (m, l) slot in the radial modulation (shared by +-m).
+        rows, offset = list(range(n0)), n0
+        for m in range(1, m_max + 1):
+            n = l_max - m + 1
+            rows += list(range(offset, offset + n)) * 2
+            offset += n
+        self.n_radial_rows = offset
+        self.register_buffer("_radial_row", torch.tensor(rows, dtype=torch.long), persistent=False)
+
+    @property
+    def n_rows(self) -> int:
+        """K_M, the number of coefficient rows."""
+        return int(self._radial_row.numel())
+
+    @property
+    def radial_size(self) -> int:
+        """Width of the per-edge modulation accepted by forward: n_radial_rows * Cin."""
+        return self.n_radial_rows * self.in_channels
+
+    def forward(self, x: Tensor, radial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Apply the map.
+
+        Args:
+            x: (E, K_M, Cin) edge-frame coefficients.
+            radial: optional (E, radial_size) multiplicative weights, one per (m, l, channel).
+
+        Returns:
+            (E, K_M, Cout) coefficients and (E, extra_scalars) invariant scalars.
+        """
+        n_edges = x.shape[0]
+        if x.dim() != 3 or x.shape[1:] != (self.n_rows, self.in_channels):
+            raise ValueError(f"SO2Linear: expected x (E, {self.n_rows}, {self.in_channels}), "
+                             f"got {tuple(x.shape)}")
+        if radial is not None:
+            x = x * radial.view(n_edges, self.n_radial_rows, self.in_channels)[:, self._radial_row]
+        n0 = self.l_max + 1
+        out0 = self.fc0(x[:, :n0].reshape(n_edges, -1))
+        parts = [out0[:, : n0 * self.out_channels].view(n_edges, n0, self.out_channels)]
+        offset = n0
+        for m, fc in enumerate(self.fcm, start=1):
+            n = self.l_max - m + 1
+            pair = x[:, offset: offset + 2 * n].reshape(n_edges, 2, n * self.in_channels)
+            out = fc(pair).view(n_edges, 2, 2, n, self.out_channels)   # (E, +-m in, r/i, n, Cout)
+            plus = out[:, 0, 0] - out[:, 1, 1]                           # W_r x+ - W_i x-
+            minus = out[:, 0, 1] + out[:, 1, 0]                          # W_i x+ + W_r x-
+            parts += [plus, minus]
+            offset += 2 * n
+        return torch.cat(parts, dim=1), out0[:, n0 * self.out_channels:]
+
+
+@lru_cache(maxsize=None)
+def _sh1_to_direction() -> Tensor:
+    """(3, 3) float64 M with r_hat = Y^1(r_hat) @ M (derived from e3nn, not hard-coded)."""
+    basis = o3.spherical_harmonics(1, torch.eye(3, dtype=torch.float64), normalize=True,
+                                   normalization="component")       # row k = Y^1(e_k) = (T e_k)^T
+    return torch.linalg.inv(basis)
+
+
+def _cfg(config, name: str, default):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+class SO2MessageBlock(nn.Module):
+    """SO(2)-convolution graph attention (EquiformerV2 message) with residual; see module docstring.
+
+    Config fields read: l_max, channels, n_heads, so2_m_max (M, 2), n_rbf, species_channels,
+    radial_hidden (64), so2_hidden_channels (C), so2_alpha_channels (max(C // H, 8)),
+    so2_value_channels (max(C // H, 1)).
+
+    Args:
+        config: :class:`est_calc.model.ModelConfig` (or any object with those attributes).
+        grid: unused (accepted for interface compatibility with ESTMessageBlock).
+    """
+
+    def __init__(self, config: "ModelConfig", grid: nn.Module | None = None):
+        super().__init__()
+        L, C = int(config.l_max), int(config.channels)
+        H = int(_cfg(config, "n_heads", 8))
+        M = min(int(_cfg(config, "so2_m_max", 2)), L)
+        if L < 0 or C < 1 or H < 1 or M < 0:
+            raise ValueError(f"SO2MessageBlock: need l_max >= 0, channels >= 1, n_heads >= 1, "
+                             f"so2_m_max >= 0; got {L}, {C}, {H}, {M}")
+        c_hidden = int(_cfg(config, "so2_hidden_channels", C))
+        d_alpha = int(_cfg(config, "so2_alpha_channels", max(C // H, 8)))
+        d_value = int(_cfg(config, "so2_value_channels", max(C // H, 1)))
+        n_species = int(_cfg(config, "species_channels", C))
+        self.l_max, self.m_max, self.channels, self.n_heads = L, M, C, H
+        self.d_alpha, self.d_value, self.c_hidden = d_alpha, d_value, c_hidden
+
+        self.norm = EquivariantLayerNorm(L, C)
+        self.wigner = WignerD(L, rows=so2_index(L, M))
+        self.conv1 = SO2Linear(L, M, 2 * C, c_hidden, extra_scalars=H * d_alpha + L * c_hidden)
+        self.conv2 = SO2Linear(L, M, c_hidden, H * d_value)
+        self.radial = RadialMLP(int(config.n_rbf) + 2 * n_species,
+                                int(_cfg(config, "radial_hidden", 64)), self.conv1.radial_size)
+        self.alpha_norm = nn.LayerNorm(d_alpha)
+        self.alpha_dot = nn.Parameter(torch.randn(H, d_alpha) / d_alpha**0.5)
+        self.proj = DWLinear(L, H * d_value, C, bias=False)
+        deg = torch.tensor([int(k**0.5) for k in so2_index(L, M).tolist()], dtype=torch.long)
+        self.register_buffer("_gate_row", (deg - 1).clamp_min(0), persistent=False)
+        self.register_buffer("_is_scalar", (deg == 0), persistent=False)
+
+    def _edge_frames(self, edge_dir: Tensor) -> Tensor:
+        """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
+        return edge_frame(edge_dir)
+
+    def _gate(self, y: Tensor, gates: Tensor) -> Tensor:
+        """SiLU on the l = 0 row, sigmoid(invariant gate) on every l > 0 row; y (E, K_M, C_h)."""
+        if self.l_max == 0:
+            return torch.nn.functional.silu(y)
+        g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden))[:, self._gate_row]
+        return torch.where(self._is_scalar[:, None], torch.nn.functional.silu(y), y * g)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
+                envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None) -> Tensor:
+        """Message passing step with residual.
+
+        Args:
+            x: (N, K, C) node features.
+            edge_index: (2, E) int64, rows (i = centre, j = neighbour).
+            edge_sh: (E, K) component-normalised SH of r_hat_ij (its l = 1 block gives the edge
+                direction when edge_vec is None).
+            edge_rbf: (E, n_rbf) radial basis of |r_ij|.
+            envelope: (E,) envelope u(|r_ij|), 0 at and beyond the cutoff.
+            atom_emb: (N, Cz) scalar species embedding.
+            edge_vec: optional (E, 3) edge vectors r_ij in Å (only their direction is used).
+
+        Returns:
+            (N, K, C) x plus the aggregated messages.
+        """
+        n_nodes, k, c = x.shape
+        if k != (self.l_max + 1) ** 2 or c != self.channels:
+            raise ValueError(f"SO2MessageBlock: x must be (N, {(self.l_max + 1) ** 2}, "
+                             f"{self.channels}), got {tuple(x.shape)}")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"SO2MessageBlock: edge_index must be (2, E), got {tuple(edge_index.shape)}")
+        n_edges = edge_index.shape[1]
+        if n_edges == 0:
+            return x
+        if edge_sh.shape != (n_edges, k) or envelope.shape != (n_edges,):
+            raise ValueError(f"SO2MessageBlock: edge_sh must be (E, K) and envelope (E,), got "
+                             f"{tuple(edge_sh.shape)} and {tuple(envelope.shape)}")
+        if edge_vec is None:
+            if self.l_max < 1:
+                raise ValueError("SO2MessageBlock: l_max = 0 needs edge_vec (no l=1 SH to read)")
+            edge_vec = edge_sh[:, 1:4] @ _sh1_to_direction().to(edge_sh)
+        i, j = edge_index[0], edge_index[1]
+
+        rot = self.wigner(self._edge_frames(edge_vec.to(x.dtype)))       # (E, K_M, K)
+        h = self.norm(x)
+        z = torch.einsum("erk,ekc->erc", rot, torch.cat([h[i], h[j]], dim=-1))
+        radial = self.radial(torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1).to(x.dtype))
+
+        y, scalars = self.conv1(z, radial)
+        s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
+        v, _ = self.conv2(self._gate(y, gates))                         # (E, K_M, H d_v)
+
+        a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
+        logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)
+        u = envelope.to(x.dtype)
+        alpha = segment_softmax(logits, u, i, n_nodes) * u.unsqueeze(-1)
+        v = v.view(n_edges, -1, self.n_heads, self.d_value) * alpha[:, None, :, None]
+        msg = torch.einsum("erk,erc->ekc", rot, v.flatten(2))            # D^T back to global frame
+        agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
+        return x + self.proj(agg)
+
+    def extra_repr(self) -> str:
+        return (f"l_max={self.l_max}, m_max={self.m_max}, channels={self.channels}, "
+                f"heads={self.n_heads}, alpha={self.d_alpha}, value={self.d_value}")

@@ -1,0 +1,186 @@
+"""Per-edge rotation frames and Wigner-D matrices for the SO(2) message block.
+
+The SO(2) (eSCN / EquiformerV2) trick rotates every edge's features into a frame in which the edge
+points along the "edge axis" a: the direction on which every real spherical harmonic Y^l_m with
+m != 0 vanishes. In that frame SH(r_hat) has m = 0 components only, and the remaining symmetry is
+the roll about a, which acts on each (+m, -m) pair as a 2-D rotation by m*phi.
+
+The axis is derived numerically from e3nn (it is +y in e3nn 0.6.0), never hard-coded.
+
+Wigner-D without Euler angles. Because Y(R v) = D(R) Y(v) for every unit v, evaluating the SH at
+rotated sample points P and solving against Y(P) gives D exactly (to round-off):
+
+    D^l(R) = Y^l(R P)^T pinv(Y^l(P))^T,
+
+with pinv computed once in float64 and stored as a buffer. This is a polynomial in the entries of
+R, so it is smooth and twice differentiable everywhere (no Euler-angle singularity at the poles).
+
+Frame choice. Any rotation R_e with R_e r_hat = a will do, because the SO(2) convolution commutes
+with the roll about a. :func:`edge_frame` builds R_e from the helper vector e_k, the coordinate
+axis least aligned with r_hat (|r_hat . e_k| <= 1/sqrt(3), so the frame is never degenerate). The
+helper changes piecewise, which only changes the roll: results of roll-invariant computations are
+smooth across the switch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from e3nn import o3
+from torch import Tensor
+
+from est_calc.sphere.grid import ExactBufferModule, real_sh
+from est_calc.sphere.points import fibonacci
+
+__all__ = ["edge_axis", "edge_frame", "roll_about_axis", "so2_index", "WignerD"]
+
+
+@lru_cache(maxsize=None)
+def _edge_axis_np() -> tuple[float, float, float]:
+    """Find the signed coordinate axis along which all m != 0 real SH vanish (e3nn convention)."""
+    l_max = 4
+    m_zero = [l * l + l for l in range(l_max + 1)]
+    found = []
+    for k in range(3):
+        v = torch.zeros(1, 3, dtype=torch.float64)
+        v[0, k] = 1.0
+        y = o3.spherical_harmonics(list(range(l_max + 1)), v, normalize=True,
+                                   normalization="component")[0]
+        off = y.clone()
+        off[m_zero] = 0.0
+        if float(off.abs().max()) < 1e-12:
+            # Choose the sign that makes Y^1_0 positive (either sign would work).
+            sign = 1.0 if float(y[2]) > 0 else -1.0
+            found.append(tuple(sign * float(c) for c in v[0]))
+    if len(found) != 1:
+        raise RuntimeError(f"could not identify the e3nn m=0 axis (candidates {found})")
+    return found[0]
+
+
+def edge_axis(dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """Unit vector a (3,) with Y^l_m(a) = 0 for all m != 0, derived from e3nn (y in e3nn 0.6.0)."""
+    return torch.tensor(_edge_axis_np(), dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=None)
+def _axis_basis_np() -> np.ndarray:
+    """Fixed rotation B (3, 3) with B e_y = a (columns b1, a, b3 right-handed)."""
+    a = np.array(_edge_axis_np())
+    k = int(np.argmax(np.abs(a)))
+    b1 = np.zeros(3)
+    b1[(k + 1) % 3] = 1.0
+    b3 = np.cross(b1, a)
+    basis = np.stack([b1, a, b3], axis=1)
+    assert abs(np.linalg.det(basis) - 1.0) < 1e-12
+    return basis
+
+
+def edge_frame(edge_vec: Tensor) -> Tensor:
+    """Rotations R_e (E, 3, 3) with R_e r_hat_e = a (the edge axis), differentiable in edge_vec.
+
+    Args:
+        edge_vec: (E, 3) edge vectors r_ij in Å (any positive length; zero-length vectors are
+            clamped to 1e-12 Å instead of producing NaN).
+
+    Returns:
+        (E, 3, 3) proper rotation matrices, same dtype/device as edge_vec.
+    """
+    if edge_vec.dim() != 2 or edge_vec.shape[1] != 3:
+        raise ValueError(f"edge_frame: edge_vec must have shape (E, 3), got {tuple(edge_vec.shape)}")
+    r = edge_vec / edge_vec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # Helper: the coordinate axis least aligned with r (an index choice, not a differentiable path).
+    k = r.detach().abs().argmin(dim=1)
+    helper = torch.nn.functional.one_hot(k, 3).to(r.dtype)
+    u = helper - (helper * r).sum(dim=1, keepdim=True) * r
+    u = u / u.norm(dim=1, keepdim=True)          # |u| >= sqrt(2/3): never degenerate
+    w = torch.linalg.cross(u, r, dim=1)
+    frame = torch.stack([u, r, w], dim=1)        # rows (u, r, w): maps r -> e_y, det = +1
+    basis = torch.as_tensor(_axis_basis_np(), dtype=r.dtype, device=r.device)
+    return basis @ frame
+
+
+def roll_about_axis(angle: Tensor) -> Tensor:
+    """Rotations (E, 3, 3) by ``angle`` (E,) radians about the edge axis a (Rodrigues formula)."""
+    a = edge_axis(angle.dtype, angle.device)
+    cross = torch.zeros(3, 3, dtype=angle.dtype, device=angle.device)
+    cross[0, 1], cross[0, 2], cross[1, 2] = -a[2], a[1], -a[0]
+    cross = cross - cross.T
+    c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    eye = torch.eye(3, dtype=angle.dtype, device=angle.device)
+    return eye + s * cross + (1.0 - c) * (cross @ cross)
+
+
+def so2_index(l_max: int, m_max: int) -> Tensor:
+    """Flat e3nn indices (K_M,) of the coefficients kept in the edge frame, |m| <= m_max.
+
+    Order: m = 0 for l = 0..L; then for m = 1..M: +m for l = m..L, followed by -m for l = m..L.
+    K_M = (L+1) + sum_{m=1..M} 2 (L-m+1).
+    """
+    if l_max < 0 or m_max < 0:
+        raise ValueError(f"so2_index: need l_max >= 0 and m_max >= 0, got {l_max}, {m_max}")
+    m_max = min(m_max, l_max)
+    idx = [l * l + l for l in range(l_max + 1)]
+    for m in range(1, m_max + 1):
+        idx += [l * l + l + m for l in range(m, l_max + 1)]
+        idx += [l * l + l - m for l in range(m, l_max + 1)]
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class WignerD(ExactBufferModule):
+    """Wigner-D rows D(R)[rows, :] for a batch of rotations, by SH evaluation at rotated points.
+
+    Args:
+        l_max: maximum degree L.
+        rows: (R,) flat e3nn indices of the output rows to compute (e.g. :func:`so2_index`);
+            None gives the full block-diagonal (K, K) matrix.
+        n_points: number of sample points (Fibonacci lattice); default 2 (L+1)^2.
+
+    Call: ``D = wigner(rot)`` with rot (E, 3, 3) proper rotations -> D (E, R, K) such that
+    Y(rot v)[rows] = D Y(v) for every unit v. Features rotate as x -> D x along the K axis.
+    """
+
+    def __init__(self, l_max: int, rows: Tensor | None = None, n_points: int | None = None):
+        super().__init__()
+        if l_max < 0:
+            raise ValueError(f"WignerD: l_max must be >= 0, got {l_max}")
+        k = (l_max + 1) ** 2
+        n_points = 2 * k if n_points is None else int(n_points)
+        if n_points < 2 * l_max + 1:
+            raise ValueError(f"WignerD: need n_points >= 2L+1 = {2 * l_max + 1}, got {n_points}")
+        self.l_max = l_max
+        rows = torch.arange(k) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= k)):
+            raise ValueError(f"WignerD: rows must be a 1-D index into 0..{k - 1}")
+        points = fibonacci(n_points).points
+        y = real_sh(l_max, points)                                  # (S, K) float64
+        # a_cat[:, block l] = pinv(Y^l(P))^T, so D^l = Y^l(R P)^T a_cat[:, block l].
+        a_cat = np.zeros_like(y)
+        for l in range(l_max + 1):
+            blk = slice(l * l, (l + 1) ** 2)
+            if np.linalg.cond(y[:, blk]) > 1e4:
+                raise ValueError(f"WignerD: sample points too poorly conditioned for l = {l}")
+            a_cat[:, blk] = np.linalg.pinv(y[:, blk]).T
+        deg = np.repeat(np.arange(l_max + 1), 2 * np.arange(l_max + 1) + 1)
+        rows_np = rows.numpy()
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_exact_buffer("points", points)
+        self.register_exact_buffer("a_cat", a_cat)
+        self.register_exact_buffer("mask", (deg[rows_np][:, None] == deg[None, :]).astype(np.float64))
+
+    def forward(self, rot: Tensor) -> Tensor:
+        """rot (E, 3, 3) -> D (E, R, K) in rot's dtype."""
+        if rot.dim() != 3 or rot.shape[1:] != (3, 3):
+            raise ValueError(f"WignerD: rot must have shape (E, 3, 3), got {tuple(rot.shape)}")
+        pts = torch.einsum("eij,sj->esi", rot, self.points.to(rot.dtype))
+        # Rotated unit vectors stay unit, so no renormalisation is needed.
+        y = o3.spherical_harmonics(list(range(self.l_max + 1)), pts, normalize=False,
+                                   normalization="component")        # (E, S, K)
+        y = y[:, :, self.rows]
+        d = torch.einsum("esr,sk->erk", y, self.a_cat.to(rot.dtype))
+        return d * self.mask.to(rot.dtype)
+
+    def extra_repr(self) -> str:
+        return f"l_max={self.l_max}, rows={self.rows.numel()}, n_points={self.points.shape[0]}"
+
