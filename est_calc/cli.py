@@ -1,0 +1,99 @@
+"""The ``est`` command line: a thin dispatcher over library functions.
+
+    est demo                      relax CO/Cu(111) and run a short MD with the default potential
+    est list                      shipped potentials
+    est relax | md | adsorb       md_recipes on the command line
+    est generate                  OC20-style synthetic data with EMT as the teacher
+    est convert IN OUT.h5         any supported data format to packed HDF5
+    est train CONFIG.yaml         train an EST potential
+    est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
+    est bench                     the benchmark suite
+
+Each subcommand imports its module lazily so that ``est --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="relax CO/Cu(111) and run a short MD with the default potential")
+    p.add_argument("--steps", type=int, default=100, help="MD steps (default 100)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from est_calc.demo import run_demo
+
+    return run_demo(md_steps=args.steps, device=args.device)
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list the shipped potentials")
+    p.set_defaults(func=_run_list)
+
+
+def _run_list(args) -> int:
+    from est_calc.potential import list_potentials
+
+    names = list_potentials()
+    if not names:
+        print("no potentials ship with this installation")
+    for name in names:
+        print(name)
+    return 0
+
+
+def _optional(register_path: str, attr: str, sub) -> None:
+    """Register a subcommand whose parser lives in another module, if that module exists."""
+    import importlib
+
+    try:
+        module = importlib.import_module(register_path)
+    except ModuleNotFoundError as exc:
+        if exc.name and register_path.startswith(exc.name):
+            return
+        raise
+    getattr(module, attr)(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="est", description="Equivariant Spherical Transformer potentials for ASE"
+    )
+    from est_calc import __version__
+
+    parser.add_argument("--version", action="version", version=f"est_calc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_list(sub)
+    _optional("md_recipes.cli", "add_relax_parser", sub)
+    _optional("md_recipes.cli", "add_md_parser", sub)
+    _optional("md_recipes.cli", "add_adsorb_parser", sub)
+    _optional("est_calc.training.synthetic", "add_generate_parser", sub)
+    _optional("est_calc.training.cli", "add_training_parsers", sub)
+    _optional("est_calc.benchmarking", "add_bench_parser", sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input is reported in one line, not as a stack trace.
+        print(f"est {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""From data-set frames to AtomsBatch plus targets, and the per-element reference fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from est_calc.batch import AtomsBatch
+
+__all__ = ["Targets", "collate", "fit_element_references", "random_rotations", "rotate_batch"]
+
+
+@dataclass
+class Targets:
+    """Labels of one batch (tensors on the batch's device).
+
+    Attributes:
+        energy: (n_systems,) eV, total or referenced as configured.
+        forces: (n_atoms, 3) eV/Å, or None when some frame has no forces.
+        stress: (n_systems, 3, 3) eV/Å^3 (zeros where absent); ``has_stress`` marks real ones.
+        fixed: (n_atoms,) int64, 1 = fixed atom (OC20 convention).
+        n_atoms: (n_systems,) int64.
+    """
+
+    energy: Tensor
+    forces: Tensor | None
+    stress: Tensor
+    has_stress: Tensor
+    fixed: Tensor
+    n_atoms: Tensor
+
+
+def frame_energy(frame, energy_mode: str) -> float:
+    """The training target of one frame: total energy or energy - reference_energy."""
+    if frame.energy is None:
+        raise ValueError(f"frame sid={frame.sid} fid={frame.fid} has no energy")
+    if energy_mode == "referenced":
+        if frame.reference_energy is None:
+            raise ValueError(
+                f"data.energy='referenced' but frame sid={frame.sid} fid={frame.fid} carries no "
+                "reference energy (a .txt sidecar or reference_energy field)"
+            )
+        return float(frame.energy) - float(frame.reference_energy)
+    return float(frame.energy)
+
+
+def collate(frames: Sequence, energy_mode: str, device, dtype) -> tuple[AtomsBatch, Targets]:
+    """Pack frames into one AtomsBatch and its targets."""
+    pos, num, cell, pbc, sidx, forces, fixed, stress, has_stress = ([] for _ in range(9))
+    energies = []
+    have_forces = all(f.forces is not None for f in frames)
+    for k, f in enumerate(frames):
+        n = len(f.numbers)
+        pos.append(np.asarray(f.positions, dtype=np.float64))
+        num.append(np.asarray(f.numbers, dtype=np.int64))
+        cell.append(np.asarray(f.cell, dtype=np.float64).reshape(3, 3))
+        pbc.append(np.asarray(f.pbc, dtype=bool).reshape(3))
+        sidx.append(np.full(n, k, dtype=np.int64))
+        energies.append(frame_energy(f, energy_mode))
+        if have_forces:
+            forces.append(np.asarray(f.forces, dtype=np.float64))
+        fx = np.zeros(n, dtype=np.int64) if f.fixed is None else np.asarray(f.fixed, dtype=np.int64)
+        fixed.append(fx)
+        if f.stress is not None:
+            stress.append(np.asarray(f.stress, dtype=np.float64).reshape(3, 3))
+            has_stress.append(True)
+        else:
+            stress.append(np.zeros((3, 3)))
+            has_stress.append(False)
+    batch = AtomsBatch(
+        positions=torch.from_numpy(np.concatenate(pos)),
+        atomic_numbers=torch.from_numpy(np.concatenate(num)),
+        cell=torch.from_numpy(np.stack(cell)),
+        pbc=torch.from_numpy(np.stack(pbc)),
+        system_idx=torch.from_numpy(np.concatenate(sidx)),
+    ).to(device=device, dtype=dtype)
+    targets = Targets(
+        energy=torch.tensor(energies, dtype=dtype, device=device),
+        forces=(
+            torch.from_numpy(np.concatenate(forces)).to(device=device, dtype=dtype)
+            if have_forces
+            else None
+        ),
+        stress=torch.from_numpy(np.stack(stress)).to(device=device, dtype=dtype),
+        has_stress=torch.tensor(has_stress, device=device),
+        fixed=torch.from_numpy(np.concatenate(fixed)).to(device),
+        n_atoms=batch.atoms_per_system(),
+    )
+    return batch, targets
+
+
+def random_rotations(n: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
+    """(n, 3, 3) uniformly random rotations from normalised Gaussian quaternions."""
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True)
+    w, x, y, z = q.unbind(1)
+    rot = torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+        ],
+        dim=1,
+    ).reshape(n, 3, 3)
+    return rot.to(dtype)
+
+
+def rotate_batch(batch: AtomsBatch, targets: Targets, rot: Tensor) -> tuple[AtomsBatch, Targets]:
+    """Rotate every structure k by rot[k] (row vectors: r' = r R).
+
+    Energies are unchanged, forces rotate like positions and stress as R^T s R. Training on
+    randomly rotated structures with a fixed sampling lattice is the same as training with a
+    randomly rotated lattice (stochastic frame averaging of the grid's discretisation error).
+    """
+    rot = rot.to(device=batch.device, dtype=batch.dtype)
+    r_atom = rot[batch.system_idx]
+    pos = torch.einsum("na,nab->nb", batch.positions, r_atom)
+    cell = torch.bmm(batch.cell, rot)
+    forces = None
+    if targets.forces is not None:
+        forces = torch.einsum("na,nab->nb", targets.forces, r_atom)
+    stress = torch.einsum("kba,kbc,kcd->kad", rot, targets.stress, rot)
+    new_targets = Targets(
+        energy=targets.energy,
+        forces=forces,
+        stress=stress,
+        has_stress=targets.has_stress,
+        fixed=targets.fixed,
+        n_atoms=targets.n_atoms,
+    )
+    return batch.replace(positions=pos, cell=cell), new_targets
+
+
+def fit_element_references(
+    frames: Sequence, energy_mode: str, species: Sequence[int], max_frames: int = 20000
+) -> np.ndarray:
+    """Per-element energies E_Z minimising sum_frames (E - sum_i E_Z(i))^2 (least squares).
+
+    Returns:
+        (119,) array with the fitted values at the indices of ``species`` and zeros elsewhere.
+    """
+    species = sorted(set(int(z) for z in species))
+    col = {z: k for k, z in enumerate(species)}
+    n = min(len(frames), max_frames)
+    counts = np.zeros((n, len(species)))
+    energies = np.zeros(n)
+    for r in range(n):
+        f = frames[r]
+        for z, c in zip(*np.unique(np.asarray(f.numbers), return_counts=True)):
+            counts[r, col[int(z)]] = c
+        energies[r] = frame_energy(f, energy_mode)
+    coef, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    out = np.zeros(119)
+    for z, k in col.items():
+        out[z] = coef[k]
+    return out

@@ -1,0 +1,69 @@
+"""`est train`, `est eval` and `est convert` (wired into est_calc.cli)."""
+
+from __future__ import annotations
+
+__all__ = ["add_training_parsers"]
+
+
+def add_training_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train an EST potential from a YAML config")
+    p.add_argument("config", help="YAML file (see examples/train_small.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    p.add_argument("--init", default=None, metavar="POTENTIAL",
+                   help="fine-tune this potential (registry name or path) instead of starting fresh")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="OC20 S2EF metrics of a potential on a data set")
+    p.add_argument("potential", help="registry name or path of a potential")
+    p.add_argument("data", help="data in any supported format")
+    p.add_argument("--energy", choices=["total", "referenced"], default="total")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--all-atoms", action="store_true", help="force metrics on all atoms, not only free ones")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("convert", help="convert a data set to the packed HDF5 format (or another format)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=_convert)
+
+
+def _train(args) -> int:
+    from est_calc.training.config import load_config
+    from est_calc.training.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    path = train(cfg, init=args.init, resume=args.resume)
+    print(f"exported {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from est_calc.calculator import resolve_device, resolve_dtype
+    from est_calc.potential import load_potential
+    from est_calc.training.datasets import open_dataset, validate_frames
+    from est_calc.training.metrics import format_metrics
+    from est_calc.training.trainer import evaluate
+
+    device = resolve_device(args.device)
+    pot = load_potential(args.potential, device=device, dtype=resolve_dtype(args.dtype))
+    data = open_dataset(args.data)
+    good, report = validate_frames(data, policy="stop")
+    good = list(good)[: args.max_frames] if args.max_frames else list(good)
+    frames = [data[i] for i in good]
+    m = evaluate(pot, frames, energy_mode=args.energy, batch_size=args.batch_size, device=device,
+                 free_atoms_only=not args.all_atoms)
+    print(format_metrics(m, title=f"{args.potential} on {args.data} ({len(frames)} frames)"))
+    return 0
+
+
+def _convert(args) -> int:
+    from est_calc.training.datasets import convert
+
+    n = convert(args.input, args.output)
+    print(f"wrote {n} frames to {args.output}")
+    return 0

@@ -1,0 +1,79 @@
+"""torch.distributed helpers: start-up from torchrun's environment, gradient and value sums.
+
+With ``torchrun --nproc_per_node=P`` each process reads WORLD_SIZE / RANK / LOCAL_RANK; gloo is used
+on CPU and nccl on CUDA. Without those variables everything is a no-op (one process).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["setup", "cleanup", "local_rank", "all_reduce_sum", "all_reduce_gradients",
+           "broadcast_parameters", "barrier", "is_distributed"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup() -> tuple[int, int]:
+    """Initialise the process group if launched by torchrun; return (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not is_distributed():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum plain numbers over all processes (float64)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Sum gradients over processes (losses are already divided by global counts)."""
+    if not is_distributed():
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Make every process start from rank 0's parameters and buffers."""
+    if not is_distributed():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)

@@ -1,0 +1,81 @@
+"""Training loss: energy per atom + forces (+ stress), L1 / L2 / Huber.
+
+Every term is a *sum* over its items divided by an explicit count, so that data-parallel ranks can
+divide by the global count and sum gradients, which reproduces the single-process loss exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossTerms", "elementwise", "loss_terms"]
+
+
+def elementwise(diff: Tensor, kind: str, delta: float) -> Tensor:
+    """Per-element penalty of a difference: l2 = d^2, l1 = |d|, huber with ``delta``."""
+    if kind == "l2":
+        return diff**2
+    if kind == "l1":
+        return diff.abs()
+    if kind == "huber":
+        a = diff.abs()
+        return torch.where(a < delta, 0.5 * diff**2 / delta, a - 0.5 * delta)
+    raise ValueError(f"unknown loss kind {kind!r}; choose l1, l2 or huber")
+
+
+@dataclass
+class LossTerms:
+    """Sums and counts of each loss term for one batch (counts are plain floats)."""
+
+    energy_sum: Tensor
+    energy_count: float
+    force_sum: Tensor
+    force_count: float
+    stress_sum: Tensor
+    stress_count: float
+
+    def total(self, w_e: float, w_f: float, w_s: float, counts: tuple[float, float, float]) -> Tensor:
+        """Weighted loss, each sum divided by the given (possibly global) counts."""
+        ce, cf, cs = (max(c, 1.0) for c in counts)
+        return w_e * self.energy_sum / ce + w_f * self.force_sum / cf + w_s * self.stress_sum / cs
+
+
+def loss_terms(
+    pred,
+    energy: Tensor,
+    forces: Tensor | None,
+    stress: Tensor | None,
+    has_stress: Tensor | None,
+    n_atoms: Tensor,
+    force_mask: Tensor,
+    kind: str = "l2",
+    delta: float = 0.01,
+) -> LossTerms:
+    """Loss sums of one batch.
+
+    Args:
+        pred: :class:`est_calc.forces.Prediction`.
+        energy: (n_systems,) target energies (eV).
+        forces: (n_atoms, 3) target forces or None.
+        stress: (n_systems, 3, 3) target stress or None; ``has_stress`` (n_systems,) bool marks
+            the structures that carry one.
+        n_atoms: (n_systems,) atoms per structure (energy loss is per atom).
+        force_mask: (n_atoms,) bool, atoms whose forces enter the loss.
+    """
+    de = (pred.energy - energy) / n_atoms.to(energy.dtype)
+    e_sum = elementwise(de, kind, delta).sum()
+    zero = e_sum.new_zeros(())
+    f_sum, f_count = zero, 0.0
+    if forces is not None and pred.forces is not None:
+        df = (pred.forces - forces)[force_mask]
+        f_sum = elementwise(df, kind, delta).sum()
+        f_count = float(df.numel())
+    s_sum, s_count = zero, 0.0
+    if stress is not None and pred.stress is not None and has_stress is not None and has_stress.any():
+        ds = (pred.stress - stress)[has_stress]
+        s_sum = elementwise(ds, kind, delta).sum()
+        s_count = float(ds.numel())
+    return LossTerms(e_sum, float(energy.shape[0]), f_sum, f_count, s_sum, s_count)

@@ -1,0 +1,324 @@
+"""The training loop: AdamW, cosine schedule with warm-up, clipping, EMA, exact resume, DDP.
+
+Design points:
+
+* Data order is a pure function of (seed, epoch) and each step's grid rotations a pure function of
+  (seed, step), so a resumed run and a data-parallel run see exactly what the single-process,
+  uninterrupted run sees.
+* Loss terms are sums divided by *global* counts and gradients are summed over ranks, so
+  ``torchrun --nproc_per_node=2`` with the same global batch gives the single-process result.
+* Checkpoints hold tensors and plain values only, are written atomically and read with
+  ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from est_calc.forces import energy_forces_stress
+from est_calc.model import ModelConfig
+from est_calc.neighbors import build_graph
+from est_calc.potential import Potential, load_potential, save_potential
+from est_calc.training import distributed as dist_utils
+from est_calc.training.batching import collate, fit_element_references, random_rotations, rotate_batch
+from est_calc.training.checkpoint import load_checkpoint, save_checkpoint
+from est_calc.training.config import TrainConfig
+from est_calc.training.loss import loss_terms
+from est_calc.training.metrics import S2EFMetrics, format_metrics
+
+__all__ = ["Trainer", "train", "evaluate", "cosine_lr_factor"]
+
+
+def cosine_lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(max_steps - warmup, 1)
+    t = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_utils.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _open(path: str, max_frames: int | None, bad_frames: str, label: str):
+    from est_calc.training.datasets import open_dataset, validate_frames
+
+    dataset = open_dataset(path)
+    good, report = validate_frames(dataset, policy=bad_frames)
+    if max_frames is not None:
+        good = list(good)[:max_frames]
+    return dataset, list(good), report
+
+
+class _Subset:
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return self.dataset[self.indices[k]]
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cpu",
+             neighbor_backend="auto", free_atoms_only=True) -> dict[str, float]:
+    """OC20 S2EF metrics of ``potential`` on a sequence of frames."""
+    potential.eval()
+    dtype = next(potential.parameters()).dtype
+    metrics = S2EFMetrics(free_atoms_only=free_atoms_only)
+    for start in range(0, len(frames), batch_size):
+        chunk = [frames[i] for i in range(start, min(start + batch_size, len(frames)))]
+        batch, tgt = collate(chunk, energy_mode, device, dtype)
+        graph = build_graph(batch, potential.cutoff_A, backend=neighbor_backend)
+        pred = energy_forces_stress(potential, batch, graph)
+        metrics.update(pred.energy.detach(), tgt.energy, pred.forces.detach(), tgt.forces,
+                       batch.system_idx, tgt.fixed, tgt.n_atoms)
+    return metrics.compute()
+
+
+class Trainer:
+    """One training run described by a :class:`TrainConfig`.
+
+    Args:
+        cfg: the run's configuration.
+        init: a potential (name or path) to fine-tune instead of starting from scratch.
+        resume: continue from ``output_dir/checkpoint.pt`` when it exists.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, init: str | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.rank, self.world = dist_utils.setup()
+        self.device = _resolve_device(cfg.train.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
+        t = cfg.train
+        if t.batch_size % self.world:
+            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
+                             f"number of processes ({self.world})")
+        train_set, good, report = _open(cfg.data.train, cfg.data.max_train_frames,
+                                        cfg.data.bad_frames, "train")
+        if not good:
+            raise ValueError(f"no usable training frames in {cfg.data.train}")
+        self.train_frames = _Subset(train_set, good)
+        self.data_report = report
+        self.val_frames = None
+        if cfg.data.val:
+            val_set, vgood, _ = _open(cfg.data.val, cfg.data.max_val_frames, cfg.data.bad_frames, "val")
+            self.val_frames = _Subset(val_set, vgood)
+        species = sorted({int(z) for i in range(len(self.train_frames))
+                          for z in np.unique(self.train_frames[i].numbers)})
+        if init is not None:
+            potential = load_potential(init, device="cpu", dtype=torch.float64)
+            missing = sorted(set(species) - set(potential.species))
+            if missing:
+                raise ValueError(f"--init potential does not know elements {missing}")
+        else:
+            mcfg = ModelConfig.preset(cfg.model.preset, **cfg.model.overrides)
+            potential = Potential.from_config(mcfg, species=species)
+            self._set_normalisation(potential, species)
+        self.potential = potential.to(device=self.device, dtype=self.dtype)
+        self.ema = copy.deepcopy(self.potential)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.potential.parameters(), lr=t.lr,
+                                           weight_decay=t.weight_decay)
+        self.step = 0
+        self.history: list[dict] = []
+        self.elapsed_s = 0.0
+        ckpt = self.out / "checkpoint.pt"
+        if resume and ckpt.exists():
+            self._restore(load_checkpoint(ckpt))
+        dist_utils.broadcast_parameters(self.potential)
+
+    # ---------------------------------------------------------------- set-up
+    def _set_normalisation(self, potential, species) -> None:
+        """Least-squares element references; energy scale = RMS force component (MACE-like)."""
+        refs = fit_element_references(self.train_frames, self.cfg.data.energy, species)
+        model = potential.model
+        model.element_reference.copy_(torch.as_tensor(refs, dtype=model.element_reference.dtype))
+        n = min(len(self.train_frames), 2000)
+        sq, cnt = 0.0, 0
+        for i in range(n):
+            f = self.train_frames[i].forces
+            if f is not None:
+                sq += float(np.sum(np.asarray(f) ** 2))
+                cnt += np.asarray(f).size
+        if cnt and sq > 0:
+            model.energy_scale.fill_(math.sqrt(sq / cnt))
+
+    def _restore(self, state: dict) -> None:
+        self.potential.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+
+    def _checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        save_checkpoint(self.out / "checkpoint.pt", {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.potential.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "elapsed_s": self.elapsed_s,
+        })
+
+    # ---------------------------------------------------------------- data order
+    def _global_batch(self, step: int) -> list[int]:
+        n, b = len(self.train_frames), self.cfg.train.batch_size
+        per_epoch = max(n // b, 1)
+        epoch, k = divmod(step, per_epoch)
+        perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+        idx = perm[k * b:(k + 1) * b]
+        if len(idx) < b:  # fewer frames than one batch: cycle through them
+            idx = np.resize(perm, b)
+        return idx.tolist()
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        gidx = self._global_batch(self.step)
+        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
+        rot = random_rotations(len(gidx), gen)
+        mine = list(range(self.rank, len(gidx), self.world))
+        frames = [self.train_frames[gidx[k]] for k in mine]
+        batch, tgt = collate(frames, cfg.data.energy, self.device, self.dtype)
+        if self.potential.model.config.rotate_grid_in_training:
+            batch, tgt = rotate_batch(batch, tgt, rot[mine])
+        graph = build_graph(batch, self.potential.cutoff_A, backend=t.neighbor_backend)
+        want_stress = cfg.loss.stress_weight > 0 and bool(tgt.has_stress.any())
+        force_mask = (tgt.fixed == 0) if cfg.loss.forces_on_free_atoms else torch.ones_like(tgt.fixed, dtype=torch.bool)
+        # The lattice rotation is done on the data above (deterministic per step), so the model
+        # runs with its fixed lattice: eval-mode semantics for the grid, training for the rest.
+        self.potential.train()
+        with self.potential.model.fixed_grid():
+            pred = energy_forces_stress(self.potential, batch, graph,
+                                        compute_stress=want_stress, create_graph=True)
+        terms = loss_terms(pred, tgt.energy, tgt.forces, tgt.stress if want_stress else None,
+                           tgt.has_stress, tgt.n_atoms, force_mask, cfg.loss.kind, cfg.loss.huber_delta)
+        counts = dist_utils.all_reduce_sum(
+            [terms.energy_count, terms.force_count, terms.stress_count])
+        loss = terms.total(cfg.loss.energy_weight, cfg.loss.force_weight, cfg.loss.stress_weight, counts)
+        factor = cosine_lr_factor(self.step, t.max_steps, t.warmup_steps, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.lr * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist_utils.all_reduce_gradients(self.potential)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
+        self.optimizer.step()
+        _ema_update(self.ema, self.potential, t.ema_decay)
+        self.step += 1
+        total = dist_utils.all_reduce_sum([float(loss.detach())])[0]
+        return {"step": self.step, "loss": total, "lr": t.lr * factor, "grad_norm": float(gnorm)}
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> Path:
+        """Train up to ``max_steps`` (from wherever a resumed run stands); export the potential."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(self.data_report.summary() if hasattr(self.data_report, "summary") else self.data_report)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
+                   desc="train", unit="step")
+        t0 = time.perf_counter() - self.elapsed_s
+        while self.step < t.max_steps:
+            row = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                self._evaluate_and_log()
+            self.elapsed_s = time.perf_counter() - t0
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                self._checkpoint()
+        bar.close()
+        path = self.out / "potential.pt"
+        if self.rank == 0:
+            self._export(path)
+        dist_utils.barrier()
+        return path
+
+    def _evaluate_and_log(self) -> None:
+        if self.rank != 0 or self.val_frames is None:
+            return
+        m = evaluate(self.ema, self.val_frames, energy_mode=self.cfg.data.energy,
+                     batch_size=self.cfg.train.batch_size, device=self.device,
+                     neighbor_backend=self.cfg.train.neighbor_backend)
+        last = next((h for h in reversed(self.history) if "loss" in h), {})
+        row = {"step": self.step, "train_loss": last.get("loss", float("nan")), **{f"val_{k}": v for k, v in m.items()}}
+        self.history.append(row)
+        self._write_csv_and_plot()
+
+    def _write_csv_and_plot(self) -> None:
+        rows = [h for h in self.history if "val_energy_mae" in h]
+        if not rows:
+            return
+        keys = list(rows[-1].keys())
+        tmp = self.out / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.out / "metrics.csv")
+        from est_calc.training.plots import plot_learning_curves
+
+        plot_learning_curves(self.history, self.out / "learning_curves.png")
+
+    def _export(self, path: Path) -> None:
+        final = copy.deepcopy(self.ema).to(dtype=torch.float32, device="cpu")
+        val = [h for h in self.history if "val_energy_mae" in h]
+        final.metadata = dict(final.metadata or {})
+        final.metadata.update({
+            "training": {
+                "train_data": str(self.cfg.data.train),
+                "val_data": str(self.cfg.data.val),
+                "n_train_frames": len(self.train_frames),
+                "energy": self.cfg.data.energy,
+                "steps": self.step,
+                "batch_size": self.cfg.train.batch_size,
+                "processes": self.world,
+                "wall_time_s": round(self.elapsed_s, 1),
+            },
+            "val_metrics": {k[4:]: float(v) for k, v in val[-1].items() if k.startswith("val_")} if val else {},
+        })
+        save_potential(final, path)
+
+
+def train(cfg: TrainConfig, *, init: str | None = None, resume: bool = False) -> Path:
+    """Run (or resume) a training run and return the path of the exported potential."""
+    trainer = Trainer(cfg, init=init, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        dist_utils.cleanup()
