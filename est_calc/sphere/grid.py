@@ -71,6 +71,10 @@ class ExactBufferModule(nn.Module):
         self._exact_masters[name] = master
         self.register_buffer(name, master.to(torch.get_default_dtype()), persistent=False)
 
+    def master(self, name: str) -> Tensor:
+        """The float64 CPU master copy of exact buffer ``name`` (read-only use)."""
+        return self._exact_masters[name]
+
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         for name, master in self._exact_masters.items():
