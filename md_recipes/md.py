@@ -250,6 +250,13 @@ def run_md(
         if not np.array_equal(saved["numbers"], work.get_atomic_numbers()):
             raise ValueError(f"checkpoint {restart} holds a different structure "
                              f"({len(saved['numbers'])} atoms)")
+        changed = {k: (header[k], v) for k, v in meta.items() if header.get(k) != v}
+        if changed:
+            import warnings
+
+            warnings.warn(f"continuing {restart} with changed settings {changed} (old, new): "
+                          "the run will not match an uninterrupted one", RuntimeWarning,
+                          stacklevel=2)
         start = int(header["step"])
         if start > n_steps:
             raise ValueError(f"checkpoint {restart} is at step {start} > n_steps={n_steps}")

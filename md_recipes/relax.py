@@ -127,13 +127,11 @@ def relax(
 
         target = FrechetCellFilter(work)
     cls = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[name]
-    opt = cls(target, logfile=logfile, trajectory=trajectory)
     energies: list[float] = []
-    opt.attach(lambda: energies.append(float(work.get_potential_energy())), interval=1)
-    converged = bool(opt.run(fmax=fmax_eV_per_A, steps=int(max_steps)))
+    with cls(target, logfile=logfile, trajectory=trajectory) as opt:  # closes log and traj
+        opt.attach(lambda: energies.append(float(work.get_potential_energy())), interval=1)
+        converged = bool(opt.run(fmax=fmax_eV_per_A, steps=int(max_steps)))
     fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
-    if trajectory is not None and getattr(opt, "trajectory", None) is not None:
-        opt.trajectory.close()
     _report(converged, opt.nsteps, fmax, fmax_eV_per_A)
     return RelaxResult(_snapshot(work), converged, int(opt.nsteps), energies, fmax)
 

@@ -1,6 +1,5 @@
 """Shared fixtures of the md_recipes tests: EMT is the calculator (the recipes are model-free)."""
 
-import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 
@@ -26,8 +25,3 @@ class BatchEMT(EMT):
 @pytest.fixture
 def batch_emt():
     return BatchEMT()
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)

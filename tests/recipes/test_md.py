@@ -108,6 +108,9 @@ def test_restart_rejects_other_structure(tmp_path):
                n_steps=4, restart=ck, progress=False)
     with pytest.raises(ValueError, match="ensemble"):
         run_md(_bulk(), EMT(), ensemble="nvt-langevin", n_steps=4, restart=ck, progress=False)
+    with pytest.warns(RuntimeWarning, match="changed settings"):
+        run_md(_bulk(), EMT(), ensemble="nve", n_steps=4, restart=ck, timestep_fs=0.5,
+               progress=False)
 
 
 def test_initial_velocities_are_seeded_and_stationary():
@@ -117,3 +120,22 @@ def test_initial_velocities_are_seeded_and_stationary():
     np.testing.assert_array_equal(a.get_momenta(), b.get_momenta())
     assert np.abs(a.get_momenta() - c.get_momenta()).max() > 1e-3
     assert np.abs(a.get_momenta().sum(axis=0)).max() < 1e-10
+
+
+@pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-bussi", "nvt-nose-hoover"])
+def test_thermostats_keep_fixed_atoms_fixed(ensemble):
+    slab = fcc111("Cu", (2, 2, 3), a=3.59, vacuum=6.0)
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == 3))
+    fixed = slab.constraints[0].get_indices()
+    res = run_md(slab, EMT(), ensemble=ensemble, temperature_K=600.0, timestep_fs=2.0,
+                 n_steps=10, progress=False)
+    np.testing.assert_array_equal(res.atoms.positions[fixed], slab.positions[fixed])
+    assert np.abs(res.atoms.positions - slab.positions).max() > 1e-3
+    assert len(res.atoms.constraints) == 1  # no helper constraint leaks into the result
+
+
+def test_npt_refuses_constraints():
+    slab = fcc111("Cu", (2, 2, 3), a=3.59, vacuum=6.0)
+    slab.set_constraint(FixAtoms(indices=[0]))
+    with pytest.raises(ValueError, match="constraints"):
+        run_md(slab, EMT(), ensemble="npt", n_steps=1, progress=False)

@@ -16,10 +16,12 @@ def _rattled_slab(seed=3, size=(2, 2, 3)):
     return slab
 
 
-def test_relax_converges_and_fixed_atoms_stay():
+def test_relax_converges_and_fixed_atoms_stay(tmp_path):
     slab = _rattled_slab()
     fixed = slab.constraints[0].get_indices()
-    res = relax(slab, EMT(), fmax_eV_per_A=0.02, optimizer="BFGS")
+    traj = tmp_path / "relax.traj"
+    res = relax(slab, EMT(), fmax_eV_per_A=0.02, optimizer="BFGS", trajectory=str(traj),
+                logfile=str(tmp_path / "relax.log"))
     assert res.converged and res.steps > 0
     forces = res.atoms.get_forces()
     assert np.linalg.norm(forces, axis=1).max() < 0.02
@@ -29,6 +31,12 @@ def test_relax_converges_and_fixed_atoms_stay():
     assert np.abs(res.atoms.positions[moved] - slab.positions[moved]).max() > 1e-3
     assert res.energies[-1] < res.energies[0]  # the relaxation went downhill
     assert len(res.energies) == res.steps + 1
+    from ase.io import read
+
+    frames = read(traj, ":")
+    assert len(frames) == res.steps + 1
+    assert frames[-1].get_potential_energy() == pytest.approx(res.energies[-1])
+    np.testing.assert_array_equal(slab.positions, _rattled_slab().positions)  # input untouched
 
 
 def test_non_convergence_is_reported():
@@ -45,6 +53,7 @@ def test_unknown_optimizer_lists_choices():
         relax(bulk("Cu"), EMT(), optimizer="CG")
 
 
+@pytest.mark.slow
 def test_cell_relaxation_recovers_emt_lattice_constant():
     # Independent reference: minimum of an energy-volume scan (parabola through the scan).
     a_grid = np.linspace(3.50, 3.68, 10)

@@ -1,0 +1,204 @@
+"""Command-line front ends of the recipes: ``est relax``, ``est md`` and ``est adsorb``.
+
+Each ``add_*_parser(subparsers)`` registers one subcommand whose handler returns an exit code;
+``main_relax(argv)`` and friends run one of them on its own.
+
+    est relax IN -o OUT.traj [--cell] [--fmax F] [--optimizer FIRE|BFGS|LBFGS]
+    est md IN --ensemble nvt-langevin -T 500 --steps N -o OUT.traj [--timestep] [--log] [--restart]
+    est adsorb --slab Cu111 --adsorbate O [--sites fcc,hcp] [--calc emt|est|PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["add_relax_parser", "add_md_parser", "add_adsorb_parser", "make_calculator",
+           "main_relax", "main_md", "main_adsorb"]
+
+
+def make_calculator(spec: str = "est", device: str = "auto"):
+    """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
+
+    Raises:
+        ValueError: for a spec that is neither a known name nor an existing file.
+    """
+    if spec.lower() == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if spec.lower() != "est" and not os.path.exists(spec):
+        raise ValueError(f"--calc {spec!r}: use 'est', 'emt' or the path of a potential file")
+    from est_calc.calculator import ESTCalculator
+
+    return ESTCalculator("default" if spec.lower() == "est" else spec, device=device)
+
+
+def _add_calc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calc", default="est",
+                   help="'est' (default EST potential), 'emt' (ASE EMT, for demonstration) "
+                        "or a path to a potential file")
+    p.add_argument("--device", default="auto", help="device for EST: auto, cpu, cuda, ...")
+
+
+def _read(path: str):
+    from ase.io import read
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such structure file: {path}")
+    return read(path, index=-1)
+
+
+# ---------------------------------------------------------------------------------- relax
+def add_relax_parser(sub) -> argparse.ArgumentParser:
+    """Register ``relax`` on an argparse subparsers object."""
+    from md_recipes.relax import OPTIMIZERS
+
+    p = sub.add_parser("relax", help="relax positions (and the cell with --cell)")
+    p.add_argument("input", help="structure file readable by ASE (last frame is used)")
+    p.add_argument("-o", "--output", default="relaxed.traj", help="output (default relaxed.traj)")
+    p.add_argument("--cell", action="store_true", help="relax the cell too (FrechetCellFilter)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force criterion in eV/Å")
+    p.add_argument("--optimizer", default="FIRE", type=str.upper, choices=OPTIMIZERS)
+    p.add_argument("--steps", type=int, default=500, help="most optimiser steps")
+    p.add_argument("--log", default=None, help="optimiser log file")
+    _add_calc_args(p)
+    p.set_defaults(func=_run_relax)
+    return p
+
+
+def _run_relax(args) -> int:
+    from ase.io import write
+
+    from md_recipes.relax import relax
+
+    atoms = _read(args.input)
+    calc = make_calculator(args.calc, args.device)
+    res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
+                optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log)
+    write(args.output, res.atoms)
+    print(f"{'structure':<12}{res.atoms.get_chemical_formula()}")
+    print(f"{'converged':<12}{res.converged} after {res.steps} steps ({args.optimizer})")
+    print(f"{'energy':<12}{res.energies[0]:.6f} -> {res.energies[-1]:.6f} eV")
+    print(f"{'max force':<12}{res.fmax_eV_per_A:.4f} eV/Å (criterion {args.fmax})")
+    if args.cell:
+        a, b, c, al, be, ga = res.atoms.cell.cellpar()
+        print(f"{'cell':<12}a={a:.4f} b={b:.4f} c={c:.4f} Å  {al:.2f} {be:.2f} {ga:.2f} deg")
+    print(f"{'written':<12}{args.output}")
+    return 0 if res.converged else 1
+
+
+# ---------------------------------------------------------------------------------- md
+def add_md_parser(sub) -> argparse.ArgumentParser:
+    """Register ``md`` on an argparse subparsers object."""
+    from md_recipes.md import ENSEMBLES
+
+    p = sub.add_parser("md", help="molecular dynamics (NVE, NVT, NPT)")
+    p.add_argument("input", help="structure file readable by ASE (last frame is used)")
+    p.add_argument("--ensemble", default="nve", choices=ENSEMBLES)
+    p.add_argument("-T", "--temperature", type=float, default=300.0, help="temperature in K")
+    p.add_argument("-P", "--pressure", type=float, default=0.0, help="pressure in GPa (npt)")
+    p.add_argument("--steps", type=int, required=True, help="total number of MD steps")
+    p.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
+    p.add_argument("-o", "--output", default="md.traj", help="trajectory (default md.traj)")
+    p.add_argument("--log", default=None, help="text log of energies and temperature")
+    p.add_argument("--log-every", type=int, default=10, help="sampling interval in steps")
+    p.add_argument("--restart", default=None,
+                   help="checkpoint .npz: written during the run, continued from if present")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="PNG of energies and temperature vs time")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_calc_args(p)
+    p.set_defaults(func=_run_md)
+    return p
+
+
+def _run_md(args) -> int:
+    import numpy as np
+
+    from md_recipes.md import run_md
+
+    atoms = _read(args.input)
+    calc = make_calculator(args.calc, args.device)
+    res = run_md(atoms, calc, ensemble=args.ensemble, temperature_K=args.temperature,
+                 pressure_GPa=args.pressure, timestep_fs=args.timestep, n_steps=args.steps,
+                 seed=args.seed, trajectory=args.output, logfile=args.log,
+                 log_every=args.log_every, restart=args.restart, friction_per_fs=args.friction,
+                 progress=not args.no_progress, plot=args.plot)
+    half = slice(len(res.time_fs) // 2, None)
+    span_ps = (res.time_fs[-1] - res.time_fs[0]) / 1000.0
+    drift = (res.etot[-1] - res.etot[0]) / len(atoms) / span_ps * 1000 if span_ps > 0 else 0.0
+    print(f"{'ensemble':<22}{args.ensemble} ({len(atoms)} atoms, {args.steps} steps "
+          f"x {args.timestep} fs)")
+    print(f"{'<T> second half':<22}{np.mean(res.temperature[half]):.1f} K "
+          f"(target {args.temperature} K)")
+    print(f"{'Etot start -> end':<22}{res.etot[0]:.5f} -> {res.etot[-1]:.5f} eV "
+          f"({drift:+.3f} meV/atom/ps)")
+    if res.pressure is not None:
+        print(f"{'<P> second half':<22}{np.mean(res.pressure[half]):.3f} GPa")
+    print(f"{'trajectory':<22}{args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- adsorb
+def add_adsorb_parser(sub) -> argparse.ArgumentParser:
+    """Register ``adsorb`` on an argparse subparsers object."""
+    p = sub.add_parser("adsorb", help="adsorption energies on the sites of a slab (OC20 scheme)")
+    p.add_argument("--slab", required=True, help="a name such as Cu111, Pt100, or a structure file")
+    p.add_argument("--adsorbate", required=True, help="O, H, C, N, OH, CO, H2O, NH3, ...")
+    p.add_argument("--sites", default="all", help="comma-separated site names, or 'all'")
+    p.add_argument("--fmax", type=float, default=0.05, help="force criterion in eV/Å")
+    p.add_argument("--height", type=float, default=1.8, help="initial height in Å")
+    p.add_argument("--steps", type=int, default=300, help="most steps per relaxation")
+    p.add_argument("-o", "--output", default=None, help="write the relaxed systems to this file")
+    _add_calc_args(p)
+    p.set_defaults(func=_run_adsorb)
+    return p
+
+
+def _run_adsorb(args) -> int:
+    from md_recipes.adsorption import adsorption_energy
+
+    slab = _read(args.slab) if os.path.exists(args.slab) else args.slab
+    sites = "all" if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s]
+    calc = make_calculator(args.calc, args.device)
+    res = adsorption_energy(slab, args.adsorbate, calc, sites=sites, fmax_eV_per_A=args.fmax,
+                            height_A=args.height, max_steps=args.steps)
+    print(f"{args.adsorbate} on {args.slab} ({args.calc})")
+    print(res.table())
+    print(f"most stable: {res.best.site} ({res.best.E_ads_eV:.4f} eV)")
+    if args.output:
+        from ase.io import write
+
+        write(args.output, [s.atoms for s in res.sites])
+        print(f"relaxed systems written to {args.output}")
+    return 0
+
+
+def _main(add, argv) -> int:
+    parser = argparse.ArgumentParser(prog="est")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = add(sub)
+    args = parser.parse_args([p.prog.split()[-1]] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"est {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main_relax(argv=None) -> int:
+    """``est relax`` on its own (argv without the subcommand name)."""
+    return _main(add_relax_parser, argv)
+
+
+def main_md(argv=None) -> int:
+    """``est md`` on its own (argv without the subcommand name)."""
+    return _main(add_md_parser, argv)
+
+
+def main_adsorb(argv=None) -> int:
+    """``est adsorb`` on its own (argv without the subcommand name)."""
+    return _main(add_adsorb_parser, argv)
