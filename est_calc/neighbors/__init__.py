@@ -1,0 +1,135 @@
+"""Neighbour lists on CPU and GPU, pair-for-pair identical to ``ase.neighborlist.neighbor_list``.
+
+``neighbor_list(positions, cell, pbc, cutoff_A)`` returns ``(edge_index, shifts)`` with
+``r_ij = positions[j] - positions[i] + shifts @ cell[system of i]`` for every pair with
+``|r_ij| < cutoff_A`` (strict, as ASE), both directions, and the atom itself only through a
+non-zero periodic image. Shifts along non-periodic axes are zero.
+
+Backends (picked with the ``backend`` argument only):
+
+- ``"torch"``: pure-PyTorch cell list (:mod:`._torch_cells`), O(N), CPU and CUDA, many systems
+  in one vectorised call. Always available.
+- ``"vesin"``: vesin-torch 0.6.2, CPU and CUDA, one call per system (torch < 2.15).
+- ``"matscipy"``: matscipy, CPU only, one call per system.
+- ``"torch_cluster"``: ``radius_graph`` for non-periodic systems (``pip install est_calc[cluster]``).
+- ``"auto"``: ``"vesin"`` when it imports, otherwise ``"torch"``. Measured with
+  ``benchmarks/neighbors.py`` (2 shared CPU cores, Cu fcc, 6 Å): vesin is the fastest backend on
+  the CPU (see the benchmark table in the helper report; reference 4k atoms: vesin 12.6 ms,
+  matscipy 43.7 ms, ASE 571 ms), and vesin runs on CUDA too; the torch cell list is the
+  universal fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._adapters import (
+    matscipy_neighbor_list,
+    torch_cluster_neighbor_list,
+    vesin_available,
+    vesin_neighbor_list,
+)
+from ._common import prepare
+from ._torch_cells import torch_neighbor_list
+
+__all__ = ["Graph", "build_graph", "neighbor_list", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "vesin", "matscipy", "torch_cluster")
+
+_IMPLS = {
+    "torch": torch_neighbor_list,
+    "vesin": vesin_neighbor_list,
+    "matscipy": matscipy_neighbor_list,
+    "torch_cluster": torch_cluster_neighbor_list,
+}
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Edges of a batch of structures.
+
+    Attributes:
+        edge_index: (2, E) int64; row 0 is the centre i, row 1 the neighbour j.
+        shifts: (E, 3) int64 lattice shifts; r_ij = pos[j] - pos[i] + shifts @ cell[system of i].
+    """
+
+    edge_index: Tensor
+    shifts: Tensor
+
+    def __post_init__(self):
+        if self.edge_index.ndim != 2 or self.edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must be (2, E), got {tuple(self.edge_index.shape)}")
+        if self.shifts.shape != (self.edge_index.shape[1], 3):
+            raise ValueError(
+                f"shifts must be ({self.edge_index.shape[1]}, 3), got {tuple(self.shifts.shape)}"
+            )
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    def to(self, device) -> "Graph":
+        """The same graph on ``device``."""
+        return Graph(self.edge_index.to(device), self.shifts.to(device))
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The concrete backend ``backend`` stands for on ``device``.
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    return "vesin" if vesin_available() else "torch"
+
+
+def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="auto"):
+    """All pairs closer than ``cutoff_A``, with their periodic lattice shifts.
+
+    Args:
+        positions: (n_atoms, 3) float tensor, Å (float32 or float64; the search runs in float64).
+        cell: (3, 3) or (n_systems, 3, 3) lattice vectors as rows, Å. A non-periodic axis may
+            have a zero vector.
+        pbc: (3,) or (n_systems, 3) booleans.
+        cutoff_A: cutoff radius in Å; pairs with distance strictly below it are returned.
+        system_idx: (n_atoms,) int system index of each atom; required with several systems.
+        backend: ``"auto"``, ``"torch"``, ``"vesin"``, ``"matscipy"`` or ``"torch_cluster"``.
+
+    Returns:
+        edge_index (2, E) int64 with rows (i, j) and shifts (E, 3) int64, on the device of
+        ``positions``; ``r_ij = positions[j] - positions[i] + shifts @ cell[system of i]``.
+        The pair order is backend dependent.
+
+    Raises:
+        ValueError: bad shapes, NaN / infinite positions or cell, a negative cutoff, a zero
+            volume in the periodic directions, or an unknown backend.
+        ImportError: an optional backend that is not installed (the message says what to
+            install).
+    """
+    name = resolve_backend(backend, getattr(positions, "device", "cpu"))
+    prep = prepare(positions, cell, pbc, cutoff_A, system_idx)
+    return _IMPLS[name](prep)
+
+
+def build_graph(batch, cutoff_A: float, *, backend: str = "auto") -> Graph:
+    """Neighbour graph of an :class:`est_calc.batch.AtomsBatch`.
+
+    Args:
+        batch: the batch (positions (n, 3), cell (b, 3, 3), pbc (b, 3), system_idx (n,)).
+        cutoff_A: cutoff radius in Å.
+        backend: see :func:`neighbor_list`.
+
+    Returns:
+        The :class:`Graph` on the batch's device.
+    """
+    edge_index, shifts = neighbor_list(
+        batch.positions, batch.cell, batch.pbc, cutoff_A,
+        system_idx=batch.system_idx, backend=backend,
+    )
+    return Graph(edge_index, shifts)
