@@ -209,10 +209,20 @@ def surface_site(slab: Atoms, rng) -> tuple[str, np.ndarray]:
 
 
 def place(slab: Atoms, ads: Atoms, binding: np.ndarray, rng) -> tuple[Atoms, str]:
-    """Put the adsorbate's binding atom(s) 1.5-2.0 Å above a site, randomly turned about z."""
+    """Put the adsorbate's binding atom(s) 1.5-2.0 Å above a site, randomly turned about z.
+
+    The molecule is first turned so that its centroid lies straight above the binding atom(s);
+    it is lifted further if any atom would come closer than 1 Å to the top layer's height.
+
+    Returns:
+        (adslab with tags 0/1/2 and FixAtoms on tag 0, wrapped into the cell; site kind).
+    """
     kind, xy = surface_site(slab, rng)
     mol = ads.copy()
     anchor = mol.positions[binding].mean(axis=0)
+    up = mol.positions.mean(axis=0) - anchor  # binding atom(s) down: the rest points along +z
+    if np.linalg.norm(up) > 0.1:
+        mol.rotate(up, (0.0, 0.0, 1.0), center=anchor)
     mol.rotate(float(rng.uniform(0.0, 360.0)), "z", center=anchor)
     z_top = slab.positions[slab.get_tags() == 1, 2].max()
     target = np.array([xy[0], xy[1], z_top + rng.uniform(1.5, 2.0)])
