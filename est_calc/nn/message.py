@@ -115,9 +115,19 @@ class ESTMessageBlock(nn.Module):
         self.w_att = nn.Parameter(torch.ones(C))
         self.register_buffer("degree_index", degree_of_index(L), persistent=False)
 
-    def _edge_grid(self, m: Tensor, e: Tensor) -> Tensor:
-        """Cross-attention + FFN on the grid for a chunk of edges: (B,K,Cf) x2 -> (B,K,Cf)."""
-        f = self.attention(self.grid.to_grid(m), kv=self.grid.to_grid(e))
+    def _edge_grid(self, q_dst: Tensor, q_src: Tensor, i: Tensor, j: Tensor, e: Tensor) -> Tensor:
+        """Cross-attention + FFN on the grid for a chunk of edges.
+
+        Args:
+            q_dst, q_src: (N, S, Cf) node signals on the grid (F is linear, so
+                F m_ij = F(W_dst h_i) + F(W_src h_j) is gathered instead of transformed per edge).
+            i, j: (B,) centre and neighbour indices of the chunk.
+            e: (B, K, Cf) edge SH embedding.
+
+        Returns:
+            (B, K, Cf) coefficients of the processed edge signal.
+        """
+        f = self.attention(q_dst[i] + q_src[j], kv=self.grid.to_grid(e))
         f = f + self.ffn(f)
         return self.grid.from_grid(f)
 
@@ -129,7 +139,8 @@ class ESTMessageBlock(nn.Module):
             return x
         i, j = edge_index[0], edge_index[1]
         h = self.norm(x)
-        m = self.lin_dst(h)[i] + self.lin_src(h)[j]  # (E, K, Cf)
+        q_dst = self.grid.to_grid(self.lin_dst(h))  # (N, S, Cf)
+        q_src = self.grid.to_grid(self.lin_src(h))
 
         radial_in = torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.fourier_channels)
@@ -137,9 +148,10 @@ class ESTMessageBlock(nn.Module):
 
         chunk = self.edge_chunk_size
         if n_edges <= chunk:
-            mu = self._edge_grid(m, e)
+            mu = self._edge_grid(q_dst, q_src, i, j, e)
         else:
-            mu = torch.cat([self._edge_grid(m[s:s + chunk], e[s:s + chunk])
+            mu = torch.cat([self._edge_grid(q_dst, q_src, i[s:s + chunk], j[s:s + chunk],
+                                            e[s:s + chunk])
                             for s in range(0, n_edges, chunk)], dim=0)
         mu = self.lin_out(mu)  # (E, K, C)
 

@@ -210,3 +210,11 @@ def test_float32_model_runs(ethanol):
     out = model(AtomsBatch.from_atoms(ethanol, dtype=torch.float32),
                 graph_of([ethanol], model.config.cutoff_A))
     assert out.energy.dtype == torch.float32 and torch.isfinite(out.energy).all()
+
+
+def test_separate_message_grid(ethanol):
+    model = make_model(message_n_points=12)
+    assert model.messages[0].grid.n_points == 12
+    assert model.grid.n_points == 30 and model.updates[0].experts is not None
+    out = run(model, ethanol)
+    assert torch.isfinite(out.energy).all()
