@@ -212,20 +212,21 @@ class SO2MessageBlock(nn.Module):
         self.alpha_norm = nn.LayerNorm(d_alpha)
         self.alpha_dot = nn.Parameter(torch.randn(H, d_alpha) / d_alpha**0.5)
         self.proj = DWLinear(L, H * d_value, C, bias=False)
+        # Degree of each K_M row; only row 0 has l = 0 (so2_index puts m = 0, l = 0 first).
         deg = torch.tensor([int(k**0.5) for k in so2_index(L, M).tolist()], dtype=torch.long)
-        self.register_buffer("_gate_row", (deg - 1).clamp_min(0), persistent=False)
-        self.register_buffer("_is_scalar", (deg == 0), persistent=False)
+        self.register_buffer("_gate_row", deg[1:] - 1, persistent=False)
 
     def _edge_frames(self, edge_dir: Tensor) -> Tensor:
         """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
         return edge_frame(edge_dir)
 
     def _gate(self, y: Tensor, gates: Tensor) -> Tensor:
-        """SiLU on the l = 0 row, sigmoid(invariant gate) on every l > 0 row; y (E, K_M, C_h)."""
+        """SiLU on the l = 0 row (row 0), sigmoid(invariant gate) on l > 0 rows; y (E, K_M, C_h)."""
+        scalar = torch.nn.functional.silu(y[:, :1])
         if self.l_max == 0:
-            return torch.nn.functional.silu(y)
+            return scalar
         g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden))[:, self._gate_row]
-        return torch.where(self._is_scalar[:, None], torch.nn.functional.silu(y), y * g)
+        return torch.cat([scalar, y[:, 1:] * g], dim=1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
                 envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None) -> Tensor:
