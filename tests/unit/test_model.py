@@ -218,3 +218,15 @@ def test_separate_message_grid(ethanol):
     assert model.grid.n_points == 30 and model.updates[0].experts is not None
     out = run(model, ethanol)
     assert torch.isfinite(out.energy).all()
+
+
+def test_edges_beyond_the_cutoff_change_nothing(model, ethanol, copper):
+    # A neighbour list built with a skin (larger radius) must give the same energies: every edge
+    # term carries the envelope, which is exactly zero past r_c.
+    for atoms in (ethanol, copper):
+        batch = AtomsBatch.from_atoms(atoms)
+        plain = model(batch, graph_of([atoms], model.config.cutoff_A))
+        skin_graph = graph_of([atoms], model.config.cutoff_A + 1.5)
+        assert skin_graph.edge_index.shape[1] > 0
+        skin = model(batch, skin_graph)
+        torch.testing.assert_close(skin.energies, plain.energies, rtol=0, atol=1e-12)
