@@ -34,6 +34,9 @@ __all__ = ["torch_neighbor_list"]
 _WIDTH_MARGIN = 2e-6
 _SEARCH_MARGIN = 1e-6
 _BINS_PER_ATOM = 8
+# Bins are 1/_BIN_SPLIT of the cutoff wide (search reach _BIN_SPLIT bins): smaller bins hug the
+# cutoff sphere more tightly (fewer candidate pairs) at the cost of more bin visits per atom.
+_BIN_SPLIT = 2
 
 
 def _bin_layout(f: Tensor, prep: Prepared, heights: Tensor):
@@ -62,8 +65,8 @@ def _bin_layout(f: Tensor, prep: Prepared, heights: Tensor):
     extent = (hi - lo) * heights.cpu()  # Å along each axis
     cut = prep.cutoff * (1 + _WIDTH_MARGIN)
     atoms = torch.bincount(prep.system_idx, minlength=n_sys).cpu()
-    cap = (atoms * _BINS_PER_ATOM).clamp(min=27)
-    nbins = torch.floor(extent / cut).clamp(min=1, max=2**20).to(torch.int64)
+    cap = (atoms * _BINS_PER_ATOM).clamp(min=(2 * _BIN_SPLIT + 1) ** 3)
+    nbins = torch.floor(extent * _BIN_SPLIT / cut).clamp(min=1, max=2**20).to(torch.int64)
     nbins = torch.minimum(nbins, cap.unsqueeze(-1))
     while True:  # halve the largest axis of any system over its bin budget
         over = nbins.prod(dim=-1) > cap
@@ -81,7 +84,11 @@ def _bin_layout(f: Tensor, prep: Prepared, heights: Tensor):
 
 
 def _offsets(reach: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """All bin offsets per system.
+    """The half of the bin offsets that is lexicographically >= 0, per system.
+
+    Pair (i, j) found from i's bin at offset o is pair (j, i) found from j's bin at offset -o,
+    so only offsets with (oz, oy, ox) >= (0, 0, 0) are visited and the pairs are mirrored.
+    The zero offset is the first row of every system's block.
 
     Args:
         reach: (S, 3) int64 search reach m per axis (CPU).
@@ -91,10 +98,11 @@ def _offsets(reach: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tenso
         K (S,) int64 number of offsets per system, on ``device``.
     """
     span = (2 * reach + 1).to(device)
-    k = span.prod(dim=-1)
+    k = (span.prod(dim=-1) + 1) // 2
     kstart = torch.cumsum(k, 0) - k
     sys = torch.repeat_interleave(torch.arange(len(k), device=device), k)
-    loc = torch.arange(int(k.sum()), device=device) - kstart[sys]
+    # Offsets >= 0 lexicographically are the upper half of the full box enumeration (x fastest).
+    loc = torch.arange(int(k.sum()), device=device) - kstart[sys] + k[sys] - 1
     sx, sy = span[sys, 0], span[sys, 1]
     r = reach.to(device)[sys]
     offs = torch.stack([loc % sx, (loc // sx) % sy, loc // (sx * sy)], dim=-1) - r
@@ -131,9 +139,8 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
 
     nbins_c, lo_c, width_c, reach_c = _bin_layout(f, prep, cell_heights(basis))
     nbins, lo, width = nbins_c.to(dev), lo_c.to(dev, f.dtype), width_c.to(dev, f.dtype)
-    nbins_a = nbins[sidx]
     b3 = torch.floor((f - lo[sidx]) / width[sidx]).to(torch.int64)
-    b3 = torch.minimum(b3.clamp(min=0), nbins_a - 1)
+    b3 = torch.minimum(b3.clamp(min=0), nbins[sidx] - 1)
     nb_per_sys = nbins.prod(dim=-1)
     bin_base = torch.cumsum(nb_per_sys, 0) - nb_per_sys
     strides = torch.stack(
@@ -143,28 +150,33 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
     order = torch.argsort(gbin, stable=True)
     counts = torch.bincount(gbin, minlength=int(nb_per_sys.sum()))
     starts = torch.cumsum(counts, 0) - counts
-    pos_sorted = pos_w[order]
+    # From here on centres are taken in bin order (t = rank in the sorted list).
+    pos_s, sidx_s, b3_s = pos_w[order], sidx[order], b3[order]
 
     offs, kstart, k = _offsets(reach_c, dev)
-    k_atom = k[sidx]
+    k_atom = k[sidx_s]
     row_start = torch.cumsum(k_atom, 0) - k_atom
     n_rows = int(k_atom.sum())
     max_rows = max(1, max_candidates // 8)
     out_i, out_j, out_s = [], [], []
     cut2 = prep.cutoff * prep.cutoff
     for r0 in range(0, n_rows, max_rows):
-        r1 = min(n_rows, r0 + max_rows)
-        rows = torch.arange(r0, r1, device=dev)
-        ci = torch.searchsorted(row_start, rows, right=True) - 1  # centre atom of each row
-        s = sidx[ci]
-        nb = b3[ci] + offs[kstart[s] + rows - row_start[ci]]
+        rows = torch.arange(r0, min(n_rows, r0 + max_rows), device=dev)
+        t = torch.searchsorted(row_start, rows, right=True) - 1  # centre (sorted rank)
+        s = sidx_s[t]
+        loc = rows - row_start[t]
+        nb = b3_s[t] + offs[kstart[s] + loc]
         nbn = nbins[s]
         img = torch.div(nb, nbn, rounding_mode="floor")
         nb = nb - img * nbn
         ok = (pbc[s] | (img == 0)).all(-1)
         gnb = bin_base[s] + (nb * strides[s]).sum(-1)
-        cnt = torch.where(ok, counts[gnb], torch.zeros_like(gnb))
         first = starts[gnb]
+        cnt = torch.where(ok, counts[gnb], torch.zeros_like(gnb))
+        # Zero offset: only partners after the centre in the sorted bin (pair i<j once, no self).
+        zero = loc == 0
+        first = torch.where(zero, t + 1, first)
+        cnt = torch.where(zero, starts[gnb] + counts[gnb] - t - 1, cnt)
         cum = torch.cumsum(cnt, 0)
         total = int(cum[-1])
         if total == 0:
@@ -178,36 +190,41 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
         for a, b in zip(edges[:-1], edges[1:]):
             if b <= a:
                 continue
-            i_e, j_e, s_e = _expand(
-                ci[a:b], img[a:b], cnt[a:b], first[a:b], s[a:b], order, pos_sorted, pos_w,
-                prep.cell, cut2, single,
-            )
+            ti, tj, sh = _expand(t[a:b], img[a:b], cnt[a:b], first[a:b], s[a:b], pos_s,
+                                 prep.cell, cut2, single)
+            i_e, j_e = order[ti], order[tj]
             out_i.append(i_e)
             out_j.append(j_e)
-            out_s.append(s_e + wrap[i_e] - wrap[j_e])
+            out_s.append(sh + wrap[i_e] - wrap[j_e])
     if not out_i:
         return empty_result(dev)
-    edge_index = torch.stack([torch.cat(out_i), torch.cat(out_j)])
-    return edge_index, torch.cat(out_s)
+    i_h, j_h, s_h = torch.cat(out_i), torch.cat(out_j), torch.cat(out_s)
+    edge_index = torch.stack([torch.cat([i_h, j_h]), torch.cat([j_h, i_h])])
+    return edge_index, torch.cat([s_h, -s_h])
 
 
-def _expand(ci, img, cnt, first, s, order, pos_sorted, pos_w, cell, cut2, single):
+def _expand(t, img, cnt, first, s, pos_s, cell, cut2, single):
     """Expand (centre, neighbour bin) rows into candidate pairs and keep those within cutoff.
 
+    Args:
+        t, img, cnt, first, s: per row: centre rank (sorted order), image shift (R, 3),
+            number of candidates, first candidate rank, system.
+        pos_s: (n_atoms, 3) wrapped positions in sorted order.
+
     Returns:
-        i (E,), j (E,), image shift (E, 3) int64 of the accepted pairs (shift relative to the
-        wrapped positions).
+        sorted ranks of i and j (E,), and the image shift (E, 3) of the accepted pairs
+        (relative to the wrapped positions).
     """
+    dev = cnt.device
     total = int(cnt.sum())
-    row = torch.repeat_interleave(torch.arange(len(cnt), device=cnt.device), cnt, output_size=total)
-    excl = torch.cumsum(cnt, 0) - cnt
-    jpos = first[row] + torch.arange(total, device=cnt.device) - excl[row]
+    row = torch.repeat_interleave(torch.arange(len(cnt), device=dev), cnt, output_size=total)
+    base = first - (torch.cumsum(cnt, 0) - cnt)
+    jpos = base[row] + torch.arange(total, device=dev)
     img_f = img.to(cell.dtype)
-    shift_vec = img_f @ cell[0] if single else torch.bmm(img_f.unsqueeze(1), cell[s]).squeeze(1)
-    centre = pos_w[ci] - shift_vec  # r_ij = pos_j - (pos_i - S @ cell)
-    d = pos_sorted[jpos] - centre[row]
-    keep = (d * d).sum(-1) < cut2
+    c = cell[0] if single else cell[s]  # (3, 3) or (R, 3, 3)
+    shift_vec = img_f[:, 0:1] * c[..., 0, :] + img_f[:, 1:2] * c[..., 1, :] + img_f[:, 2:3] * c[..., 2, :]
+    centre = pos_s[t] - shift_vec  # r_ij = pos_j - (pos_i - S @ cell)
+    d = pos_s[jpos] - centre[row]
+    keep = torch.nonzero((d * d).sum(-1) < cut2).squeeze(-1)
     row, jpos = row[keep], jpos[keep]
-    i, j, sh = ci[row], order[jpos], img[row]
-    not_self = (i != j) | (sh != 0).any(-1)
-    return i[not_self], j[not_self], sh[not_self]
+    return t[row], jpos, img[row]
