@@ -11,8 +11,8 @@ Ensembles and the ASE 3.29 integrator behind each:
 "nvt-nose-hoover"  :class:`ase.md.nose_hoover_chain.NoseHooverChainNVT`
 "npt"              :class:`ase.md.nose_hoover_chain.IsotropicMTKNPT`: the
                    Martyna-Tobias-Klein isotropic barostat with Nose-Hoover chains, the
-                   modern time-reversible NPT of ASE (the older Melchionna ``NPT`` is
-                   known to be unstable). It needs stress and no constraints.
+                   modern NPT of ASE with a conserved quantity (preferred over the older
+                   Melchionna ``NPT``). It needs stress and no constraints.
 =================  ==============================================================
 
 Initial momenta come from :func:`ase.md.velocitydistribution.thermalize_momenta` (the 3.29

@@ -147,7 +147,7 @@ def _constrained_forces(atoms: Atoms, forces: np.ndarray) -> np.ndarray:
 class _FireState:
     """Per-structure FIRE variables (as in ase.optimize.FIRE, no downhill check)."""
 
-    def __init__(self, n_atoms: int):
+    def __init__(self):
         self.vel: np.ndarray | None = None
         self.dt = _FIRE["dt"]
         self.a = _FIRE["astart"]
@@ -220,7 +220,7 @@ def relax_many(
     works = [a.copy() for a in atoms_list]
     if any(len(a) == 0 for a in works):
         raise ValueError("cannot relax an empty Atoms object")
-    states = [_FireState(len(a)) for a in works]
+    states = [_FireState() for _ in works]
     energies: list[list[float]] = [[] for _ in works]
     steps = [0] * len(works)
     fmaxes = [float("nan")] * len(works)
