@@ -78,7 +78,8 @@ def _check_volumes(cell: Tensor) -> Tensor:
         idx = torch.nonzero(bad).flatten().tolist()
         raise ValueError(
             f"stress needs a full 3-D cell with non-zero volume; structure(s) {idx} have a zero or "
-            "degenerate cell (give slabs and molecules a cell with vacuum, or do not ask for stress)"
+            "degenerate cell (give slabs and molecules a cell with vacuum, or do not ask for "
+            "stress)"
         )
     return volume
 

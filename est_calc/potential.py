@@ -7,9 +7,9 @@ A potential file is a plain dict of tensors and Python values written with ``tor
      "state_dict": {name: tensor}}
 
 It is written atomically (a temporary file in the same folder, then ``os.replace``) and read with
-``torch.load(weights_only=True)``, so nothing in a file is ever executed. Names such as ``"default"``
-resolve through the ``potentials/`` folder of the source tree and ``<sys.prefix>/share/est_calc/
-potentials`` (see ``potentials/README.md``).
+``torch.load(weights_only=True)``, so nothing in a file is ever executed. Names such as
+``"default"`` resolve through the ``potentials/`` folder of the source tree and
+``<sys.prefix>/share/est_calc/potentials`` (see ``potentials/README.md``).
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ class Potential(nn.Module):
             present = {int(z) for z in atomic_numbers}
         unknown = sorted(present - set(self.species))
         if unknown:
+            names = ", ".join(_symbol(z) for z in unknown)
             raise ValueError(
-                f"this potential does not know element(s) {', '.join(_symbol(z) for z in unknown)}; "
+                f"this potential does not know element(s) {names}; "
                 f"it supports {', '.join(_symbol(z) for z in self.species)}"
             )
 

@@ -122,8 +122,9 @@ def _variant_energies(model, batch, variants, graph_fn, chunk: int = 32) -> Tens
             atomic_numbers=batch.atomic_numbers.repeat(k),
             cell=torch.cat([c for _, c in part]),
             pbc=batch.pbc.repeat(k, 1),
-            system_idx=(batch.system_idx[None, :] + b * torch.arange(k, device=batch.device)[:, None]
-                        ).reshape(k * n),
+            system_idx=(
+                batch.system_idx[None, :] + b * torch.arange(k, device=batch.device)[:, None]
+            ).reshape(k * n),
         )
         out.append(_energy(model, stacked, graph_fn).reshape(k, b))
     return torch.cat(out)
