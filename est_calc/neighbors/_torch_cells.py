@@ -163,20 +163,20 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
     for r0 in range(0, n_rows, max_rows):
         rows = torch.arange(r0, min(n_rows, r0 + max_rows), device=dev)
         t = torch.searchsorted(row_start, rows, right=True) - 1  # centre (sorted rank)
-        s = sidx_s[t]
+        s = _take(sidx_s, t)
         loc = rows - row_start[t]
-        nb = b3_s[t] + offs[kstart[s] + loc]
-        nbn = nbins[s]
+        nb = _take(b3_s, t) + _take(offs, _take(kstart, s) + loc)
+        nbn = _take(nbins, s)
         img = torch.div(nb, nbn, rounding_mode="floor")
         nb = nb - img * nbn
-        ok = (pbc[s] | (img == 0)).all(-1)
-        gnb = bin_base[s] + (nb * strides[s]).sum(-1)
-        first = starts[gnb]
-        cnt = torch.where(ok, counts[gnb], torch.zeros_like(gnb))
+        ok = (_take(pbc, s) | (img == 0)).all(-1)
+        gnb = _take(bin_base, s) + (nb * _take(strides, s)).sum(-1)
+        first, n_in = _take(starts, gnb), _take(counts, gnb)
+        cnt = torch.where(ok, n_in, torch.zeros_like(gnb))
         # Zero offset: only partners after the centre in the sorted bin (pair i<j once, no self).
         zero = loc == 0
+        cnt = torch.where(zero, first + n_in - t - 1, cnt)
         first = torch.where(zero, t + 1, first)
-        cnt = torch.where(zero, starts[gnb] + counts[gnb] - t - 1, cnt)
         cum = torch.cumsum(cnt, 0)
         total = int(cum[-1])
         if total == 0:
@@ -192,15 +192,20 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
                 continue
             ti, tj, sh = _expand(t[a:b], img[a:b], cnt[a:b], first[a:b], s[a:b], pos_s,
                                  prep.cell, cut2, single)
-            i_e, j_e = order[ti], order[tj]
+            i_e, j_e = _take(order, ti), _take(order, tj)
             out_i.append(i_e)
             out_j.append(j_e)
-            out_s.append(sh + wrap[i_e] - wrap[j_e])
+            out_s.append(sh + _take(wrap, i_e) - _take(wrap, j_e))
     if not out_i:
         return empty_result(dev)
     i_h, j_h, s_h = torch.cat(out_i), torch.cat(out_j), torch.cat(out_s)
     edge_index = torch.stack([torch.cat([i_h, j_h]), torch.cat([j_h, i_h])])
     return edge_index, torch.cat([s_h, -s_h])
+
+
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]`` along dim 0 for a 1-D int64 index (index_select is faster on the CPU)."""
+    return torch.index_select(x, 0, idx)
 
 
 def _expand(t, img, cnt, first, s, pos_s, cell, cut2, single):
@@ -217,14 +222,16 @@ def _expand(t, img, cnt, first, s, pos_s, cell, cut2, single):
     """
     dev = cnt.device
     total = int(cnt.sum())
+    take = torch.index_select  # much faster than advanced indexing for 1-D index tensors
     row = torch.repeat_interleave(torch.arange(len(cnt), device=dev), cnt, output_size=total)
     base = first - (torch.cumsum(cnt, 0) - cnt)
-    jpos = base[row] + torch.arange(total, device=dev)
+    jpos = take(base, 0, row) + torch.arange(total, device=dev)
     img_f = img.to(cell.dtype)
     c = cell[0] if single else cell[s]  # (3, 3) or (R, 3, 3)
-    shift_vec = img_f[:, 0:1] * c[..., 0, :] + img_f[:, 1:2] * c[..., 1, :] + img_f[:, 2:3] * c[..., 2, :]
-    centre = pos_s[t] - shift_vec  # r_ij = pos_j - (pos_i - S @ cell)
-    d = pos_s[jpos] - centre[row]
+    shift_vec = (img_f[:, 0:1] * c[..., 0, :] + img_f[:, 1:2] * c[..., 1, :]
+                 + img_f[:, 2:3] * c[..., 2, :])
+    centre = take(pos_s, 0, t) - shift_vec  # r_ij = pos_j - (pos_i - S @ cell)
+    d = take(pos_s, 0, jpos) - take(centre, 0, row)
     keep = torch.nonzero((d * d).sum(-1) < cut2).squeeze(-1)
-    row, jpos = row[keep], jpos[keep]
-    return t[row], jpos, img[row]
+    row, jpos = take(row, 0, keep), take(jpos, 0, keep)
+    return take(t, 0, row), jpos, take(img, 0, row)
