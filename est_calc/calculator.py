@@ -4,10 +4,16 @@ The calculator converts ``ase.Atoms`` into an :class:`~est_calc.batch.AtomsBatch
 where the model runs, calls :func:`~est_calc.forces.energy_forces_stress` and fills ``results`` in
 ASE units (eV, eV/Å, eV/Å^3, Voigt order xx yy zz yz xz xy). It holds no training code and no
 model-type branches.
+
+Caching is ASE's own: :meth:`Calculator.get_property` calls ``check_state`` and only runs
+:meth:`ESTCalculator.calculate` when positions, numbers, cell, pbc (or the other ASE state) changed
+or a property is missing from ``results``. Energy, per-atom energies and forces always come from
+one pass; stress is computed only when asked for and only for periodic systems.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -24,9 +30,22 @@ from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
 from est_calc.potential import Potential, load_potential
 
-__all__ = ["ESTCalculator", "resolve_device", "resolve_dtype"]
+try:  # the potential module may define the dedicated exception; otherwise use our own
+    from est_calc.potential import DefaultPotentialMissing
+except ImportError:  # pragma: no cover - depends on the potential module's version
+
+    class DefaultPotentialMissing(FileNotFoundError):
+        """No default potential ships with this version of est_calc."""
+
+
+__all__ = ["ESTCalculator", "DefaultPotentialMissing", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_NO_DEFAULT_MSG = (
+    "ESTCalculator(): no default potential ships with this version of est_calc yet. Train one "
+    "(`est train`) and pass its file, ESTCalculator('path/to/model.pt'), or pass a Potential, "
+    "e.g. ESTCalculator(Potential.from_config('small', species=[...])) for an UNTRAINED model."
+)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -54,17 +73,70 @@ def _voigt(stress: np.ndarray) -> np.ndarray:
     )
 
 
+def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
+    """Raise ValueError for input the model cannot evaluate (see ESTCalculator's Raises)."""
+    if len(atoms) == 0:
+        raise ValueError(f"ESTCalculator got an empty Atoms object{where} (no atoms to evaluate)")
+    pos = atoms.get_positions()
+    if not np.all(np.isfinite(pos)):
+        bad = np.where(~np.isfinite(pos).all(axis=1))[0]
+        raise ValueError(
+            f"positions{where} contain NaN or infinite values (atoms {bad[:10].tolist()})"
+        )
+    cell = atoms.get_cell().array
+    if not np.all(np.isfinite(cell)):
+        raise ValueError(f"the cell{where} contains NaN or infinite values")
+    pbc = atoms.get_pbc()
+    if pbc.any():
+        # The periodic lattice vectors must span a non-degenerate 1-, 2- or 3-D lattice: their
+        # Gram determinant (squared length / area / volume) is compared with the product of
+        # their squared lengths, so the test is scale free.
+        vecs = cell[pbc]
+        lengths = np.linalg.norm(vecs, axis=1)
+        gram = np.linalg.det(vecs @ vecs.T)
+        if np.any(lengths < 1e-8) or gram <= 1e-12 * np.prod(lengths**2):
+            raise ValueError(
+                f"zero-volume periodic cell{where}: the lattice vectors along the periodic axes "
+                f"(pbc={pbc.tolist()}) are zero or linearly dependent "
+                f"(cell lengths {np.linalg.norm(cell, axis=1).round(6).tolist()} Å)"
+            )
+    try:
+        potential.check_species(atoms.get_atomic_numbers())
+    except ValueError as err:
+        raise ValueError(f"{err}{where}") from None
+
+
 class ESTCalculator(Calculator):
     """ASE calculator for EST potentials.
 
     Args:
         model: a registry name ("default" is the shipped default potential), a path to a
-            potential file, or a :class:`~est_calc.potential.Potential`.
+            potential file, or a :class:`~est_calc.potential.Potential`. A Potential that already
+            has the requested device and dtype is used as is (shared, switched to eval mode);
+            otherwise the calculator works on a converted copy and the caller's object is left
+            untouched.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        dtype: "float32" (default) or "float64".
+        dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
         neighbor_backend: backend of :func:`est_calc.neighbors.neighbor_list` ("auto", "torch",
             "vesin", "matscipy", "torch_cluster").
-        compile: not offered yet; ``True`` raises rather than silently dropping stress.
+        compile: not offered yet; ``True`` raises NotImplementedError rather than offering a
+            path that could differ from the eager model (or drop stress).
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (label, directory).
+
+    Raises:
+        DefaultPotentialMissing: ``model="default"`` and no default potential ships (a
+            FileNotFoundError whose message says so and what to do instead).
+        FileNotFoundError: an unknown name or a missing file.
+        ValueError: an unreadable potential file, a bad dtype or neighbour backend.
+
+    Attributes:
+        potential: the :class:`Potential` that runs.
+        n_model_calls: how many times the network ran (each ``calculate`` or
+            ``calculate_batch`` pass adds one); makes ASE's caching observable.
+
+    Evaluation raises ValueError, naming the problem, for an empty Atoms, NaN or infinite
+    positions or cell, a zero-volume periodic cell and elements the potential does not know.
+    An atom without neighbours gets its reference energy and zero force.
 
     Example:
         >>> from ase.build import fcc111
@@ -89,62 +161,90 @@ class ESTCalculator(Calculator):
         if compile:
             raise NotImplementedError(
                 "compile=True is not offered yet: the eager model is the reference, and a "
-                "compiled path must keep stress (see the Performance issue)."
+                "compiled path must give the same energy, forces and stress (see the Performance "
+                "issue); use compile=False"
             )
+        from est_calc.neighbors import resolve_backend
+
+        resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if isinstance(model, Potential):
-            potential = model.to(device=self.device, dtype=self.dtype)
+            potential = model
+            if potential.dtype != self.dtype or potential.device != self.device:
+                potential = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        elif isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a registry name, a path or an est_calc Potential, got a "
+                f"{type(model).__name__} (wrap an ESTModel with Potential(model, config, species))"
+            )
         else:
-            potential = load_potential(model, device=self.device, dtype=self.dtype)
+            try:
+                potential = load_potential(model, device=self.device, dtype=self.dtype)
+            except DefaultPotentialMissing:
+                raise
+            except FileNotFoundError as err:
+                if str(model) == "default":
+                    raise DefaultPotentialMissing(_NO_DEFAULT_MSG) from None
+                raise FileNotFoundError(str(err)) from None
+            for p in potential.parameters():  # our own copy: no parameter gradients needed
+                p.requires_grad_(False)
         potential.eval()
-        for p in potential.parameters():
-            p.requires_grad_(False)
         self.potential = potential
         self.neighbor_backend = neighbor_backend
-        self.n_model_calls = 0  # how often the network ran (caching is observable)
+        self.n_model_calls = 0
 
     @property
     def cutoff_A(self) -> float:
+        """Interaction cutoff of the potential, Å."""
         return float(self.potential.cutoff_A)
 
-    # ------------------------------------------------------------------ checks
-    def _check_atoms(self, atoms) -> None:
-        if len(atoms) == 0:
-            raise ValueError("ESTCalculator got an empty Atoms object (no atoms to evaluate)")
-        pos = atoms.get_positions()
-        if not np.all(np.isfinite(pos)):
-            bad = np.where(~np.isfinite(pos).all(axis=1))[0]
-            raise ValueError(f"positions contain NaN or infinite values (atoms {bad[:10].tolist()})")
-        cell = atoms.get_cell().array
-        if not np.all(np.isfinite(cell)):
-            raise ValueError("the cell contains NaN or infinite values")
-        pbc = atoms.get_pbc()
-        if pbc.any():
-            # Each periodic lattice vector must be non-zero, and a fully periodic cell must
-            # have a non-zero volume.
-            lengths = np.linalg.norm(cell, axis=1)
-            if np.any(lengths[pbc] < 1e-8):
-                raise ValueError(
-                    f"zero-length lattice vector along a periodic axis (pbc={pbc.tolist()}, "
-                    f"cell lengths={lengths.round(6).tolist()})"
-                )
-            if pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
-                raise ValueError("zero-volume cell for a periodic system")
-        self.potential.check_species(atoms.get_atomic_numbers())
+    def supported_elements(self) -> list[str]:
+        """Chemical symbols of the elements the potential knows."""
+        return [chemical_symbols[z] for z in self.potential.species]
 
     # ------------------------------------------------------------------ core
-    def _predict(self, atoms_list: Sequence, compute_stress: bool):
+    def _predict(self, atoms_list: Sequence, stress_mask: Sequence[bool] | None):
+        """One forward (and backward) pass over ``atoms_list``.
+
+        Args:
+            atoms_list: checked structures.
+            stress_mask: per structure, whether its stress is wanted; None for no stress.
+
+        Returns:
+            (batch, Prediction); ``stress`` is meaningful only where ``stress_mask`` is True.
+        """
         batch = AtomsBatch.from_atoms(list(atoms_list), device=self.device, dtype=self.dtype)
         graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend)
+        work = batch
+        if stress_mask is not None and not all(stress_mask):
+            # Structures whose stress is not wanted (molecules in a mixed batch) get a unit cell
+            # for the strain derivative only. Their pbc is all False, so their edges carry zero
+            # shifts and neither the graph nor the energy depends on the cell.
+            keep = torch.tensor(list(stress_mask), device=batch.device)
+            eye = torch.eye(3, dtype=batch.dtype, device=batch.device).expand_as(batch.cell)
+            work = batch.replace(cell=torch.where(keep[:, None, None], batch.cell, eye))
         self.n_model_calls += 1
-        pred = energy_forces_stress(
-            self.potential, batch, graph, compute_stress=compute_stress, create_graph=False
-        )
+        want_stress = stress_mask is not None
+        if graph.n_edges > 0:
+            pred = energy_forces_stress(
+                self.potential, work, graph, compute_stress=want_stress, create_graph=False
+            )
+        else:
+            # No atom has a neighbour: the energy is the sum of reference energies and does not
+            # depend on positions or cell, so forces and stress are exactly zero (autograd
+            # would refuse to differentiate an energy that does not depend on its inputs).
+            pred = energy_forces_stress(
+                self.potential, work, graph, compute_forces=False, compute_stress=False
+            )
+            zeros = torch.zeros_like(batch.positions)
+            stress = torch.zeros_like(batch.cell) if want_stress else None
+            pred = pred._replace(forces=zeros, stress=stress)
         return batch, pred
 
     @staticmethod
     def _results_for(pred, batch: AtomsBatch, k: int, with_stress: bool) -> dict:
+        """ASE results (numpy float64) of structure ``k`` of the batch."""
         mask = (batch.system_idx == k).cpu().numpy()
         energy = float(pred.energy[k].detach().cpu().double())
         res = {
@@ -163,15 +263,20 @@ class ESTCalculator(Calculator):
         return res
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """Standard ASE entry point; see :class:`ase.calculators.calculator.Calculator`."""
+        """Standard ASE entry point; see :class:`ase.calculators.calculator.Calculator`.
+
+        Raises:
+            PropertyNotImplementedError: stress asked for a system with pbc all False.
+            ValueError: bad input (see the class docstring).
+        """
         super().calculate(atoms, properties, system_changes)
-        self._check_atoms(self.atoms)
+        _check_atoms(self.atoms, self.potential)
         want_stress = "stress" in properties
         if want_stress and not self.atoms.pbc.any():
             raise PropertyNotImplementedError(
                 "stress is only defined for periodic systems (atoms.pbc is all False)"
             )
-        batch, pred = self._predict([self.atoms], compute_stress=want_stress)
+        batch, pred = self._predict([self.atoms], [True] if want_stress else None)
         self.results = self._results_for(pred, batch, 0, want_stress)
 
     def calculate_batch(
@@ -179,14 +284,21 @@ class ESTCalculator(Calculator):
     ) -> list[dict]:
         """Evaluate many structures in one forward pass.
 
+        The atoms' own calculators and ``self.results`` are not touched.
+
         Args:
             atoms_list: structures (any mix of sizes, cells and periodicity).
-            properties: names from :attr:`implemented_properties`; "stress" is computed for
-                every structure and returned for the periodic ones.
+            properties: names from :attr:`implemented_properties`. Energy, free energy,
+                per-atom energies and forces are always returned; "stress" (Voigt, eV/Å^3) is
+                added for the periodic structures.
 
         Returns:
-            One dict of results per structure, identical (to float round-off) to what
+            One dict of results per structure, equal (to float round-off) to what
             one-at-a-time ``calculate`` calls give.
+
+        Raises:
+            ValueError: an unknown property, or bad input in any structure (the message names
+                its index).
         """
         properties = set(properties)
         unknown = properties - set(self.implemented_properties)
@@ -194,29 +306,15 @@ class ESTCalculator(Calculator):
             raise ValueError(
                 f"unknown properties {sorted(unknown)}; choose from {self.implemented_properties}"
             )
-        if len(atoms_list) == 0:
+        atoms_list = list(atoms_list)
+        if not atoms_list:
             return []
-        for atoms in atoms_list:
-            self._check_atoms(atoms)
-        want_stress = "stress" in properties
-        # Stress needs a cell volume: periodic structures go through one pass with stress, the
-        # others through one pass without it.
-        if want_stress:
-            periodic = [bool(a.pbc.any()) for a in atoms_list]
-            groups = [
-                (True, [k for k, p in enumerate(periodic) if p]),
-                (False, [k for k, p in enumerate(periodic) if not p]),
-            ]
-        else:
-            groups = [(False, list(range(len(atoms_list))))]
-        out: list[dict | None] = [None] * len(atoms_list)
-        for stress_group, idx in groups:
-            if not idx:
-                continue
-            batch, pred = self._predict([atoms_list[k] for k in idx], compute_stress=stress_group)
-            for local, k in enumerate(idx):
-                out[k] = self._results_for(pred, batch, local, stress_group)
-        return out
-
-    def supported_elements(self) -> list[str]:
-        return [chemical_symbols[z] for z in self.potential.species]
+        for k, atoms in enumerate(atoms_list):
+            _check_atoms(atoms, self.potential, where=f" (structure {k})")
+        periodic = [bool(a.pbc.any()) for a in atoms_list]
+        want_stress = "stress" in properties and any(periodic)
+        batch, pred = self._predict(atoms_list, periodic if want_stress else None)
+        return [
+            self._results_for(pred, batch, k, want_stress and periodic[k])
+            for k in range(len(atoms_list))
+        ]
