@@ -93,10 +93,7 @@ class EquivariantLayerNorm(nn.Module):
         self.l_max, self.channels, self.eps = l_max, channels, eps
         self.scalar_norm = nn.LayerNorm(channels, eps=eps)
         self.weight = nn.Parameter(torch.ones(l_max, channels)) if l_max > 0 else None
-        deg = degree_index(l_max)[1:]
-        balance = 1.0 / ((2.0 * deg + 1.0) * max(l_max, 1))
-        self.register_buffer("_balance", balance, persistent=False)
-        self.register_buffer("_degree", deg - 1, persistent=False)
+        self.register_buffer("_degree", degree_index(l_max)[1:] - 1, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, C] -> [N, K, C]."""
@@ -105,7 +102,8 @@ class EquivariantLayerNorm(nn.Module):
         if self.l_max == 0:
             return scalars
         vec = x[:, 1:]
-        balance = self._balance.to(x.dtype)
+        # 1 / ((2l + 1) L) per component, built in the input dtype (exact in float64).
+        balance = 1.0 / ((2.0 * self._degree.to(x.dtype) + 3.0) * self.l_max)
         mean_sq = torch.einsum("nkc,k->n", vec * vec, balance) / self.channels
         inv = torch.rsqrt(mean_sq + self.eps)[:, None, None]
         return torch.cat([scalars, vec * inv * self.weight[self._degree]], dim=1)
