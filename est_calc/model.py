@@ -17,6 +17,7 @@ frame averaging of the lattice discretisation error, EST_SPEC 5); eval mode is d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
@@ -250,6 +251,21 @@ class ESTModel(nn.Module):
         self.register_buffer("element_reference", torch.zeros(N_ELEMENTS))
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
+        self._rotate_grid = True
+
+    @contextmanager
+    def fixed_grid(self):
+        """Keep the lattice fixed even in training mode.
+
+        The trainer rotates the structures (and their force and stress labels) itself with
+        rotations that are a pure function of (seed, step), which is the same stochastic frame
+        averaging but reproducible across resumes and data-parallel ranks.
+        """
+        previous, self._rotate_grid = self._rotate_grid, False
+        try:
+            yield self
+        finally:
+            self._rotate_grid = previous
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
@@ -294,7 +310,8 @@ class ESTModel(nn.Module):
             raise ValueError(f"graph.edge_index must be (2, E), got {tuple(edge_index.shape)}")
         vec = edge_vectors(pos, batch.cell.to(dtype), edge_index, graph.shifts.to(pos.device),
                            batch.system_idx)
-        if self.training and self.config.rotate_grid_in_training and vec.shape[0] > 0:
+        rotate = self.training and self.config.rotate_grid_in_training and self._rotate_grid
+        if rotate and vec.shape[0] > 0:
             rot = random_rotations(batch.n_systems, dtype, device=pos.device)
             rot_e = rot[batch.system_idx[edge_index[0]]]  # (E, 3, 3)
             vec = torch.einsum("eab,eb->ea", rot_e, vec)

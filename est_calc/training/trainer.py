@@ -130,6 +130,7 @@ class Trainer:
             self.val_frames = _Subset(val_set, vgood)
         species = sorted({int(z) for i in range(len(self.train_frames))
                           for z in np.unique(self.train_frames[i].numbers)})
+        torch.manual_seed(t.seed)  # model initialisation is a function of the seed
         if init is not None:
             potential = load_potential(init, device="cpu", dtype=torch.float64)
             missing = sorted(set(species) - set(potential.species))
@@ -240,18 +241,25 @@ class Trainer:
         return {"step": self.step, "loss": total, "lr": t.lr * factor, "grad_norm": float(gnorm)}
 
     # ---------------------------------------------------------------- loop
-    def fit(self) -> Path:
-        """Train up to ``max_steps`` (from wherever a resumed run stands); export the potential."""
+    def fit(self, stop_at_step: int | None = None) -> Path | None:
+        """Train up to ``max_steps`` (from wherever a resumed run stands); export the potential.
+
+        Args:
+            stop_at_step: stop early at this step without exporting (a time-boxed chunk of a
+                longer run; continue it later with ``resume=True``). The schedule still
+                follows ``max_steps``.
+        """
         from tqdm.auto import tqdm
 
         t = self.cfg.train
+        end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.data_report.summary() if hasattr(self.data_report, "summary") else self.data_report)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
                    desc="train", unit="step")
         t0 = time.perf_counter() - self.elapsed_s
-        while self.step < t.max_steps:
+        while self.step < end:
             row = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
@@ -260,9 +268,11 @@ class Trainer:
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 self._evaluate_and_log()
             self.elapsed_s = time.perf_counter() - t0
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+            if self.step % t.checkpoint_every == 0 or self.step in (t.max_steps, end):
                 self._checkpoint()
         bar.close()
+        if self.step < t.max_steps:
+            return None
         path = self.out / "potential.pt"
         if self.rank == 0:
             self._export(path)

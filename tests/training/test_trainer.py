@@ -1,0 +1,194 @@
+"""Training loop: metrics, config, loss, exact resume, data parallel, export, bad frames."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import add_adsorbate, bulk, fcc100
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
+
+from est_calc.training.checkpoint import load_checkpoint
+from est_calc.training.config import TrainConfig, load_config
+from est_calc.training.datasets import frame_from_atoms, open_dataset, write_hdf5
+from est_calc.training.metrics import S2EFMetrics
+
+TINY = {"preset": "tiny", "overrides": {"cutoff_A": 4.0}}
+
+
+def _emt_frames(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        if k % 3 == 2:
+            atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+            atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        else:
+            atoms = fcc100("Cu", (2, 2, 2), vacuum=5.0)
+            add_adsorbate(atoms, "O", 1.6, "hollow")
+            atoms.set_constraint(FixAtoms(indices=[a.index for a in atoms if a.tag == 2]))
+            atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        atoms.get_potential_energy()
+        atoms.get_stress()
+        frames.append(frame_from_atoms(atoms, sid=k, fid=0))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    write_hdf5(_emt_frames(8, 0), d / "train.h5")
+    write_hdf5(_emt_frames(3, 1), d / "val.h5")
+    return d
+
+
+def _config(data_dir, out, **train):
+    t = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "log_every": 1,
+         "dtype": "float64", "device": "cpu", "progress": False, "warmup_steps": 2, "lr": 5e-3,
+         "neighbor_backend": "torch"}
+    t.update(train)
+    return TrainConfig.from_dict({
+        "output_dir": str(out),
+        "data": {"train": str(data_dir / "train.h5"), "val": str(data_dir / "val.h5")},
+        "model": TINY,
+        "train": t,
+    })
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_match_hand_computed_oc20_definitions():
+    rng = np.random.default_rng(3)
+    e_true = rng.normal(size=4)
+    e_pred = e_true + np.array([0.01, -0.05, 0.015, 0.0])
+    sidx = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    fixed = np.array([1, 0, 0, 1, 0, 0, 0, 0])
+    f_true = rng.normal(size=(8, 3))
+    f_pred = f_true + rng.normal(scale=0.02, size=(8, 3))
+    f_pred[6] = f_true[6] + 0.5  # ruins EFwT of system 3
+    m = S2EFMetrics()
+    half = 5  # two update calls (systems 0-1, then 2-3) must accumulate like one
+    m.update(torch.tensor(e_pred[:2]), torch.tensor(e_true[:2]), torch.tensor(f_pred[:half]),
+             torch.tensor(f_true[:half]), torch.tensor(sidx[:half]), torch.tensor(fixed[:half]))
+    m.update(torch.tensor(e_pred[2:]), torch.tensor(e_true[2:]), torch.tensor(f_pred[half:]),
+             torch.tensor(f_true[half:]), torch.tensor(sidx[half:] - 2), torch.tensor(fixed[half:]))
+    got = m.compute()
+    free = fixed == 0
+    df = np.abs(f_pred - f_true)[free]
+    assert got["energy_mae"] == pytest.approx(np.abs(e_pred - e_true).mean())
+    assert got["forces_mae"] == pytest.approx(df.mean())
+    cos = [np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
+           for a, b in zip(f_pred[free], f_true[free])]
+    assert got["forces_cosine_similarity"] == pytest.approx(np.mean(cos), rel=1e-6)
+    de = np.abs(e_pred - e_true)
+    assert got["energy_within_threshold"] == pytest.approx(np.mean(de < 0.02))
+    efwt = []
+    for s in range(4):
+        sel = free & (sidx == s)
+        maxf = np.abs(f_pred - f_true)[sel].max() if sel.any() else 0.0
+        efwt.append(de[s] < 0.02 and maxf < 0.03)
+    assert got["energy_forces_within_threshold"] == pytest.approx(np.mean(efwt))
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_rejects_unknown_keys_and_applies_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: x\ndata: {train: a.h5}\ntrain: {max_steps: 3}\n")
+    cfg = load_config(p, ["train.batch_size=2", "loss.kind=huber"])
+    assert cfg.train.batch_size == 2 and cfg.loss.kind == "huber" and cfg.train.max_steps == 3
+    p.write_text("data: {train: a.h5, trian: b}\n")
+    with pytest.raises(ValueError, match="trian"):
+        load_config(p)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_training_data_is_a_clear_error(tmp_path):
+    from est_calc.training.trainer import Trainer
+
+    cfg = TrainConfig.from_dict({"output_dir": str(tmp_path), "data": {"train": str(tmp_path / "none.h5")}})
+    with pytest.raises(FileNotFoundError, match="none.h5"):
+        Trainer(cfg)
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.slow
+def test_resume_reproduces_uninterrupted_run_and_export_loads(data_dir, tmp_path):
+    from est_calc.calculator import ESTCalculator
+    from est_calc.training.trainer import Trainer, train
+
+    full = train(_config(data_dir, tmp_path / "full"))
+    ref = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+
+    # Interrupt a run after 3 steps: the checkpoint at step 3 is all that survives.
+    assert Trainer(_config(data_dir, tmp_path / "cut")).fit(stop_at_step=3) is None
+    resumed = Trainer(_config(data_dir, tmp_path / "cut"), resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    got = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    losses_ref = [h["loss"] for h in ref["history"] if "loss" in h]
+    losses_got = [h["loss"] for h in got["history"] if "loss" in h]
+    assert len(losses_ref) == 6
+    np.testing.assert_allclose(losses_got, losses_ref, rtol=1e-10, atol=0)
+    for k, v in ref["model"].items():
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-10, atol=1e-12)
+
+    assert (tmp_path / "full" / "metrics.csv").exists()
+    assert (tmp_path / "full" / "learning_curves.png").exists()
+    # Validation metrics were logged, and the exported potential is what the calculator loads.
+    rows = [h for h in ref["history"] if "val_forces_mae" in h]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(np.isfinite(r["val_forces_mae"]) for r in rows)
+    calc = ESTCalculator(model=str(full), device="cpu", dtype="float64")
+    atoms = open_dataset(data_dir / "val.h5")[0].to_atoms()
+    atoms.calc = calc
+    assert np.isfinite(atoms.get_potential_energy())
+    meta = calc.potential.metadata["training"]
+    assert meta["steps"] == 6 and meta["n_train_frames"] == 8
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_equals_one_process(data_dir, tmp_path):
+    from est_calc.training.trainer import train
+
+    train(_config(data_dir, tmp_path / "one", max_steps=3, eval_every=100))
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    cfg = tmp_path / "two.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "two", max_steps=3, eval_every=100).to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29571", "-m", "est_calc.cli", "train", str(cfg)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    l1 = [h["loss"] for h in one["history"] if "loss" in h]
+    l2 = [h["loss"] for h in two["history"] if "loss" in h]
+    np.testing.assert_allclose(l2, l1, rtol=1e-9)
+    for k, v in one["model"].items():
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-8, atol=1e-10)
+
+
+def test_bad_frames_are_counted_and_skipped_or_stop(tmp_path):
+    from est_calc.training.trainer import Trainer
+
+    frames = _emt_frames(4, 5)
+    bad = frames[1]
+    object.__setattr__(bad, "positions", np.where(np.arange(bad.positions.size).reshape(bad.positions.shape) == 0,
+                                                  np.nan, bad.positions))
+    write_hdf5(frames, tmp_path / "bad.h5")
+    cfg = TrainConfig.from_dict({"output_dir": str(tmp_path / "o"), "data": {"train": str(tmp_path / "bad.h5")},
+                                 "model": TINY, "train": {"device": "cpu", "progress": False}})
+    with pytest.raises(ValueError, match="nan"):
+        Trainer(cfg)
+    cfg.data.bad_frames = "skip"
+    t = Trainer(cfg)
+    assert len(t.train_frames) == 3
+    assert "1" in t.data_report.summary() or "nan" in t.data_report.summary()
