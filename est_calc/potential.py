@@ -63,6 +63,10 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
+class DefaultPotentialMissing(FileNotFoundError):
+    """No default potential ships with this installation (``ESTCalculator()`` needs one)."""
+
+
 def _symbol(z: int) -> str:
     return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
 
@@ -244,10 +248,10 @@ def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
                 raise FileNotFoundError(
                     f"{marker} names the default potential {target!r}, but {candidate} is missing"
                 )
-        raise FileNotFoundError(
+        raise DefaultPotentialMissing(
             "no default potential ships with this version of est_calc yet; train one "
             "(`est train`) and pass its file, e.g. load_potential('path/to/model.pt') or "
-            "ESTCalculator(potential='path/to/model.pt')"
+            "ESTCalculator(model='path/to/model.pt')"
         )
     for d in potential_dirs():
         candidate = d / f"{name}.pt"
