@@ -268,8 +268,12 @@ def test_optimizers_lower_the_energy(calc, name):
     atoms.calc = calc
     e0 = atoms.get_potential_energy()
     opt = getattr(ase.optimize, name)(atoms, logfile=None, maxstep=0.05)
-    opt.run(fmax=1e-3, steps=3)
+    # The first step of each optimizer is a short step along the calculator's forces, so it must
+    # lower the energy; later steps on this untrained landscape need not, but must run.
+    opt.run(fmax=1e-3, steps=1)
     assert atoms.get_potential_energy() < e0
+    opt.run(fmax=1e-3, steps=2)
+    assert np.isfinite(atoms.get_forces()).all()
 
 
 @pytest.mark.slow
