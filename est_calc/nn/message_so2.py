@@ -120,6 +120,7 @@ class SO2Linear(nn.Module):
             rows += list(range(offset, offset + n)) * 2
             offset += n
         self.n_radial_rows = offset
+        self._group_sizes = [n0] + [2 * (l_max - m + 1) for m in range(1, m_max + 1)]
         self.register_buffer("_radial_row", torch.tensor(rows, dtype=torch.long), persistent=False)
 
     @property
@@ -148,19 +149,19 @@ class SO2Linear(nn.Module):
                              f"got {tuple(x.shape)}")
         if radial is not None:
             x = x * radial.view(n_edges, self.n_radial_rows, self.in_channels)[:, self._radial_row]
+        # split (not slicing) so that backward concatenates gradients instead of zero-filling.
         n0 = self.l_max + 1
-        out0 = self.fc0(x[:, :n0].reshape(n_edges, -1))
-        parts = [out0[:, : n0 * self.out_channels].view(n_edges, n0, self.out_channels)]
-        offset = n0
-        for m, fc in enumerate(self.fcm, start=1):
+        groups = x.split(self._group_sizes, dim=1)
+        out0, extra = self.fc0(groups[0].reshape(n_edges, -1)).split(
+            [n0 * self.out_channels, self.extra_scalars], dim=-1)
+        parts = [out0.view(n_edges, n0, self.out_channels)]
+        for m, (fc, pair) in enumerate(zip(self.fcm, groups[1:]), start=1):
             n = self.l_max - m + 1
-            pair = x[:, offset: offset + 2 * n].reshape(n_edges, 2, n * self.in_channels)
-            out = fc(pair).view(n_edges, 2, 2, n, self.out_channels)   # (E, +-m in, r/i, n, Cout)
-            plus = out[:, 0, 0] - out[:, 1, 1]                           # W_r x+ - W_i x-
-            minus = out[:, 0, 1] + out[:, 1, 0]                          # W_i x+ + W_r x-
-            parts += [plus, minus]
-            offset += 2 * n
-        return torch.cat(parts, dim=1), out0[:, n0 * self.out_channels:]
+            out = fc(pair.reshape(n_edges, 2, n * self.in_channels))
+            out = out.view(n_edges, 2, 2, n, self.out_channels)         # (E, +-m in, r/i, n, Cout)
+            (pr, pi), (nr, ni) = (o.unbind(1) for o in out.unbind(1))
+            parts += [pr - ni, pi + nr]                                 # W_r x+ - W_i x-, W_i x+ + W_r x-
+        return torch.cat(parts, dim=1), extra
 
 
 @lru_cache(maxsize=None)
@@ -215,6 +216,9 @@ class SO2MessageBlock(nn.Module):
         # Degree of each K_M row; only row 0 has l = 0 (so2_index puts m = 0, l = 0 first).
         deg = torch.tensor([int(k**0.5) for k in so2_index(L, M).tolist()], dtype=torch.long)
         self.register_buffer("_gate_row", deg[1:] - 1, persistent=False)
+        # Direction from the l = 1 SH block (only the direction matters; edge_frame normalises).
+        self.register_buffer("_sh1_to_dir", _sh1_to_direction().to(torch.get_default_dtype()),
+                             persistent=False)
 
     def _edge_frames(self, edge_dir: Tensor) -> Tensor:
         """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
@@ -222,11 +226,11 @@ class SO2MessageBlock(nn.Module):
 
     def _gate(self, y: Tensor, gates: Tensor) -> Tensor:
         """SiLU on the l = 0 row (row 0), sigmoid(invariant gate) on l > 0 rows; y (E, K_M, C_h)."""
-        scalar = torch.nn.functional.silu(y[:, :1])
         if self.l_max == 0:
-            return scalar
+            return torch.nn.functional.silu(y)
+        y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
         g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden))[:, self._gate_row]
-        return torch.cat([scalar, y[:, 1:] * g], dim=1)
+        return torch.cat([torch.nn.functional.silu(y0), y_rest * g], dim=1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
                 envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None) -> Tensor:
@@ -260,7 +264,7 @@ class SO2MessageBlock(nn.Module):
         if edge_vec is None:
             if self.l_max < 1:
                 raise ValueError("SO2MessageBlock: l_max = 0 needs edge_vec (no l=1 SH to read)")
-            edge_vec = edge_sh[:, 1:4] @ _sh1_to_direction().to(edge_sh)
+            edge_vec = edge_sh[:, 1:4] @ self._sh1_to_dir.to(edge_sh.dtype)
         i, j = edge_index[0], edge_index[1]
 
         rot = self.wigner(self._edge_frames(edge_vec.to(x.dtype)))       # (E, K_M, K)

@@ -236,6 +236,14 @@ def test_block_edge_vec_argument_matches_sh_direction():
     assert (block(*args, edge_vec=vec) - out).abs().max() < 1e-12
 
 
+def test_block_float32_matches_float64():
+    block, inputs, pos = make_block(), Inputs(6), cluster(6)
+    out, args, _ = run_block(block, inputs, pos)
+    out32 = block.float()(*[a.float() if a.is_floating_point() else a for a in args])
+    assert out32.dtype == torch.float32
+    assert (out32.double() - out).detach().abs().max() < 1e-4 * max(1.0, float(out.detach().abs().max()))
+
+
 class RolledBlock(SO2MessageBlock):
     """Same block with a random roll about the edge axis added to every edge frame."""
 
