@@ -28,15 +28,7 @@ from ase.data import chemical_symbols
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
-from est_calc.potential import Potential, load_potential
-
-try:  # the potential module may define the dedicated exception; otherwise use our own
-    from est_calc.potential import DefaultPotentialMissing
-except ImportError:  # pragma: no cover - depends on the potential module's version
-
-    class DefaultPotentialMissing(FileNotFoundError):
-        """No default potential ships with this version of est_calc."""
-
+from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
 
 __all__ = ["ESTCalculator", "DefaultPotentialMissing", "resolve_device", "resolve_dtype"]
 
