@@ -40,7 +40,10 @@ def main() -> None:
     co = Atoms("CO", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 1.15]])
     results = calc.calculate_batch([slab, co], ["energy", "forces", "stress"])
     for name, res in zip(["slab", "CO"], results):
-        extra = f", stress {res['stress'].round(6)}" if "stress" in res else " (no stress: pbc False)"
+        if "stress" in res:
+            extra = f", stress {res['stress'].round(6)}"
+        else:
+            extra = " (no stress: pbc False)"
         print(f"batch {name}: E = {res['energy']:.6f} eV{extra}")
     print(f"model passes: {calc.n_model_calls} (the batch was one pass)")
 
