@@ -218,20 +218,9 @@ class ESTCalculator(Calculator):
             work = batch.replace(cell=torch.where(keep[:, None, None], batch.cell, eye))
         self.n_model_calls += 1
         want_stress = stress_mask is not None
-        if graph.n_edges > 0:
-            pred = energy_forces_stress(
-                self.potential, work, graph, compute_stress=want_stress, create_graph=False
-            )
-        else:
-            # No atom has a neighbour: the energy is the sum of reference energies and does not
-            # depend on positions or cell, so forces and stress are exactly zero (autograd
-            # would refuse to differentiate an energy that does not depend on its inputs).
-            pred = energy_forces_stress(
-                self.potential, work, graph, compute_forces=False, compute_stress=False
-            )
-            zeros = torch.zeros_like(batch.positions)
-            stress = torch.zeros_like(batch.cell) if want_stress else None
-            pred = pred._replace(forces=zeros, stress=stress)
+        pred = energy_forces_stress(
+            self.potential, work, graph, compute_stress=want_stress, create_graph=False
+        )
         return batch, pred
 
     @staticmethod

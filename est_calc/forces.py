@@ -150,10 +150,14 @@ def energy_forces_stress(
         forces = stress = None
         if need_grad:
             # create_graph=False frees the graph after this call; sum over systems is fine because
-            # E_A does not depend on atoms of B (tested in tests/physics).
-            grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, allow_unused=True
-            )
+            # E_A does not depend on atoms of B (tested in tests/physics). Without any edge the
+            # energy is a constant (sum of references): every derivative is zero.
+            if energy.requires_grad:
+                grads = torch.autograd.grad(
+                    energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+                )
+            else:
+                grads = [None] * len(inputs)
             k = 0
             if compute_forces:
                 g = grads[k]

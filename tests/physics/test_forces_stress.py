@@ -97,3 +97,23 @@ def test_stress_of_zero_volume_cell_is_refused(pot):
     assert predict(pot, batch).forces.shape == (2, 3)  # forces are fine
     with pytest.raises(ValueError, match="zero"):
         predict(pot, batch, compute_stress=True)
+
+
+def test_structures_without_edges_get_zero_forces_and_stress():
+    """An energy that depends on nothing (no neighbours anywhere) has zero derivatives."""
+    import torch
+    from ase import Atoms
+
+    from est_calc.batch import AtomsBatch
+    from est_calc.forces import energy_forces_stress
+    from est_calc.neighbors import build_graph
+    from est_calc.potential import Potential
+
+    pot = Potential.from_config("tiny", species=[29]).to(torch.float64)
+    atoms = Atoms("Cu2", positions=[(0, 0, 0), (9, 9, 9)], cell=[20, 20, 20], pbc=True)
+    batch = AtomsBatch.from_atoms(atoms)
+    graph = build_graph(batch, pot.cutoff_A)
+    assert graph.n_edges == 0
+    pred = energy_forces_stress(pot, batch, graph, compute_stress=True)
+    assert torch.equal(pred.forces, torch.zeros_like(batch.positions))
+    assert torch.equal(pred.stress, torch.zeros(1, 3, 3, dtype=torch.float64))
