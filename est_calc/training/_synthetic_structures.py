@@ -17,7 +17,17 @@ from ase.constraints import FixAtoms
 from ase.data import reference_states
 from ase.optimize import BFGS, FIRE
 
-DEFAULT_ADSORBATES_PATH = Path("/work/shared/data/oc20_format/oc20_adsorbates.extxyz")
+def _find_shared_adsorbates() -> Path:
+    """The OC20 adsorbate set in the project's shared/ folder (beside the source tree)."""
+    rel = Path("shared") / "data" / "oc20_format" / "oc20_adsorbates.extxyz"
+    repo = Path(__file__).resolve().parents[2]
+    for base in (repo.parent, repo, Path("/work")):
+        if (base / rel).is_file():
+            return base / rel
+    return repo.parent / rel  # reported as missing, with this path, when used
+
+
+DEFAULT_ADSORBATES_PATH = _find_shared_adsorbates()
 DEFAULT_METALS = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
 GAS_MOLECULES = ("H2", "H2O", "CO", "N2")
 FACETS = {"111": fcc111, "100": fcc100, "110": fcc110}

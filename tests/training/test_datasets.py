@@ -18,7 +18,8 @@ from est_calc.training.datasets import (
 )
 from est_calc.training.datasets.legacy_lmdb import write_legacy_lmdb
 
-SAMPLES = Path("/work/shared/data/oc20_format")
+# The shared/ folder lies beside the repository (CI clones it elsewhere with shared/ beside it).
+SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "oc20_format"
 if not SAMPLES.is_dir():  # the shared samples live beside the repo in CI checkouts
     SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "oc20_format"
 EXTXYZ = SAMPLES / "toy_c3h8_relax_s2ef.extxyz"
