@@ -1,0 +1,83 @@
+"""`est convert`, `est eval`, `est train` (with --set, --resume and --init) from the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from est_calc.cli import main
+from est_calc.potential import Potential, load_potential, save_potential
+from est_calc.training.datasets import frame_from_atoms, open_dataset, write_extxyz_with_sidecar
+
+
+def _frames(n, seed):
+    out = []
+    for k in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=seed * 100 + k)
+        atoms.calc = EMT()
+        atoms.get_potential_energy()
+        out.append(frame_from_atoms(atoms, sid=k, fid=0, reference_energy=0.5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def extxyz(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    write_extxyz_with_sidecar(_frames(6, 1), d / "train.extxyz")
+    return d / "train.extxyz"
+
+
+def test_convert_then_eval_prints_oc20_metrics(extxyz, tmp_path, capsys):
+    out = tmp_path / "train.h5"
+    assert main(["convert", str(extxyz), str(out)]) == 0
+    a, b = open_dataset(extxyz), open_dataset(out)
+    assert len(a) == len(b) == 6
+    np.testing.assert_allclose(b[3].forces, a[3].forces)
+    assert b[3].reference_energy == pytest.approx(0.5)
+
+    pot = Potential.from_config("tiny", species=[29])
+    save_potential(pot, tmp_path / "p.pt")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "p.pt"), str(out), "--dtype", "float64"]) == 0
+    text = capsys.readouterr().out
+    for label in ("energy MAE", "force MAE", "force cosine", "EwT", "EFwT"):
+        assert label in text
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing.extxyz"), str(tmp_path / "o.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.extxyz" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_with_overrides_resume_and_init(extxyz, tmp_path):
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(extxyz), "val": str(extxyz)},
+        "model": {"preset": "tiny"},
+        "train": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2,
+                  "device": "cpu", "dtype": "float64", "progress": False},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--set", "train.max_steps=2"]) == 0
+    first = tmp_path / "run" / "potential.pt"
+    assert first.exists()
+    # --resume continues the same run to a longer max_steps.
+    assert main(["train", str(path), "--resume"]) == 0
+    resumed = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 4
+    # --init starts from the exported weights instead of a fresh initialisation.
+    init = load_potential(first, dtype=torch.float64)
+    assert main(["train", str(path), "--init", str(first), "--set", f"output_dir={tmp_path / 'ft'}",
+                 "--set", "train.max_steps=1", "--set", "train.lr=0.0"]) == 0
+    tuned = load_potential(tmp_path / "ft" / "potential.pt", dtype=torch.float64)
+    for (k, v), (k2, v2) in zip(init.state_dict().items(), tuned.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(v2, v, rtol=1e-6, atol=1e-7)  # lr = 0: weights unchanged
