@@ -4,12 +4,16 @@ Systems: Cu fcc (a = 3.61 Å) with ~4k, 32k and 256k atoms at a 6 Å cutoff, and
 non-periodic Cu cluster. Each backend is timed as the median of 5 runs (2 for ASE, 3 at 256k),
 after one warm-up call; pair counts are checked equal across backends. ASE is skipped at 256k
 atoms (tens of seconds per call). The table gives milliseconds and the ratio to vesin, followed
-by the fitted exponent p of time ~ N^p for the torch backend over the periodic systems.
+by the fitted exponent p of time ~ N^p for the torch backend over the periodic systems. Rows
+are printed (and flushed) as soon as each system is done, so a partial table survives an
+interrupted run. Backends run back to back in the same process, so on a shared machine compare
+the ratios rather than the absolute times.
 
 Usage:
-    python benchmarks/neighbors.py [--device cpu|cuda] [--quick]
+    python benchmarks/neighbors.py [--device cpu|cuda] [--quick] [--threads N]
 
-``--quick`` runs only the 4k periodic and 2k cluster systems.
+``--quick`` runs only the 4k periodic and 2k cluster systems; ``--threads`` sets
+``torch.set_num_threads`` (default: leave torch's choice).
 """
 
 from __future__ import annotations
@@ -79,7 +83,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="only the 4k and 2k systems")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     systems = [("Cu fcc 4k", cu_fcc(10)), ("Cu cluster 2k (no pbc)", cu_cluster())]
     if not args.quick:
@@ -90,14 +97,14 @@ def main(argv=None) -> None:
 
     print(f"device={args.device} torch threads={torch.get_num_threads()} cutoff={CUTOFF_A} Å")
     print("| system | atoms | backend | pairs | time (ms) | ratio to vesin |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|", flush=True)
     torch_times = []
     for name, atoms in systems:
         n = len(atoms)
         results = {}
         for backend in backends:
             if backend == "ase" and n > 100_000:
-                print(f"| {name} | {n} | ase | - | skipped (too slow) | - |")
+                print(f"| {name} | {n} | ase | - | skipped (too slow) | - |", flush=True)
                 continue
             repeats = 2 if backend == "ase" else (3 if n > 100_000 else 5)
             results[backend] = time_backend(atoms, backend, args.device, repeats)
@@ -106,7 +113,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"pair counts differ on {name}: {counts}")
         ref = results.get("vesin", (float("nan"), 0))[0]
         for backend, (ms, count) in results.items():
-            print(f"| {name} | {n} | {backend} | {count} | {ms:.1f} | {ms / ref:.2f} |")
+            print(f"| {name} | {n} | {backend} | {count} | {ms:.1f} | {ms / ref:.2f} |",
+                  flush=True)
         if all(atoms.pbc):
             torch_times.append((n, results["torch"][0]))
     if len(torch_times) >= 2:
