@@ -208,7 +208,8 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
         prep, nbins, reach, counts, starts, bin_base, pos_s)
     # Shift of a ghost relative to the input (unwrapped) position of the atom it copies.
     gatom = _take(order, src)
-    gshift = gimg - _take(wrap, gatom)
+    wrapped = bool((wrap != 0).any())
+    gshift = gimg - _take(wrap, gatom) if wrapped else gimg
 
     # Padded bin of each centre, and the centre's own place in the ghost array.
     pstride = _strides(pdims)
@@ -260,7 +261,8 @@ def torch_neighbor_list(prep: Prepared, *, max_candidates: int | None = None):
     edge_index[0, n_half:] = j_h
     edge_index[1, n_half:] = i_h
     s_h = torch.index_select(gshift, 0, gg, out=shifts[:n_half])
-    s_h += _take(wrap, i_h)
+    if wrapped:  # atoms given outside the cell: shifts refer to the input positions
+        s_h += _take(wrap, i_h)
     torch.neg(s_h, out=shifts[n_half:])
     return edge_index, shifts
 
