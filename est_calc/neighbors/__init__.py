@@ -12,11 +12,14 @@ Backends (picked with the ``backend`` argument only):
 - ``"vesin"``: vesin-torch 0.6.2, CPU and CUDA, one call per system (torch < 2.15).
 - ``"matscipy"``: matscipy, CPU only, one call per system.
 - ``"torch_cluster"``: ``radius_graph`` for non-periodic systems (``pip install est_calc[cluster]``).
-- ``"auto"``: ``"vesin"`` when it imports, otherwise ``"torch"``. Measured with
-  ``benchmarks/neighbors.py`` (2 shared CPU cores, Cu fcc, 6 Å): vesin is the fastest backend on
-  the CPU (see the benchmark table in the helper report; reference 4k atoms: vesin 12.6 ms,
-  matscipy 43.7 ms, ASE 571 ms), and vesin runs on CUDA too; the torch cell list is the
-  universal fallback.
+- ``"auto"``: ``"torch"`` on the CPU and for many systems at once; ``"vesin"`` for a single
+  system on CUDA when it imports (else ``"torch"``). Measured with ``benchmarks/neighbors.py``
+  (Cu fcc, 6 Å, 2 shared CPU cores, 1 thread, same process): the torch cell list takes 0.52x
+  vesin's time at 4k atoms (21 vs 41 ms), 0.53x at 32k (192 vs 360 ms) and 0.64x at 256k, with
+  time growing as N^1.03-1.07; on the 2k-atom non-periodic cluster 0.69x. On CUDA the issue's
+  reference is vesin-torch (256k atoms in 6.7 ms on an H200); the torch path there is unmeasured
+  until a GPU run, so ``auto`` keeps vesin for one system on CUDA and uses torch for batches
+  (one vectorised call instead of one call per system).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ class Graph:
         return Graph(self.edge_index.to(device), self.shifts.to(device))
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """The concrete backend ``backend`` stands for on ``device``.
+def resolve_backend(backend: str, device: torch.device | str = "cpu", n_systems: int = 1) -> str:
+    """The concrete backend ``backend`` stands for on ``device`` for ``n_systems`` structures.
 
     Raises:
         ValueError: an unknown backend name.
@@ -86,7 +89,9 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
         raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    return "vesin" if vesin_available() else "torch"
+    if torch.device(device).type == "cuda" and n_systems == 1 and vesin_available():
+        return "vesin"
+    return "torch"
 
 
 def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="auto"):
@@ -112,7 +117,8 @@ def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="a
         ImportError: an optional backend that is not installed (the message says what to
             install).
     """
-    name = resolve_backend(backend, getattr(positions, "device", "cpu"))
+    n_systems = cell.shape[0] if getattr(cell, "ndim", 2) == 3 else 1
+    name = resolve_backend(backend, getattr(positions, "device", "cpu"), n_systems)
     prep = prepare(positions, cell, pbc, cutoff_A, system_idx)
     return _IMPLS[name](prep)
 

@@ -254,3 +254,15 @@ def test_torch_dense_crystal_counts_and_symmetry():
     back = _rows(ei[1], ei[0], -sh)
     np.testing.assert_array_equal(fwd, back)
     np.testing.assert_array_equal(fwd, _ase_rows(pos, cell, np.array([True] * 3), 5.0))
+
+
+def test_auto_backend_choice_follows_the_measurements():
+    from est_calc.neighbors import resolve_backend
+
+    # CPU: the torch cell list measured faster than vesin (benchmarks/neighbors.py).
+    assert resolve_backend("auto", "cpu", 1) == "torch"
+    assert resolve_backend("auto", "cpu", 8) == "torch"
+    # Many systems on CUDA: one vectorised torch call instead of one vesin call per system.
+    assert resolve_backend("auto", "cuda", 8) == "torch"
+    with pytest.raises(ValueError, match="unknown neighbour-list backend"):
+        resolve_backend("fastest")
