@@ -131,7 +131,14 @@ class Trainer:
         species = sorted({int(z) for i in range(len(self.train_frames))
                           for z in np.unique(self.train_frames[i].numbers)})
         torch.manual_seed(t.seed)  # model initialisation is a function of the seed
-        if init is not None:
+        ckpt = self.out / "checkpoint.pt"
+        state = load_checkpoint(ckpt) if resume and ckpt.exists() else None
+        if state is not None:
+            # Rebuild exactly the model the checkpoint was trained with, whatever the presets
+            # of this est_calc version say now.
+            potential = Potential.from_config(ModelConfig.from_dict(state["model_config"]),
+                                              species=state["species"])
+        elif init is not None:
             potential = load_potential(init, device="cpu", dtype=torch.float64)
             missing = sorted(set(species) - set(potential.species))
             if missing:
@@ -149,9 +156,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.elapsed_s = 0.0
-        ckpt = self.out / "checkpoint.pt"
-        if resume and ckpt.exists():
-            self._restore(load_checkpoint(ckpt))
+        if state is not None:
+            self._restore(state)
         dist_utils.broadcast_parameters(self.potential)
 
     # ---------------------------------------------------------------- set-up
@@ -184,6 +190,8 @@ class Trainer:
         save_checkpoint(self.out / "checkpoint.pt", {
             "step": self.step,
             "config": self.cfg.to_dict(),
+            "model_config": self.potential.config.to_dict(),
+            "species": list(self.potential.species),
             "model": self.potential.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),

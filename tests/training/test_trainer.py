@@ -128,8 +128,12 @@ def test_resume_reproduces_uninterrupted_run_and_export_loads(data_dir, tmp_path
 
     # Interrupt a run after 3 steps: the checkpoint at step 3 is all that survives.
     assert Trainer(_config(data_dir, tmp_path / "cut")).fit(stop_at_step=3) is None
-    resumed = Trainer(_config(data_dir, tmp_path / "cut"), resume=True)
+    # Resuming rebuilds the checkpoint's own model, even if the config's model section changed.
+    changed = _config(data_dir, tmp_path / "cut")
+    changed.model.overrides = {"cutoff_A": 4.0, "channels": 12}
+    resumed = Trainer(changed, resume=True)
     assert resumed.step == 3
+    assert resumed.potential.config.channels != 12
     resumed.fit()
     got = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     losses_ref = [h["loss"] for h in ref["history"] if "loss" in h]
