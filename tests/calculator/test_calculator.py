@@ -282,7 +282,7 @@ def test_optimizers_lower_the_energy(calc, name):
 def test_cell_filter_and_md(calc):
     from ase import units
     from ase.filters import FrechetCellFilter
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
     from ase.md.verlet import VelocityVerlet
     from ase.optimize import FIRE
 
@@ -293,7 +293,7 @@ def test_cell_filter_and_md(calc):
     FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=1e-3, steps=3)
     assert atoms.get_potential_energy() < e0
 
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, 300, rng=np.random.default_rng(0))
     start = atoms.get_total_energy()
     VelocityVerlet(atoms, timestep=0.5 * units.fs).run(4)
     assert abs(atoms.get_total_energy() - start) < 1e-3 * len(atoms)
