@@ -164,9 +164,11 @@ PRESETS: dict[str, ModelConfig] = {
                         radial_hidden=8, species_channels=4, avg_degree=8.0),
     # small: per-edge attention on a 16-point grid with one head (measured: the per-edge S^2
     # attention dominates CPU time; S = 16 instead of 30 roughly halves energy+forces time).
-    "small": ModelConfig(cutoff_A=5.0, l_max=2, channels=32, n_layers=2, n_heads=4, l_roe=2,
+    # Cutoff 4.2 Å: the first two fcc Cu shells (18 neighbours) instead of three (42 at 5 Å);
+    # two layers still see 8.4 Å. Cut bulk Cu energy+forces+stress time 2.4x (1673 -> 702 ms).
+    "small": ModelConfig(cutoff_A=4.2, l_max=2, channels=32, n_layers=2, n_heads=4, l_roe=2,
                          fourier_channels=8, message_heads=1, message_n_points=16, n_rbf=8,
-                         radial_hidden=32, species_channels=16, avg_degree=30.0),
+                         radial_hidden=32, species_channels=16, avg_degree=18.0),
     "medium": ModelConfig(cutoff_A=6.0, l_max=4, channels=128, n_layers=6, n_heads=8, l_roe=2,
                           n_steerable=2, n_spherical=2, fourier_channels=32, message_heads=4,
                           n_rbf=16, radial_hidden=64, species_channels=32, avg_degree=40.0),
@@ -316,14 +318,14 @@ class ESTModel(nn.Module):
             rot_e = rot[batch.system_idx[edge_index[0]]]  # (E, 3, 3)
             vec = torch.einsum("eab,eb->ea", rot_e, vec)
 
-        feats = self._features(z, edge_index, vec)
-        e = self.head(feats).squeeze(-1)
         # Subtract what the same network gives for an isolated atom of each species, so that an
-        # atom without neighbours has e_i = 0 and the energy tends to the sum of references.
+        # atom without neighbours has e_i = 0 and the energy tends to the sum of references. The
+        # isolated atoms ride along as extra edgeless nodes (every block maps an edgeless node to
+        # what a separate pass would give), which saves a second pass through every block.
+        n_atoms = z.shape[0]
         species, inverse = torch.unique(z, return_inverse=True)
-        no_edges = edge_index.new_zeros((2, 0))
-        e_iso = self.head(self._features(species, no_edges, vec.new_zeros(0, 3))).squeeze(-1)
-        e = e - e_iso[inverse]
+        e_all = self.head(self._features(torch.cat([z, species]), edge_index, vec)).squeeze(-1)
+        e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
         if vec.shape[0] > 0:
             has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
             has_neighbour[edge_index[0][vec.norm(dim=-1) < self.config.cutoff_A]] = True
