@@ -115,19 +115,39 @@ class ESTMessageBlock(nn.Module):
         self.w_att = nn.Parameter(torch.ones(C))
         self.register_buffer("degree_index", degree_of_index(L), persistent=False)
 
-    def _edge_grid(self, q_dst: Tensor, q_src: Tensor, i: Tensor, j: Tensor, e: Tensor) -> Tensor:
+    def _node_queries(self, h: Tensor) -> Tensor:
+        """F(W_dst h) and F(W_src h) side by side, (N, S, 2 Cf), as one matrix product.
+
+        The depth-wise weights and the grid transform F are folded into one (K C, S 2Cf) matrix
+        (a few hundred kB, built from the parameters each call), so the node side costs one
+        matrix product instead of two DWLinear + two grid transforms.
+        """
+        g = self.grid.to_grid_matrix.to(h.dtype)  # (S, K)
+        w = torch.cat([self.lin_dst.weight, self.lin_src.weight], dim=-1)[self.degree_index]
+        mat = torch.einsum("sk,kco->kcso", g, w).reshape(h.shape[1] * h.shape[2], -1)
+        bias = torch.cat([self.lin_dst.bias, torch.zeros_like(self.lin_dst.bias)])
+        bias = (g[:, :1] * bias).reshape(-1)  # the bias sits on l = 0 only
+        out = torch.addmm(bias, h.reshape(h.shape[0], -1), mat)
+        return out.view(h.shape[0], g.shape[0], 2 * self.fourier_channels)
+
+    def _edge_grid(self, q: Tensor, i: Tensor, j: Tensor, yg: Tensor, coeff: Tensor) -> Tensor:
         """Cross-attention + FFN on the grid for a chunk of edges.
 
         Args:
-            q_dst, q_src: (N, S, Cf) node signals on the grid (F is linear, so
+            q: (N, S, 2 Cf) node signals on the grid, [F W_dst h | F W_src h] (F is linear, so
                 F m_ij = F(W_dst h_i) + F(W_src h_j) is gathered instead of transformed per edge).
             i, j: (B,) centre and neighbour indices of the chunk.
-            e: (B, K, Cf) edge SH embedding.
+            yg: (B, S, L+1) per-degree parts of Y(r_hat) on the grid, sum_{m} F_sk Y_k.
+            coeff: (B, L+1, Cf) radial coefficients R_l.
 
         Returns:
             (B, K, Cf) coefficients of the processed edge signal.
         """
-        f = self.attention(q_dst[i] + q_src[j], kv=self.grid.to_grid(e))
+        cf = self.fourier_channels
+        # F e_ij = sum_l R_l (F Y^l): one batched (S, L+1) x (L+1, Cf) product per edge instead
+        # of broadcasting R over m into a (B, K, Cf) tensor and transforming it.
+        kv = torch.bmm(yg, coeff)
+        f = self.attention(q[i, :, :cf] + q[j, :, cf:], kv=kv)
         f = f + self.ffn(f)
         return self.grid.from_grid(f)
 
@@ -138,24 +158,27 @@ class ESTMessageBlock(nn.Module):
         if n_edges == 0:
             return x
         i, j = edge_index[0], edge_index[1]
-        h = self.norm(x)
-        q_dst = self.grid.to_grid(self.lin_dst(h))  # (N, S, Cf)
-        q_src = self.grid.to_grid(self.lin_src(h))
+        q = self._node_queries(self.norm(x))  # (N, S, 2 Cf)
 
         radial_in = torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.fourier_channels)
-        e = coeff[:, self.degree_index, :] * edge_sh.unsqueeze(-1)  # (E, K, Cf)
+        # (K, S (L+1)) matrix taking Y(r_hat) to its per-degree grid values.
+        g = self.grid.to_grid_matrix.to(edge_sh.dtype)
+        onehot = (self.degree_index[:, None] == torch.arange(self.l_max + 1,
+                                                              device=g.device)).to(g.dtype)
+        per_degree = (g.t()[:, :, None] * onehot[:, None, :]).reshape(g.shape[1], -1)
+        yg = (edge_sh @ per_degree).view(n_edges, g.shape[0], self.l_max + 1)
 
         chunk = self.edge_chunk_size
         if n_edges <= chunk:
-            mu = self._edge_grid(q_dst, q_src, i, j, e)
+            mu = self._edge_grid(q, i, j, yg, coeff)
         else:
-            mu = torch.cat([self._edge_grid(q_dst, q_src, i[s:s + chunk], j[s:s + chunk],
-                                            e[s:s + chunk])
+            mu = torch.cat([self._edge_grid(q, i[s:s + chunk], j[s:s + chunk], yg[s:s + chunk],
+                                            coeff[s:s + chunk])
                             for s in range(0, n_edges, chunk)], dim=0)
         mu = self.lin_out(mu)  # (E, K, C)
 
         alpha = neighbour_attention(self.logit(mu[:, 0, :]).squeeze(-1), envelope, i, n_nodes)
         coef = self.w_sum / self.avg_degree + alpha.unsqueeze(-1) * self.w_att  # (E, C)
         msg = mu * (envelope.unsqueeze(-1) * coef).unsqueeze(1)
-        return x + torch.zeros_like(x).index_add(0, i, msg)
+        return x.index_add(0, i, msg)
