@@ -14,10 +14,8 @@ It is written atomically (a temporary file in the same folder, then ``os.replace
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -26,6 +24,7 @@ from ase.data import chemical_symbols
 from torch import nn
 
 import est_calc
+from est_calc.atomic_io import atomic_torch_save
 
 __all__ = [
     "FORMAT",
@@ -187,19 +186,7 @@ def save_potential(potential: Potential, path: Union[str, os.PathLike]) -> Path:
         "state_dict": state,
     }
     _check_plain(payload["config"], "config")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 # --------------------------------------------------------------------------------------------
