@@ -179,11 +179,16 @@ class SphericalAttention(ExactBufferModule):
         # 1/sqrt(d) is folded into the (small) query weights instead of scaling the scores, and
         # the key and value projections run as one matrix product (fewer per-signal passes).
         scale = 1.0 / math.sqrt(self.head_dim)
-        q = heads(F.linear(h, self.query.weight * scale, self.query.bias * scale))
-        kv_w = torch.cat([self.key.weight, self.value.weight], dim=0)
-        kv_b = torch.cat([self.key.bias, self.value.bias], dim=0)
-        kvp = F.linear(src, kv_w, kv_b)
-        k, v = heads(kvp[..., :c]), heads(kvp[..., c:])
+        q_w, q_b = self.query.weight * scale, self.query.bias * scale
+        if kv is None:  # self-attention: q, k and v in one product
+            qkv = F.linear(h, torch.cat([q_w, self.key.weight, self.value.weight], dim=0),
+                           torch.cat([q_b, self.key.bias, self.value.bias], dim=0))
+            q, k, v = heads(qkv[..., :c]), heads(qkv[..., c:2 * c]), heads(qkv[..., 2 * c:])
+        else:
+            q = heads(F.linear(h, q_w, q_b))
+            kvp = F.linear(src, torch.cat([self.key.weight, self.value.weight], dim=0),
+                           torch.cat([self.key.bias, self.value.bias], dim=0))
+            k, v = heads(kvp[..., :c]), heads(kvp[..., c:])
         bias = self.orientation_bias()
         if bias is not None:
             bias = bias.to(q.dtype)

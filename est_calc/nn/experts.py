@@ -97,17 +97,29 @@ class MixtureOfHybridExperts(nn.Module):
             raise ValueError(f"MixtureOfHybridExperts: expected x of shape [N, K={k}, "
                              f"C={self.channels}], got {tuple(x.shape)}")
         x0 = self.gate_norm(x[:, 0])
-        g = torch.softmax(self.gate(x0), dim=-1)  # (N, E_st + E_sp), rotation invariant
-        y = torch.zeros_like(x)
+        c = self.channels
+        if self.spherical is not None:
+            # The gate's first layer and scalar_out read the same x0: one matrix product.
+            both = torch.nn.functional.linear(
+                x0, torch.cat([self.gate[0].weight, self.scalar_out.weight], dim=0),
+                torch.cat([self.gate[0].bias, self.scalar_out.bias], dim=0))
+            gate_hidden, scalar_pre = both[:, :c], both[:, c:]
+        else:
+            gate_hidden, scalar_pre = self.gate[0](x0), None
+        # (N, E_st + E_sp), rotation invariant
+        g = torch.softmax(self.gate[2](self.gate[1](gate_hidden)), dim=-1)
+        y = None
         for e, expert in enumerate(self.steerable):
-            y = y + g[:, e, None, None] * expert(x)
+            term = g[:, e, None, None] * expert(x)
+            y = term if y is None else y + term
         if self.spherical is not None:
             o = self.attention(self.grid.to_grid(x))  # (N, S, C)
             mix = sum(g[:, self.n_steerable + e, None, None] * expert(o)
                       for e, expert in enumerate(self.spherical))
             y_sp = self.grid.from_grid(mix)
-            scalars = torch.nn.functional.silu(self.scalar_out(x0))[:, None]
-            y = y + torch.cat([scalars, y_sp[:, 1:]], dim=1)
+            scalars = torch.nn.functional.silu(scalar_pre)[:, None]
+            sp = torch.cat([scalars, y_sp[:, 1:]], dim=1)
+            y = sp if y is None else y + sp
         return y
 
     def extra_repr(self) -> str:
