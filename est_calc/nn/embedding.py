@@ -103,7 +103,8 @@ class EdgeDegreeEmbedding(nn.Module):
         if n_edges == 0:
             return x
         i, j = edge_index[0], edge_index[1]
-        radial_in = torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1)
+        radial_in = torch.cat([edge_rbf, atom_emb.index_select(0, i), atom_emb.index_select(0, j)],
+                              dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.channels)
         coeff = coeff * envelope.view(n_edges, 1, 1)
         # c_l broadcast over the 2l+1 orders of each degree, times Y^l_m.

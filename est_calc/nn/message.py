@@ -130,11 +130,11 @@ class ESTMessageBlock(nn.Module):
         out = torch.addmm(bias, h.reshape(h.shape[0], -1), mat)
         return out.view(h.shape[0], g.shape[0], 2 * self.fourier_channels)
 
-    def _edge_grid(self, q: Tensor, i: Tensor, j: Tensor, yg: Tensor, coeff: Tensor) -> Tensor:
+    def _edge_grid(self, q: tuple[Tensor, Tensor], i: Tensor, j: Tensor, yg: Tensor, coeff: Tensor) -> Tensor:
         """Cross-attention + FFN on the grid for a chunk of edges.
 
         Args:
-            q: (N, S, 2 Cf) node signals on the grid, [F W_dst h | F W_src h] (F is linear, so
+            q: two (N, S, Cf) node signals on the grid, F W_dst h and F W_src h (F is linear, so
                 F m_ij = F(W_dst h_i) + F(W_src h_j) is gathered instead of transformed per edge).
             i, j: (B,) centre and neighbour indices of the chunk.
             yg: (B, S, L+1) per-degree parts of Y(r_hat) on the grid, sum_{m} F_sk Y_k.
@@ -143,11 +143,10 @@ class ESTMessageBlock(nn.Module):
         Returns:
             (B, K, Cf) coefficients of the processed edge signal.
         """
-        cf = self.fourier_channels
         # F e_ij = sum_l R_l (F Y^l): one batched (S, L+1) x (L+1, Cf) product per edge instead
         # of broadcasting R over m into a (B, K, Cf) tensor and transforming it.
         kv = torch.bmm(yg, coeff)
-        f = self.attention(q[i, :, :cf] + q[j, :, cf:], kv=kv)
+        f = self.attention(q[0].index_select(0, i) + q[1].index_select(0, j), kv=kv)
         f = f + self.ffn(f)
         return self.grid.from_grid(f)
 
@@ -159,8 +158,12 @@ class ESTMessageBlock(nn.Module):
             return x
         i, j = edge_index[0], edge_index[1]
         q = self._node_queries(self.norm(x))  # (N, S, 2 Cf)
+        # Contiguous halves so the per-edge gathers are index_select (backward: index_add).
+        q = (q[..., :self.fourier_channels].contiguous(),
+             q[..., self.fourier_channels:].contiguous())
 
-        radial_in = torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1)
+        radial_in = torch.cat([edge_rbf, atom_emb.index_select(0, i), atom_emb.index_select(0, j)],
+                              dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.fourier_channels)
         # (K, S (L+1)) matrix taking Y(r_hat) to its per-degree grid values.
         g = self.grid.to_grid_matrix.to(edge_sh.dtype)
