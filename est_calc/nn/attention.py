@@ -130,7 +130,9 @@ class SphericalAttention(ExactBufferModule):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """softmax(q k^T + bias) v for q already scaled by 1/sqrt(d); q, k, v: [B, h, S, d]."""
-        if fused_attention_enabled() and q.shape[1] > 1:
+        # On CPU the math path below is used even when fused kernels are allowed: SDPA's CPU
+        # path adds scaling passes and mask checks that cost more than they save here.
+        if fused_attention_enabled() and q.is_cuda:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         b, n_heads, s, d = q.shape
         q3, k3 = q.reshape(b * n_heads, s, d), k.reshape(b * n_heads, s, d)

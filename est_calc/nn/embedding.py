@@ -106,8 +106,11 @@ class EdgeDegreeEmbedding(nn.Module):
         radial_in = torch.cat([edge_rbf, atom_emb.index_select(0, i), atom_emb.index_select(0, j)],
                               dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.channels)
-        coeff = coeff * envelope.view(n_edges, 1, 1)
-        # c_l broadcast over the 2l+1 orders of each degree, times Y^l_m.
-        edge_feat = coeff[:, self.degree_index, :] * edge_sh.unsqueeze(-1)
-        agg = torch.zeros_like(x).index_add(0, i, edge_feat.to(x.dtype))
-        return x + agg / self.avg_degree
+        # c_l broadcast over the 2l+1 orders of each degree, times u Y^l_m, as one batched
+        # product (E, K, L+1) x (E, L+1, C) with the envelope and 1/<deg> folded into the
+        # small left factor (no (E, K, C) gather, and its backward needs no zero-filled scatter).
+        onehot = (self.degree_index[:, None]
+                  == torch.arange(self.l_max + 1, device=edge_sh.device)).to(edge_sh.dtype)
+        scale = (envelope / self.avg_degree).view(n_edges, 1, 1)
+        edge_feat = torch.bmm(edge_sh.unsqueeze(-1) * onehot * scale, coeff)
+        return x.index_add(0, i, edge_feat.to(x.dtype))

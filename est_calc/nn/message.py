@@ -179,9 +179,14 @@ class ESTMessageBlock(nn.Module):
             mu = torch.cat([self._edge_grid(q, i[s:s + chunk], j[s:s + chunk], yg[s:s + chunk],
                                             coeff[s:s + chunk])
                             for s in range(0, n_edges, chunk)], dim=0)
-        mu = self.lin_out(mu)  # (E, K, C)
+        # lin_out without its bias, which lives on l = 0 only and is added where it is used
+        # (saves concatenating a full (E, K, C) tensor).
+        mu = torch.einsum("ekc,kco->eko", mu, self.lin_out.weight[self.degree_index])
+        mu0 = mu[:, 0, :] + self.lin_out.bias  # (E, C) the l = 0 row of lin_out(...)
 
-        alpha = neighbour_attention(self.logit(mu[:, 0, :]).squeeze(-1), envelope, i, n_nodes)
+        alpha = neighbour_attention(self.logit(mu0).squeeze(-1), envelope, i, n_nodes)
         coef = self.w_sum / self.avg_degree + alpha.unsqueeze(-1) * self.w_att  # (E, C)
-        msg = mu * (envelope.unsqueeze(-1) * coef).unsqueeze(1)
+        weight = envelope.unsqueeze(-1) * coef  # (E, C)
+        msg = mu * weight.unsqueeze(1)
+        msg[:, 0, :] += self.lin_out.bias * weight
         return x.index_add(0, i, msg)
