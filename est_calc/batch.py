@@ -95,7 +95,7 @@ class AtomsBatch:
         atoms_list: Sequence = [atoms] if not isinstance(atoms, (list, tuple)) else atoms
         if len(atoms_list) == 0:
             raise ValueError("AtomsBatch.from_atoms got an empty list of structures")
-        pos, num, cells, pbcs, sidx = [], [], [], [], []
+        pos, num, cells, pbcs = [], [], [], []
         for k, a in enumerate(atoms_list):
             if len(a) == 0:
                 raise ValueError(f"structure {k} has no atoms")
@@ -106,15 +106,22 @@ class AtomsBatch:
             if not np.all(np.isfinite(c)):
                 raise ValueError(f"structure {k} has a NaN or infinite cell")
             pos.append(p)
-            num.append(np.asarray(a.get_atomic_numbers(), dtype=np.int64))
+            num.append(a.get_atomic_numbers())
             cells.append(c)
-            pbcs.append(np.asarray(a.get_pbc(), dtype=bool))
-            sidx.append(np.full(len(a), k, dtype=np.int64))
+            pbcs.append(a.get_pbc())
+        return cls.from_arrays(pos, num, cells, pbcs, device=device, dtype=dtype)
+
+    @classmethod
+    def from_arrays(cls, positions, numbers, cells, pbcs, *, device=None,
+                    dtype=torch.float64) -> "AtomsBatch":
+        """Pack per-structure numpy arrays (positions (n_k, 3), numbers (n_k,), cell (3, 3),
+        pbc (3,)) into one batch, structure k getting system index k."""
+        sidx = [np.full(len(z), k, dtype=np.int64) for k, z in enumerate(numbers)]
         batch = cls(
-            positions=torch.from_numpy(np.concatenate(pos)),
-            atomic_numbers=torch.from_numpy(np.concatenate(num)),
-            cell=torch.from_numpy(np.stack(cells)),
-            pbc=torch.from_numpy(np.stack(pbcs)),
+            positions=torch.from_numpy(np.concatenate([np.asarray(p, np.float64) for p in positions])),
+            atomic_numbers=torch.from_numpy(np.concatenate([np.asarray(z, np.int64) for z in numbers])),
+            cell=torch.from_numpy(np.stack([np.asarray(c, np.float64).reshape(3, 3) for c in cells])),
+            pbc=torch.from_numpy(np.stack([np.asarray(b, bool).reshape(3) for b in pbcs])),
             system_idx=torch.from_numpy(np.concatenate(sidx)),
         )
         return batch.to(device=device, dtype=dtype)

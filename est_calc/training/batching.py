@@ -50,16 +50,15 @@ def frame_energy(frame, energy_mode: str) -> float:
 
 def collate(frames: Sequence, energy_mode: str, device, dtype) -> tuple[AtomsBatch, Targets]:
     """Pack frames into one AtomsBatch and its targets."""
-    pos, num, cell, pbc, sidx, forces, fixed, stress, has_stress = ([] for _ in range(9))
+    pos, num, cell, pbc, forces, fixed, stress, has_stress = ([] for _ in range(8))
     energies = []
     have_forces = all(f.forces is not None for f in frames)
-    for k, f in enumerate(frames):
+    for f in frames:
         n = len(f.numbers)
-        pos.append(np.asarray(f.positions, dtype=np.float64))
-        num.append(np.asarray(f.numbers, dtype=np.int64))
-        cell.append(np.asarray(f.cell, dtype=np.float64).reshape(3, 3))
-        pbc.append(np.asarray(f.pbc, dtype=bool).reshape(3))
-        sidx.append(np.full(n, k, dtype=np.int64))
+        pos.append(f.positions)
+        num.append(f.numbers)
+        cell.append(f.cell)
+        pbc.append(f.pbc)
         energies.append(frame_energy(f, energy_mode))
         if have_forces:
             forces.append(np.asarray(f.forces, dtype=np.float64))
@@ -71,13 +70,7 @@ def collate(frames: Sequence, energy_mode: str, device, dtype) -> tuple[AtomsBat
         else:
             stress.append(np.zeros((3, 3)))
             has_stress.append(False)
-    batch = AtomsBatch(
-        positions=torch.from_numpy(np.concatenate(pos)),
-        atomic_numbers=torch.from_numpy(np.concatenate(num)),
-        cell=torch.from_numpy(np.stack(cell)),
-        pbc=torch.from_numpy(np.stack(pbc)),
-        system_idx=torch.from_numpy(np.concatenate(sidx)),
-    ).to(device=device, dtype=dtype)
+    batch = AtomsBatch.from_arrays(pos, num, cell, pbc, device=device, dtype=dtype)
     targets = Targets(
         energy=torch.tensor(energies, dtype=dtype, device=device),
         forces=(
