@@ -111,6 +111,11 @@ class ESTCalculator(Calculator):
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
         neighbor_backend: backend of :func:`est_calc.neighbors.neighbor_list` ("auto", "torch",
             "vesin", "matscipy", "torch_cluster").
+        skin: Verlet skin in Å for ``calculate`` (MD, relaxations): pairs within cutoff + skin
+            are stored and filtered by distance each call; the list is rebuilt only when an atom
+            moved by more than skin / 2 or the cell, pbc or atoms changed. The pairs the model
+            sees are exactly those of a fresh build (only their order differs). 0 (default)
+            rebuilds on every call; ``calculate_batch`` always builds afresh.
         compile: not offered yet; ``True`` raises NotImplementedError rather than offering a
             path that could differ from the eager model (or drop stress).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (label, directory).
@@ -125,6 +130,8 @@ class ESTCalculator(Calculator):
         potential: the :class:`Potential` that runs.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
+        neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` when
+            ``skin > 0`` (its ``n_builds`` counts the rebuilds), else None.
 
     Evaluation raises ValueError, naming the problem, for an empty Atoms, NaN or infinite
     positions or cell, a zero-volume periodic cell and elements the potential does not know.
@@ -147,6 +154,7 @@ class ESTCalculator(Calculator):
         dtype: str | torch.dtype = "float32",
         neighbor_backend: str = "auto",
         compile: bool = False,
+        skin: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -185,6 +193,14 @@ class ESTCalculator(Calculator):
         self.potential = potential
         self.neighbor_backend = neighbor_backend
         self.n_model_calls = 0
+        from est_calc.neighbors.verlet import VerletNeighborList
+
+        # Verlet skin for single-structure calls (MD, relaxations): the list is rebuilt only when
+        # an atom moved by more than skin/2 or the cell changed; the pair set is always exact.
+        if not (float(skin) >= 0.0 and float(skin) < float("inf")):
+            raise ValueError(f"skin must be a finite distance >= 0 Å, got {skin}")
+        self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend)
+                              if skin else None)
 
     @property
     def cutoff_A(self) -> float:
@@ -196,7 +212,8 @@ class ESTCalculator(Calculator):
         return [chemical_symbols[z] for z in self.potential.species]
 
     # ------------------------------------------------------------------ core
-    def _predict(self, atoms_list: Sequence, stress_mask: Sequence[bool] | None):
+    def _predict(self, atoms_list: Sequence, stress_mask: Sequence[bool] | None,
+                 use_skin: bool = False):
         """One forward (and backward) pass over ``atoms_list``.
 
         Args:
@@ -207,7 +224,10 @@ class ESTCalculator(Calculator):
             (batch, Prediction); ``stress`` is meaningful only where ``stress_mask`` is True.
         """
         batch = AtomsBatch.from_atoms(list(atoms_list), device=self.device, dtype=self.dtype)
-        graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend)
+        if use_skin and self.neighbor_list is not None:
+            graph = self.neighbor_list(batch)
+        else:
+            graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend)
         work = batch
         if stress_mask is not None and not all(stress_mask):
             # Structures whose stress is not wanted (molecules in a mixed batch) get a unit cell
@@ -257,7 +277,7 @@ class ESTCalculator(Calculator):
             raise PropertyNotImplementedError(
                 "stress is only defined for periodic systems (atoms.pbc is all False)"
             )
-        batch, pred = self._predict([self.atoms], [True] if want_stress else None)
+        batch, pred = self._predict([self.atoms], [True] if want_stress else None, use_skin=True)
         self.results = self._results_for(pred, batch, 0, want_stress)
 
     def calculate_batch(
