@@ -119,7 +119,10 @@ def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 1,
 
 # ---------------------------------------------------------------------------- the peer
 def peer_python() -> Path:
-    """Python of the MACE env: $EST_BENCH_MACE_PYTHON, else ``<repo>/.venv-mace/bin/python``."""
+    """Python of the MACE env: $EST_BENCH_MACE_PYTHON, else ``<repo>/.venv-mace/bin/python``.
+
+    On the GPU machine (no registry) the peer is the system python with the MACE wheels in a
+    target folder named by $EST_BENCH_MACE_PYTHONPATH (see ``benchmarks/gpu.py``)."""
     env = os.environ.get("EST_BENCH_MACE_PYTHON")
     return Path(env) if env else ROOT / ".venv-mace" / "bin" / "python"
 
@@ -141,6 +144,8 @@ def run_peer(task: str, options: dict, *, timeout_s: float = 1800.0) -> dict:
         return {"error": f"no MACE env at {python} (run benchmarks/setup_mace_env.sh)"}
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
     env.pop("PYTHONPATH", None)  # keep est_calc's e3nn out of the peer's imports
+    if os.environ.get("EST_BENCH_MACE_PYTHONPATH"):  # wheels installed into a target folder
+        env["PYTHONPATH"] = os.environ["EST_BENCH_MACE_PYTHONPATH"]
     cmd = [str(python), str(PEER_SCRIPT), task, json.dumps(options)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,

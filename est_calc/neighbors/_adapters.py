@@ -30,8 +30,14 @@ def _import_vesin():
             f"vesin-torch 0.6.2 supports torch < 2.15, found torch {torch.__version__}; "
             'use backend="torch" or install a vesin-torch built for this torch'
         )
+    try:  # vesin-torch's own module name; vesin.torch is its deprecated alias
+        import vesin_torch as vt  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError:
+        vt = None
+    if vt is not None:
+        return vt
     try:
-        import vesin.torch as vt  # noqa: PLC0415 - optional dependency, imported lazily
+        import vesin.torch as vt  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             'backend="vesin" needs vesin-torch: `pip install vesin-torch` '

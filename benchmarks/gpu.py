@@ -1,0 +1,403 @@
+"""The GPU check: one script that installs carried wheels and reports everything GPU-related.
+
+Sections (each one survives the failure of another; a failure is printed with its reason):
+
+1. device and software;
+2. neighbour lists on the card: the torch cell list against vesin-torch CUDA, Cu fcc at 6 Å,
+   pair counts checked equal (targets: torch within 3x of vesin at 256k atoms);
+3. energy+forces+stress per call, Cu fcc bulk at ~1k, 8k and 64k atoms, every preset, beside
+   MACE-small run by the same script on the same card (target: "small" >= 3x MACE-small
+   throughput at 8k atoms), with peak GPU memory;
+4. MD steps per second (velocity Verlet through ``ESTCalculator``; Verlet skin 0 and 1 Å);
+5. batched throughput: 256 small adsorbate/slab systems in one ``calculate_batch`` against
+   one-by-one calls, and MACE-small one-by-one on the same structures;
+6. precision: TF32 matrix products and bf16 autocast against float32, as the largest and mean
+   force difference on the 8k-atom cell, to compare with the potential's validation force MAE.
+
+Wheels: the GPU machine has no registry. ``bash benchmarks/gpu_wheels.sh`` downloads what its
+image lacks into ``.whl/est`` (ase, vesin, ...) and ``.whl/mace`` (mace-torch and its pinned e3nn
+0.4.4); ``--wheels .whl`` installs them into /tmp targets and re-runs this script with them.
+The peer gets its own target folder, so its e3nn never meets est_calc's.
+
+Usage (on the device machine, from the repo root):
+    python3 benchmarks/gpu.py --wheels .whl --out $OUT [--quick]
+Here, without a GPU, ``--device cpu --smoke`` runs every section at toy sizes (a test does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+for p in (str(ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+# ------------------------------------------------------------------------------ wheels
+def install_wheels(wheels: Path) -> dict:
+    """pip-install .whl/est/*.whl and .whl/mace/*.whl into /tmp targets (no index, no deps)."""
+    targets = {"est": Path("/tmp/est_site"), "mace": Path("/tmp/mace_site")}
+    done = {}
+    for name, target in targets.items():
+        files = sorted(str(f) for f in (wheels / name).glob("*.whl"))
+        if not files:
+            continue
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(target),
+                        *files], check=True)
+        done[name] = str(target)
+    return done
+
+
+# ------------------------------------------------------------------------------ helpers
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _untrained(preset: str, device: str, dtype: str = "float32"):
+    import torch
+
+    from est_calc.calculator import ESTCalculator
+    from est_calc.potential import Potential
+
+    torch.manual_seed(0)
+    pot = Potential.from_config(preset, species=[1, 6, 7, 8, 29])
+    return ESTCalculator(pot, device=device, dtype=dtype)
+
+
+def _peak_mb(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Report:
+    """Markdown lines, also collected as JSON-able records."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.data: dict = {}
+
+    def add(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, headers, rows) -> None:
+        self.add("| " + " | ".join(map(str, headers)) + " |")
+        self.add("|" + "---|" * len(headers))
+        for r in rows:
+            self.add("| " + " | ".join(map(str, r)) + " |")
+        self.add()
+
+
+def section(report: Report, title: str):
+    def wrap(fn):
+        def run(*a, **k):
+            report.add(f"## {title}")
+            report.add()
+            t0 = time.perf_counter()
+            try:
+                fn(*a, **k)
+            except Exception as err:  # one failing section must not hide the others
+                report.add(f"FAILED: {type(err).__name__}: {err}")
+                report.add("```\n" + traceback.format_exc(limit=4) + "```")
+            report.add(f"({time.perf_counter() - t0:.1f} s)")
+            report.add()
+        return run
+    return wrap
+
+
+# ------------------------------------------------------------------------------ sections
+def info(report: Report, device: str) -> None:
+    import torch
+
+    report.data["device"] = device
+    report.add(f"torch {torch.__version__}, python {sys.version.split()[0]}, device {device}"
+               + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
+    for mod in ("e3nn", "ase", "vesin", "vesin_torch"):
+        try:
+            m = __import__(mod, fromlist=["_"])
+            report.add(f"- {mod} {getattr(m, '__version__', '?')}")
+        except Exception as err:
+            report.add(f"- {mod}: not importable ({type(err).__name__}: {err})")
+    report.add()
+
+
+def neighbours(report: Report, device: str, sizes: list[int]) -> None:
+    import torch
+    from ase.build import bulk
+
+    from est_calc.neighbors import neighbor_list
+    from est_calc.neighbors._adapters import vesin_available
+
+    rows = []
+    backends = ["torch"] + (["vesin"] if vesin_available() else [])
+    for n_rep in sizes:
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(n_rep)
+        pos = torch.tensor(atoms.positions, device=device)
+        cell = torch.tensor(atoms.cell.array, device=device)
+        pbc = torch.tensor([True] * 3, device=device)
+        times, pairs = {}, {}
+        for b in backends:
+            def call(b=b):
+                return neighbor_list(pos, cell, pbc, 6.0, backend=b)
+            times[b] = _time(call, device, repeats=5)
+            pairs[b] = int(call()[0].shape[1])
+        same = len(set(pairs.values())) == 1
+        ratio = f"{times['torch'] / times['vesin']:.2f}" if "vesin" in times else "-"
+        rows.append([len(atoms), pairs["torch"], *(f"{1e3 * times[b]:.2f}" for b in backends),
+                     ratio, "yes" if same else f"NO {pairs}"])
+    report.table(["atoms", "pairs", *(f"{b} ms" for b in backends), "torch / vesin",
+                  "pair counts equal"], rows)
+    report.data["neighbours"] = rows
+
+
+def inference(report: Report, device: str, sizes: list[int], presets: list[str],
+              peer: bool, repeats: int) -> None:
+    import tempfile
+
+    from _common import cu_bulk, run_peer, write_structures
+
+    rows, est_ms = [], {}
+    structures = [cu_bulk(n) for n in sizes]
+    for preset in presets:
+        calc = _untrained(preset, device)
+        for atoms in structures:
+            _reset_peak(device)
+            try:
+                t = _time(lambda: calc.calculate(atoms, ["energy", "forces", "stress"]),
+                          device, repeats)
+                est_ms[(preset, len(atoms))] = 1e3 * t
+                peak = _peak_mb(device)
+                rows.append([f"EST-{preset}", len(atoms), f"{1e3 * t:.1f}",
+                             "-" if peak is None else f"{peak:.0f}"])
+            except RuntimeError as err:  # out of memory is a result, not a crash
+                rows.append([f"EST-{preset}", len(atoms), f"failed: {str(err)[:60]}", "-"])
+    peer_ms = {}
+    if peer:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_structures(Path(tmp) / "bulk.extxyz", structures)
+            res = run_peer("infer", {"structures": str(path), "repeats": repeats, "warmup": 1,
+                                     "device": device, "dtype": "float32"})
+        if "error" in res:
+            rows.append(["MACE-small", "-", f"peer unavailable: {res['error']}", "-"])
+        else:
+            for r in res["results"]:
+                peer_ms[r["n_atoms"]] = 1e3 * r["median_s"]
+                rows.append(["MACE-small", r["n_atoms"], f"{1e3 * r['median_s']:.1f}",
+                             f"{r['peak_cuda_MB']:.0f}" if r.get("peak_cuda_MB") else "-"])
+    report.table(["model", "atoms", "ms / call (E+F+S)", "peak GPU MB"], rows)
+    if peer_ms:
+        ratios = [[p, n, f"{peer_ms[n] / est_ms[(p, n)]:.2f}x"]
+                  for (p, n) in est_ms if n in peer_ms]
+        report.table(["preset", "atoms", "throughput vs MACE-small"], ratios)
+    report.data["inference"] = {"est_ms": {f"{p}/{n}": v for (p, n), v in est_ms.items()},
+                                "mace_ms": peer_ms}
+
+
+def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from _common import cu_bulk
+
+    rows = []
+    for n in sizes:
+        for skin in (0.0, 1.0):
+            from est_calc.calculator import ESTCalculator
+
+            base = _untrained("small", device)
+            calc = ESTCalculator(base.potential, device=device, skin=skin)
+            atoms = cu_bulk(n)
+            atoms.calc = calc
+            dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+            dyn.run(2)
+            _sync(device)
+            t0 = time.perf_counter()
+            dyn.run(steps)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            builds = calc.neighbor_list.n_builds if calc.neighbor_list else steps
+            rows.append([len(atoms), skin, f"{steps / dt:.1f}", builds])
+    report.table(["atoms", "skin Å", "MD steps / s (EST-small)", "list builds"], rows)
+    report.data["md"] = rows
+
+
+def batched(report: Report, device: str, n_systems: int, peer: bool) -> None:
+    import tempfile
+
+    from _common import run_peer, write_structures
+    from batched import small_slabs
+
+    structs = small_slabs(n_systems)
+    calc = _untrained("small", device)
+    props = ["energy", "forces"]
+    t_batch = _time(lambda: calc.calculate_batch(structs, props), device, repeats=3)
+
+    def singles():
+        from ase.calculators.calculator import all_changes
+        for a in structs:
+            calc.calculate(a, props, all_changes)
+    t_single = _time(singles, device, repeats=1)
+    rows = [["EST-small calculate_batch", n_systems, f"{n_systems / t_batch:.0f}"],
+            ["EST-small one by one", n_systems, f"{n_systems / t_single:.0f}"]]
+    if peer:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_structures(Path(tmp) / "slabs.extxyz", structs)
+            res = run_peer("infer", {"structures": str(path), "repeats": 1, "warmup": 1,
+                                     "device": device, "dtype": "float32"})
+        if "error" in res:
+            rows.append(["MACE-small one by one", n_systems, f"peer unavailable: {res['error']}"])
+        else:
+            total = sum(r["median_s"] for r in res["results"])
+            rows.append(["MACE-small one by one", n_systems, f"{n_systems / total:.0f}"])
+    report.table(["path", "systems", "structures / s"], rows)
+    report.data["batched"] = rows
+
+
+def precision(report: Report, device: str, n_rep: int, potential: str | None) -> None:
+    import torch
+
+    from est_calc.batch import AtomsBatch
+    from est_calc.forces import energy_forces_stress
+    from est_calc.neighbors import build_graph
+    from est_calc.potential import load_potential
+
+    from _common import cu_bulk
+
+    if potential:
+        pot = load_potential(potential, device=device)
+        what = potential
+    else:
+        pot = _untrained("small", device).potential
+        what = "untrained small"
+    atoms = cu_bulk(n_rep)
+    batch = AtomsBatch.from_atoms(atoms, device=device, dtype=torch.float32)
+    graph = build_graph(batch, pot.cutoff_A)
+
+    def run():
+        return energy_forces_stress(pot, batch, graph, compute_stress=True)
+
+    ref = run()
+    rows = []
+    modes = [("float32", None)]
+    if device.startswith("cuda"):
+        modes += [("TF32 matmul", "tf32"), ("bf16 autocast", "bf16")]
+    for name, mode in modes:
+        old = torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None
+        try:
+            if mode == "tf32":
+                torch.backends.cuda.matmul.allow_tf32 = True
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
+                   else torch.autocast("cpu", enabled=False))
+            with ctx:
+                out = run()
+                t = _time(run, device, repeats=3)
+        finally:
+            if old is not None:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        df = (out.forces.float() - ref.forces).abs()
+        rows.append([name, f"{1e3 * t:.1f}", f"{1e3 * float(df.mean()):.3f}",
+                     f"{1e3 * float(df.max()):.3f}",
+                     f"{1e3 * float((out.energy.float() - ref.energy).abs().max()) / len(atoms):.4f}"])
+    report.add(f"potential: {what}; {len(atoms)} atoms")
+    report.table(["mode", "ms / call", "mean |dF| meV/Å", "max |dF| meV/Å", "|dE| meV/atom"], rows)
+    report.data["precision"] = rows
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--wheels", default=None, help="folder with est/ and mace/ wheel folders")
+    p.add_argument("--out", default=None, help="write gpu_report.md and gpu_report.json here")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="1k and 8k atoms only, fewer repeats")
+    p.add_argument("--smoke", action="store_true", help="toy sizes (CPU test of every path)")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--potential", default=None, help="trained potential for the precision check")
+    args = p.parse_args(argv)
+
+    if args.wheels and not os.environ.get("EST_GPU_WHEELS_DONE"):
+        targets = install_wheels(Path(args.wheels))
+        env = dict(os.environ, EST_GPU_WHEELS_DONE="1")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [targets.get("est", ""), str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+        if "mace" in targets:
+            env["EST_BENCH_MACE_PYTHON"] = sys.executable
+            env["EST_BENCH_MACE_PYTHONPATH"] = targets["mace"]
+        return subprocess.call([sys.executable, __file__, *(argv or sys.argv[1:])], env=env)
+
+    import torch
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device visible to torch; use --device cpu --smoke for a dry run")
+        return 2
+    if args.smoke:
+        nl_sizes, sizes, md_sizes, n_batch, presets, reps, md_steps, prec = \
+            [3], [2], [2], 4, ["tiny"], 1, 3, 2
+    elif args.quick:
+        nl_sizes, sizes, md_sizes, n_batch, presets, reps, md_steps, prec = \
+            [10, 20, 40], [6, 13], [6], 256, ["tiny", "small"], 3, 20, 13
+    else:
+        nl_sizes, sizes, md_sizes, n_batch, presets, reps, md_steps, prec = \
+            [10, 20, 40], [6, 13, 25], [6, 13], 256, ["tiny", "small", "medium"], 5, 50, 13
+    peer = not args.no_peer
+    report = Report()
+    report.add(f"# est_calc GPU check ({time.strftime('%Y-%m-%d %H:%M')})")
+    report.add()
+    section(report, "Device")(info)(report, device)
+    section(report, "Neighbour lists (Cu fcc, 6 Å)")(neighbours)(report, device, nl_sizes)
+    section(report, "Energy + forces + stress (Cu fcc bulk, float32)")(inference)(
+        report, device, sizes, presets, peer, reps)
+    section(report, "MD steps per second")(md_speed)(report, device, md_sizes, md_steps)
+    section(report, f"Batched throughput ({n_batch} small systems)")(batched)(
+        report, device, n_batch, peer)
+    section(report, "Precision: TF32 / bf16 against float32")(precision)(
+        report, device, prec, args.potential)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_report.md").write_text("\n".join(report.lines) + "\n")
+        (out / "gpu_report.json").write_text(json.dumps(report.data, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
