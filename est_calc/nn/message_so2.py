@@ -147,11 +147,18 @@ class SO2Linear(nn.Module):
         if x.dim() != 3 or x.shape[1:] != (self.n_rows, self.in_channels):
             raise ValueError(f"SO2Linear: expected x (E, {self.n_rows}, {self.in_channels}), "
                              f"got {tuple(x.shape)}")
-        if radial is not None:
-            x = x * radial.view(n_edges, self.n_radial_rows, self.in_channels)[:, self._radial_row]
         # split (not slicing) so that backward concatenates gradients instead of zero-filling.
         n0 = self.l_max + 1
         groups = x.split(self._group_sizes, dim=1)
+        if radial is not None:
+            # Modulate each group by its radial rows, broadcasting over +-m: the same product as
+            # indexing the rows out to (E, K_M, Cin), without materialising that gather (whose
+            # backward is a slow scatter-add).
+            rad = radial.view(n_edges, self.n_radial_rows, self.in_channels).split(
+                [n0] + [self.l_max - m + 1 for m in range(1, self.m_max + 1)], dim=1)
+            groups = [groups[0] * rad[0]] + [
+                (g.view(n_edges, 2, -1, self.in_channels) * r.unsqueeze(1)).view(g.shape)
+                for g, r in zip(groups[1:], rad[1:])]
         out0, extra = self.fc0(groups[0].reshape(n_edges, -1)).split(
             [n0 * self.out_channels, self.extra_scalars], dim=-1)
         parts = [out0.view(n_edges, n0, self.out_channels)]

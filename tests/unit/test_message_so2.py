@@ -370,3 +370,20 @@ def test_bad_input_raises():
         block(args[0], args[1][0], *args[2:])
     with pytest.raises(ValueError):
         block(*args[:4], args[4][:-1], args[5])
+
+
+def test_so2linear_radial_modulation_equals_row_indexed_product():
+    """The grouped, broadcast radial modulation equals multiplying every K_M row by its radial
+    row (the same radial weights shared by +m and -m)."""
+    from est_calc.nn.message_so2 import SO2Linear
+
+    gen = torch.Generator().manual_seed(5)
+    for l_max, m_max in ((2, 2), (3, 1), (1, 0)):
+        lin = SO2Linear(l_max, m_max, 6, 5, extra_scalars=2).double()
+        x = torch.randn(9, lin.n_rows, 6, dtype=torch.float64, generator=gen)
+        rad = torch.randn(9, lin.radial_size, dtype=torch.float64, generator=gen)
+        got, got_extra = lin(x, rad)
+        rows = rad.view(9, lin.n_radial_rows, 6)[:, lin._radial_row]
+        want, want_extra = lin(x * rows, None)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(got_extra, want_extra, rtol=1e-14, atol=1e-14)
