@@ -162,13 +162,16 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(cutoff_A=4.0, l_max=2, channels=8, n_layers=1, n_heads=2, l_roe=1,
                         hidden_mult=1, fourier_channels=4, message_heads=1, n_rbf=4,
                         radial_hidden=8, species_channels=4, avg_degree=8.0),
-    # small: per-edge attention on a 16-point grid with one head (measured: the per-edge S^2
-    # attention dominates CPU time; S = 16 instead of 30 roughly halves energy+forces time).
+    # small: SO(2) message block (exactly equivariant: Wigner rotations into the edge frame)
+    # plus EST update blocks on a 48-point Fibonacci grid. Measured (benchmarks/equivariance.py,
+    # untrained, rattled CO/Cu(111), max |dF| / max |F| under random rotations): the "est"
+    # message block on a 16-point per-edge grid gave 0.21 and a trained model still showed a mean
+    # force rotation error of 0.047 eV/Å (more than the 0.03 eV/Å accuracy goal), so2 with S = 30
+    # 0.074, so2 with S = 48 0.025, S = 64 0.015 at 1.4x the slab time of S = 48.
     # Cutoff 4.2 Å: the first two fcc Cu shells (18 neighbours) instead of three (42 at 5 Å);
-    # two layers still see 8.4 Å. Cut bulk Cu energy+forces+stress time 2.4x (1673 -> 702 ms).
-    # With the leaner blocks: 12x MACE-small on 864-atom bulk, ~3x on the 66-atom slab, where
-    # per-op thread wake-ups on 2 shared cores, not flops, set the time (benchmarks/inference.py).
+    # two layers still see 8.4 Å.
     "small": ModelConfig(cutoff_A=4.2, l_max=2, channels=32, n_layers=2, n_heads=4, l_roe=2,
+                         n_points=48, message="so2", so2_m_max=2,
                          fourier_channels=8, message_heads=1, message_n_points=16, n_rbf=8,
                          radial_hidden=32, species_channels=16, avg_degree=18.0),
     "medium": ModelConfig(cutoff_A=6.0, l_max=4, channels=128, n_layers=6, n_heads=8, l_roe=2,

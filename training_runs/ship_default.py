@@ -1,0 +1,49 @@
+"""Copy a finished run's exported potential into potentials/ as the shipped default.
+
+Adds the metadata a user of the registry needs (name, teacher, data recipe, model card) to the
+EMA weights the trainer exported, writes ``potentials/<name>.pt`` atomically and names it in
+``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``.
+
+Usage: python training_runs/ship_default.py training_runs/est-emt-small/potential.pt est-emt-small
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DATA_RECIPE = (
+    "est generate data/generated/train --n-systems 160 --seed 11 --formats hdf5 (1,769 frames); "
+    "validation: --n-systems 24 --seed 12"
+)
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from est_calc.potential import load_potential, save_potential
+
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    src, name = Path(argv[0]), argv[1]
+    pot = load_potential(str(src), dtype=torch.float32)
+    meta = dict(pot.metadata)
+    meta.update({
+        "name": name,
+        "teacher": "ASE EMT (demonstration and testing; not DFT chemistry)",
+        "data_recipe": DATA_RECIPE,
+        "model_card": f"potentials/{name}.md",
+    })
+    pot.metadata = meta
+    out = ROOT / "potentials" / f"{name}.pt"
+    save_potential(pot, out)
+    (ROOT / "potentials" / "DEFAULT").write_text(name + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MB) and potentials/DEFAULT")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
