@@ -36,14 +36,35 @@ def _calculator(device: str):
     from est_calc.potential import DefaultPotentialMissing, Potential
 
     try:
-        return ESTCalculator(device=device), "the shipped default potential"
+        calc = ESTCalculator(device=device, skin=1.0)
+        name = calc.potential.metadata.get("name", "default") if calc.potential.metadata else "default"
+        return calc, f"the shipped default potential ({name}, trained on EMT labels)"
     except DefaultPotentialMissing:
         potential = Potential.from_config("small", species=[1, 6, 7, 8, 29])
         return (
-            ESTCalculator(potential, device=device),
+            ESTCalculator(potential, device=device, skin=1.0),
             "an UNTRAINED 'small' EST model (no default potential ships yet): the numbers "
             "below exercise the pipeline and mean nothing physically",
         )
+
+
+def _compare_with_teacher(atoms, calc) -> None:
+    """Print EST against its teacher (ASE's EMT) on the relaxed structure, when it was EMT."""
+    meta = calc.potential.metadata or {}
+    if "emt" not in str(meta.get("teacher", "")).lower():
+        return
+    from ase.calculators.emt import EMT
+
+    probe = atoms.copy()
+    probe.calc = EMT()
+    e_emt, f_emt = probe.get_potential_energy(), probe.get_forces()
+    probe.calc = calc
+    e_est, f_est = probe.get_potential_energy(), probe.get_forces()
+    print(
+        f"check against the teacher (EMT) at the relaxed geometry: E_EST - E_EMT = "
+        f"{1000 * (e_est - e_emt) / len(atoms):+.1f} meV/atom, force MAE "
+        f"{1000 * np.abs(f_est - f_emt).mean():.0f} meV/Å"
+    )
 
 
 def run_demo(md_steps: int = 100, device: str = "auto", out_dir: str | Path = "demo_output") -> int:
@@ -74,6 +95,8 @@ def run_demo(md_steps: int = 100, device: str = "auto", out_dir: str | Path = "d
         f"relaxation: {status} in {result.steps} steps, E = {result.energies[-1]:.4f} eV "
         f"({t_relax:.1f} s)"
     )
+
+    _compare_with_teacher(result.atoms, calc)
 
     t0 = time.perf_counter()
     md = run_md(
