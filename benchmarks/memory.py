@@ -8,6 +8,9 @@ torch's CPU allocations are invisible to tracemalloc. On CUDA it is
 exponent b of memory ~ N^b is a least-squares fit in log-log over the sizes of >= 500 atoms
 (b = 1: linear). MACE-small is measured the same way (its own subprocess) on the smaller sizes.
 
+Each size is also measured with ``ESTCalculator(low_memory=True)`` (per-layer activation
+checkpointing: the same results, each layer recomputed during the backward pass).
+
 Usage: python benchmarks/memory.py [--quick | --full] [--device cpu|cuda]
 """
 
@@ -39,7 +42,7 @@ def _rss_now_MB() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(n_rep: int, device: str, dtype: str) -> dict:
+def worker(n_rep: int, device: str, dtype: str, low_memory: bool = False) -> dict:
     """Measure one size in this process; returns a JSON-able dict (MB)."""
     import torch
     from ase.calculators.calculator import all_changes
@@ -48,7 +51,8 @@ def worker(n_rep: int, device: str, dtype: str) -> dict:
     from est_calc.potential import Potential
 
     torch.manual_seed(0)
-    calc = ESTCalculator(Potential.from_config("small", species=[29]), device=device, dtype=dtype)
+    calc = ESTCalculator(Potential.from_config("small", species=[29]), device=device, dtype=dtype,
+                         low_memory=low_memory)
     calc.calculate(cu_bulk(1), ["energy", "forces", "stress"], all_changes)  # warm-up, 4 atoms
     atoms = cu_bulk(n_rep)
     sync(device)
@@ -77,10 +81,10 @@ def fit_exponent(n_atoms: list, mem_MB: list, min_atoms: int = FIT_MIN_ATOMS) ->
     return float(np.polyfit(x, y, 1)[0])
 
 
-def run_size(n_rep: int, device: str, dtype: str) -> dict:
+def run_size(n_rep: int, device: str, dtype: str, low_memory: bool = False) -> dict:
     """Run :func:`worker` for one size in a fresh python process."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n_rep),
-           "--device", device, "--dtype", dtype]
+           "--device", device, "--dtype", dtype] + (["--low-memory"] if low_memory else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -98,17 +102,22 @@ def run(args) -> str:
     peer_max_atoms = 4000 if args.full else 864
     key = "cuda_delta_MB" if device.startswith("cuda") else "rss_delta_MB"
     peer_key = "peak_cuda_MB" if device.startswith("cuda") else None
-    rows, ns, mems, peer_ns, peer_mems = [], [], [], [], []
+    rows, ns, mems, peer_ns, peer_mems, lean_ns, lean_mems = [], [], [], [], [], [], []
     peer_error = "skipped (--no-peer)" if args.no_peer else None
     for n_rep in reps:
         res = run_size(n_rep, device, args.dtype)
         n = res["n_atoms"]
         if "error" in res:
-            rows.append([f"{n:,}", "failed: " + res["error"], "-", "-", "-"])
+            rows.append([f"{n:,}", "failed: " + res["error"], "-", "-", "-", "-"])
             continue
         mem = res[key]
         ns.append(n)
         mems.append(mem)
+        lean = run_size(n_rep, device, args.dtype, low_memory=True)
+        lean_cell = "failed: " + lean["error"] if "error" in lean else f"{lean[key] / n:.4f}"
+        if "error" not in lean:
+            lean_ns.append(n)
+            lean_mems.append(lean[key])
         peer_cell = PEER_UNAVAILABLE if peer_error else "-"
         if peer_error is None and n <= peer_max_atoms:
             with tempfile.TemporaryDirectory() as tmp:
@@ -124,15 +133,20 @@ def run(args) -> str:
                 peer_ns.append(n)
                 peer_mems.append(pm)
                 peer_cell = f"{pm:,.1f} ({1e3 * pm / n:.2f} kB/atom)"
-        rows.append([f"{n:,}", f"{mem:,.1f}", f"{1e3 * mem / n:.2f}", f"{mem / n:.4f}", peer_cell])
+        rows.append([f"{n:,}", f"{mem:,.1f}", f"{1e3 * mem / n:.2f}", f"{mem / n:.4f}", lean_cell,
+                     peer_cell])
     b = fit_exponent(ns, mems)
     what = "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS rise"
     out = [f"### Peak memory of one energy+forces+stress call, EST-small, Cu bulk ({device}, "
            f"{args.dtype}; {what})", "",
-           markdown_table(["atoms", "EST MB", "EST kB/atom", "EST MB/atom", "MACE-small MB"],
-                          rows), "",
+           markdown_table(["atoms", "EST MB", "EST kB/atom", "EST MB/atom",
+                           "EST low_memory MB/atom", "MACE-small MB"], rows), "",
            f"EST scaling exponent (log-log fit over >= {FIT_MIN_ATOMS} atoms): "
            + (f"{b:.2f}" if b is not None else "n/a (too few sizes)") + "."]
+    lb = fit_exponent(lean_ns, lean_mems)
+    if lb is not None:
+        out.append(f"EST with low_memory=True (per-layer activation checkpointing): exponent "
+                   f"{lb:.2f}.")
     pb = fit_exponent(peer_ns, peer_mems)
     if pb is not None:
         out.append(f"MACE-small scaling exponent (same fit): {pb:.2f}.")
@@ -145,11 +159,13 @@ def run(args) -> str:
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         if args.worker < 1:
             raise ValueError(f"--worker needs a repeat count >= 1, got {args.worker}")
-        print(json.dumps(worker(args.worker, resolve_device(args.device), args.dtype)))
+        print(json.dumps(worker(args.worker, resolve_device(args.device), args.dtype,
+                                args.low_memory)))
         return 0
     print(run(args))
     return 0

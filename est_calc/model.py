@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from est_calc.geometry import edge_vectors
@@ -200,6 +201,11 @@ def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) ->
     return rot.to(dtype)
 
 
+def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb):
+    """One (message block, update block) layer, as a function for activation checkpointing."""
+    return update(message(x, edge_index, edge_sh, edge_rbf, env, atom_emb))
+
+
 def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
     if config.message == "est":
         from est_calc.nn.message import ESTMessageBlock
@@ -259,6 +265,22 @@ class ESTModel(nn.Module):
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self._rotate_grid = True
+        self._checkpoint_layers = False
+
+    @contextmanager
+    def checkpoint_layers(self, enabled: bool = True):
+        """Recompute each layer's activations in the backward pass instead of storing them.
+
+        Peak memory of an energy+forces(+stress) call drops (only each layer's input is kept),
+        at the price of a second forward through every layer during the backward; results are
+        identical. Meant for inference (forces and stress as first derivatives, as
+        ``ESTCalculator(low_memory=True)`` uses it).
+        """
+        previous, self._checkpoint_layers = self._checkpoint_layers, bool(enabled)
+        try:
+            yield self
+        finally:
+            self._checkpoint_layers = previous
 
     @contextmanager
     def fixed_grid(self):
@@ -293,7 +315,13 @@ class ESTModel(nn.Module):
             x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
         else:
             edge_sh = edge_rbf = env = None
+        checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
         for message, update in zip(self.messages, self.updates):
+            if checkpoint and edge_sh is not None:
+                x = torch.utils.checkpoint.checkpoint(
+                    _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
+                    use_reentrant=False)
+                continue
             if edge_sh is not None:
                 x = message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
             x = update(x)
