@@ -8,6 +8,8 @@ Sections (each one survives the failure of another; a failure is printed with it
 3. energy+forces+stress per call, Cu fcc bulk at ~1k, 8k and 64k atoms, every preset, beside
    MACE-small run by the same script on the same card (target: "small" >= 3x MACE-small
    throughput at 8k atoms), with peak GPU memory;
+   then the ~100k-atom cell (97,556 atoms) with and without ``low_memory=True`` (target: fits
+   an 80 GB card);
 4. MD steps per second (velocity Verlet through ``ESTCalculator``; Verlet skin 0 and 1 Å);
 5. batched throughput: 256 small adsorbate/slab systems in one ``calculate_batch`` against
    one-by-one calls, and MACE-small one-by-one on the same structures;
@@ -231,6 +233,35 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                                 "mace_ms": peer_ms}
 
 
+def big_cell(report: Report, device: str, n_rep: int) -> None:
+    """The 100k-atom target: one E+F+S call of EST-small, plain and with low_memory=True."""
+    from est_calc.calculator import ESTCalculator
+
+    from _common import cu_bulk
+
+    atoms = cu_bulk(n_rep)
+    base = _untrained("small", device)
+    rows = []
+    for low in (True, False):
+        calc = ESTCalculator(base.potential, device=device, low_memory=low)
+        _reset_peak(device)
+        try:
+            t0 = time.perf_counter()
+            calc.calculate(atoms, ["energy", "forces", "stress"])
+            _sync(device)
+            peak = _peak_mb(device)
+            rows.append([len(atoms), low, f"{1e3 * (time.perf_counter() - t0):.0f}",
+                         "-" if peak is None else f"{peak:,.0f}",
+                         "-" if peak is None else f"{peak / len(atoms):.3f}"])
+        except RuntimeError as err:  # out of memory is a result here
+            rows.append([len(atoms), low, f"failed: {str(err)[:80]}", "-", "-"])
+        finally:
+            del calc
+            _reset_peak(device)
+    report.table(["atoms", "low_memory", "ms (first call)", "peak GPU MB", "MB/atom"], rows)
+    report.data["big_cell"] = rows
+
+
 def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
     from ase import units
     from ase.md.verlet import VelocityVerlet
@@ -386,6 +417,8 @@ def main(argv=None) -> int:
     section(report, "Neighbour lists (Cu fcc, 6 Å)")(neighbours)(report, device, nl_sizes)
     section(report, "Energy + forces + stress (Cu fcc bulk, float32)")(inference)(
         report, device, sizes, presets, peer, reps)
+    section(report, "Largest cell: ~100k atoms, EST-small")(big_cell)(
+        report, device, 2 if args.smoke else 29)
     section(report, "MD steps per second")(md_speed)(report, device, md_sizes, md_steps)
     section(report, f"Batched throughput ({n_batch} small systems)")(batched)(
         report, device, n_batch, peer)
