@@ -21,8 +21,8 @@ def test_gpu_script_runs_every_section_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "gpu_report.md").read_text()
     assert "FAILED" not in report, report
-    for title in ("Neighbour lists", "Energy + forces + stress", "Largest cell", "MD steps per second",
-                  "Batched throughput", "Precision"):
+    for title in ("Neighbour lists", "Energy + forces + stress", "Largest cell",
+                  "MD steps per second", "Batched throughput", "Precision"):
         assert f"## {title}" in report
     data = json.loads((tmp_path / "gpu_report.json").read_text())
     # neighbour rows: pair counts of every backend agree
