@@ -50,6 +50,23 @@ def accuracy(potential, path: str) -> dict:
     return metrics
 
 
+def accuracy_by_kind(potential, path: str) -> dict:
+    """The same metrics per frame kind (relax, md, rattle, bulk, gas) where frames carry it."""
+    from est_calc.training.datasets import open_dataset
+    from est_calc.training.trainer import evaluate
+
+    frames = open_dataset(path)
+    groups: dict = {}
+    for i in range(len(frames)):
+        groups.setdefault(str(frames[i].extra.get("kind", "unknown")), []).append(frames[i])
+    out = {}
+    for kind, items in sorted(groups.items()):
+        m = evaluate(potential, items, energy_mode="total", batch_size=8)
+        m["n_frames"] = len(items)
+        out[kind] = m
+    return out
+
+
 def rotation_error(potential, path: str, stride: int, seed: int = 0) -> dict:
     import torch
 
@@ -127,6 +144,7 @@ def main(argv=None) -> int:
     for name, path in sets:
         report["accuracy"][name] = accuracy(pot, path)
     if sets:
+        report["by_kind"] = accuracy_by_kind(pot, sets[0][1])
         pot64 = load_potential(args.potential, dtype=torch.float64)
         report["rotation"] = rotation_error(pot64, sets[0][1], args.rotation_stride)
     report["speed_ms_per_call"] = speed(args.potential)
@@ -136,6 +154,13 @@ def main(argv=None) -> int:
     for name, m in report["accuracy"].items():
         cells = [f"{m[k] * scale:.3g}" if k in m else "n/a" for k, _, scale in KEYS]
         print(f"| {name} | {m['n_frames']} | " + " | ".join(cells) + " |")
+    if report.get("by_kind"):
+        print(f"\nby frame kind ({sets[0][0]}):\n")
+        print("| kind | frames | energy MAE (meV/atom) | force MAE (meV/Å) | force cosine |")
+        print("|---|---|---|---|---|")
+        for kind, m in report["by_kind"].items():
+            print(f"| {kind} | {m['n_frames']} | {1000 * m['energy_per_atom_mae']:.3g} | "
+                  f"{1000 * m['forces_mae']:.3g} | {m['forces_cosine_similarity']:.3g} |")
     if "rotation" in report:
         r = report["rotation"]
         print(f"\nrotation error over {r['n_frames']} frames x 2 rotations (float64): mean "
