@@ -81,3 +81,25 @@ def test_train_with_overrides_resume_and_init(extxyz, tmp_path):
     for (k, v), (k2, v2) in zip(init.state_dict().items(), tuned.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v2, v, rtol=1e-6, atol=1e-7)  # lr = 0: weights unchanged
+
+
+@pytest.mark.parametrize("config", ["examples/train_small.yaml", "training_runs/est-emt-small.yaml"])
+def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypatch):
+    """The example config and the default potential's config point at the files `est generate`
+    writes (paths relative to the repository), and train for a step as documented."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / config).read_text())
+    monkeypatch.chdir(tmp_path)
+    for split, seed in (("train", 1), ("val", 2)):
+        out = Path(raw["data"][split]).parent
+        assert main(["generate", str(out), "--n-systems", "1", "--seed", str(seed),
+                     "--formats", "hdf5", "--frames-per-system", "2", "--no-bulk", "--no-gas",
+                     "--quiet"]) == 0
+        assert Path(raw["data"][split]).is_file(), f"{config}: {raw['data'][split]} not written"
+    overrides = ["train.max_steps=1", "train.eval_every=1", "train.checkpoint_every=1",
+                 "model.preset=tiny", f"output_dir={tmp_path / 'run'}"]
+    args = ["train", str(root / config)] + [x for o in overrides for x in ("--set", o)]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "potential.pt").is_file()
