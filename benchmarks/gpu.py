@@ -347,16 +347,24 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
 
     ref = run()
     rows = []
-    modes = [("float32", None)]
+    from contextlib import nullcontext
+
+    from est_calc.nn.attention import attention_precision
+
+    modes = [("float32", None), ("bf16 attention core only", "bf16-attention")]
     if device.startswith("cuda"):
-        modes += [("TF32 matmul", "tf32"), ("bf16 autocast", "bf16")]
+        modes += [("TF32 matmul", "tf32"), ("bf16 autocast (whole model)", "bf16")]
     for name, mode in modes:
         old = torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None
         try:
             if mode == "tf32":
                 torch.backends.cuda.matmul.allow_tf32 = True
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16"
-                   else torch.autocast("cpu", enabled=False))
+            if mode == "bf16":
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+            elif mode == "bf16-attention":
+                ctx = attention_precision("bfloat16")
+            else:
+                ctx = nullcontext()
             with ctx:
                 out = run()
                 t = _time(run, device, repeats=3)

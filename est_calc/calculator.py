@@ -118,6 +118,9 @@ class ESTCalculator(Calculator):
             rebuilds on every call; ``calculate_batch`` always builds afresh.
         low_memory: recompute each layer's activations during the backward pass instead of
             storing them (same results; less peak memory for large cells, ~1.3x the time).
+        attention_precision: "float32" (default: the model's dtype), "bfloat16" or "float16"
+            for the spherical-attention core only (tensor cores on GPUs); everything else keeps
+            ``dtype``. Check the force change against the potential's validation error first.
         compile: not offered yet; ``True`` raises NotImplementedError rather than offering a
             path that could differ from the eager model (or drop stress).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (label, directory).
@@ -158,6 +161,7 @@ class ESTCalculator(Calculator):
         compile: bool = False,
         skin: float = 0.0,
         low_memory: bool = False,
+        attention_precision: str = "float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -196,6 +200,11 @@ class ESTCalculator(Calculator):
         self.potential = potential
         self.neighbor_backend = neighbor_backend
         self.low_memory = bool(low_memory)
+        from est_calc.nn.attention import attention_precision as _precision
+
+        with _precision(attention_precision):  # validates the name now, not at the first call
+            pass
+        self.attention_precision = attention_precision
         self.n_model_calls = 0
         from est_calc.neighbors.verlet import VerletNeighborList
 
@@ -242,7 +251,10 @@ class ESTCalculator(Calculator):
             work = batch.replace(cell=torch.where(keep[:, None, None], batch.cell, eye))
         self.n_model_calls += 1
         want_stress = stress_mask is not None
-        with self.potential.model.checkpoint_layers(self.low_memory):
+        from est_calc.nn.attention import attention_precision
+
+        with self.potential.model.checkpoint_layers(self.low_memory), \
+                attention_precision(self.attention_precision):
             pred = energy_forces_stress(
                 self.potential, work, graph, compute_stress=want_stress, create_graph=False
             )

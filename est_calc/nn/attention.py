@@ -35,7 +35,8 @@ from torch.nn import functional as F
 
 from est_calc.sphere import ExactBufferModule, SphericalGrid
 
-__all__ = ["SphericalAttention", "fused_attention", "fused_attention_enabled", "legendre_matrices"]
+__all__ = ["SphericalAttention", "fused_attention", "fused_attention_enabled", "legendre_matrices",
+           "attention_precision"]
 
 _STATE = threading.local()
 
@@ -58,6 +59,29 @@ def fused_attention(enabled: bool):
         yield
     finally:
         _STATE.fused = previous
+
+
+_LOW_PRECISION = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def attention_precision(name: str):
+    """Run the spherical attention core (scores, softmax, weighted sum) in ``name``.
+
+    ``"float32"`` (default) keeps the model's dtype; ``"bfloat16"`` / ``"float16"`` cast q, k, v
+    and the bias for the attention core only and cast its output back, so projections, norms,
+    experts and every other part stay in the model's dtype. Meant for GPUs (tensor cores);
+    measure the force error against the model's validation error before using it
+    (``benchmarks/gpu.py`` does). The previous setting is restored on exit.
+    """
+    if name not in _LOW_PRECISION:
+        raise ValueError(f"attention precision must be one of {sorted(_LOW_PRECISION)}, got {name!r}")
+    previous = getattr(_STATE, "precision", None)
+    _STATE.precision = _LOW_PRECISION[name]
+    try:
+        yield
+    finally:
+        _STATE.precision = previous
 
 
 def legendre_matrices(points: np.ndarray | Tensor, l_roe: int) -> np.ndarray:
@@ -130,6 +154,14 @@ class SphericalAttention(ExactBufferModule):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """softmax(q k^T + bias) v for q already scaled by 1/sqrt(d); q, k, v: [B, h, S, d]."""
+        low = getattr(_STATE, "precision", None)
+        if low is not None and q.dtype != low:
+            out = self._attend_core(q.to(low), k.to(low), v.to(low),
+                                    None if bias is None else bias.to(low))
+            return out.to(q.dtype)
+        return self._attend_core(q, k, v, bias)
+
+    def _attend_core(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         # On CPU the math path below is used even when fused kernels are allowed: SDPA's CPU
         # path adds scaling passes and mask checks that cost more than they save here.
         if fused_attention_enabled() and q.is_cuda:

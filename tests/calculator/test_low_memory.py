@@ -40,3 +40,18 @@ def test_checkpointing_is_really_used(make_potential, cu_slab_co, monkeypatch):
     calls.clear()
     ESTCalculator(pot, dtype="float64").calculate(cu_slab_co, ["forces"])
     assert not calls
+
+
+def test_bf16_attention_option(make_potential, cu_slab_co):
+    import pytest
+
+    pot = make_potential(message="so2", n_layers=2)
+    ref = ESTCalculator(pot, dtype="float32")
+    low = ESTCalculator(pot, dtype="float32", attention_precision="bfloat16")
+    ref.calculate(cu_slab_co, ["energy", "forces"])
+    low.calculate(cu_slab_co, ["energy", "forces"])
+    f_ref, f_low = ref.results["forces"], low.results["forces"]
+    assert np.isfinite(f_low).all()
+    assert 0 < np.abs(f_low - f_ref).max() < 0.05 * np.abs(f_ref).max()
+    with pytest.raises(ValueError, match="attention precision"):
+        ESTCalculator(pot, attention_precision="fp8")

@@ -150,3 +150,30 @@ def test_legendre_helper_matches_scipy():
     for l in range(1, 5):
         np.testing.assert_allclose(mats[l - 1], eval_legendre(l, np.clip(pts @ pts.T, -1, 1)),
                                    atol=1e-13)
+
+
+def test_attention_precision_casts_only_the_core():
+    import pytest
+    import torch
+
+    from est_calc.nn.attention import SphericalAttention, attention_precision
+    from est_calc.sphere import make_grid
+
+    torch.manual_seed(0)
+    grid = make_grid("fibonacci", 2)
+    att = SphericalAttention(16, grid, n_heads=4, l_roe=2)
+    f = torch.randn(5, grid.n_points, 16)
+    ref = att(f)
+    with attention_precision("float32"):
+        same = att(f)
+    torch.testing.assert_close(same, ref, rtol=0, atol=0)
+    with attention_precision("bfloat16"):
+        low = att(f)
+    assert low.dtype == torch.float32
+    err = float((low - ref).detach().abs().max() / ref.detach().abs().max())
+    assert 0 < err < 2e-2, err  # bf16 rounding is visible but small
+    low.sum().backward()  # the cast is differentiable
+    assert att.query.weight.grad is not None
+    with pytest.raises(ValueError, match="attention precision"):
+        with attention_precision("int8"):
+            pass
