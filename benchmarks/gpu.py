@@ -332,12 +332,12 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
 
     from _common import cu_bulk
 
-    if potential:
-        pot = load_potential(potential, device=device)
-        what = potential
-    else:
+    try:  # the shipped default unless another is named: the error only means something trained
+        pot = load_potential(potential or "default", device=device)
+        what = potential or "default"
+    except FileNotFoundError:
         pot = _untrained("small", device).potential
-        what = "untrained small"
+        what = "untrained small (no default potential found)"
     atoms = cu_bulk(n_rep)
     batch = AtomsBatch.from_atoms(atoms, device=device, dtype=torch.float32)
     graph = build_graph(batch, pot.cutoff_A)
@@ -389,7 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1k and 8k atoms only, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="toy sizes (CPU test of every path)")
     p.add_argument("--no-peer", action="store_true")
-    p.add_argument("--potential", default=None, help="trained potential for the precision check")
+    p.add_argument("--potential", default=None,
+                   help="potential for the precision check (default: the shipped default)")
     args = p.parse_args(argv)
 
     if args.wheels and not os.environ.get("EST_GPU_WHEELS_DONE"):
