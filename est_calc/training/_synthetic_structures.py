@@ -148,35 +148,50 @@ def _fixed_mask(atoms: Atoms) -> np.ndarray:
     return mask
 
 
-def pick_composition(rng, metals, alloy_fraction: float, alloys_only: bool):
-    """Choose a metal or a binary alloy; return (host, guest or None, guest fraction)."""
+def pick_composition(rng, metals, alloy_fraction: float, alloys_only: bool, n_components: int = 2):
+    """Choose a metal or a random alloy; return (host, guest or None, guest fraction).
+
+    ``n_components = 2``: a binary alloy, guest a symbol. ``n_components = 3``: a ternary alloy,
+    guest a tuple of two symbols sharing the guest fraction (an alloy class absent from the
+    default data, for hold-out sets). The binary path draws exactly what it always drew.
+    """
     if alloys_only or (len(metals) > 1 and rng.random() < alloy_fraction):
+        if n_components == 3:
+            host, g1, g2 = (str(m) for m in rng.choice(metals, 3, replace=False))
+            return host, (g1, g2), float(rng.uniform(0.3, 0.6))
         host, guest = (str(m) for m in rng.choice(metals, 2, replace=False))
         return host, guest, float(rng.uniform(0.15, 0.5))
     return str(rng.choice(metals)), None, 0.0
 
 
 def alloy(atoms: Atoms, rng, host, guest, x, lattice) -> float:
-    """Substitute a fraction x of atoms by ``guest``; return the Vegard lattice constant."""
+    """Substitute a fraction x of atoms by ``guest`` (a symbol, or a pair sharing x equally);
+    return the Vegard lattice constant."""
     if guest is None:
         return lattice[host]
     n_sub = int(np.clip(round(x * len(atoms)), 1, len(atoms) - 1))
     idx = rng.choice(len(atoms), n_sub, replace=False)
     symbols = np.array(atoms.get_chemical_symbols())
-    symbols[idx] = guest
+    guests = (guest,) if isinstance(guest, str) else tuple(guest)
+    parts = np.array_split(idx, len(guests))
+    for g, part in zip(guests, parts):
+        symbols[part] = g
     atoms.set_chemical_symbols(symbols.tolist())
-    x = n_sub / len(atoms)
-    return (1 - x) * lattice[host] + x * lattice[guest]
+    a = (1 - n_sub / len(atoms)) * lattice[host]
+    for g, part in zip(guests, parts):
+        a += len(part) / len(atoms) * lattice[g]
+    return a
 
 
-def build_slab(rng, facet, size, metals, alloy_fraction, alloys_only, lattice) -> Atoms:
+def build_slab(rng, facet, size, metals, alloy_fraction, alloys_only, lattice,
+               alloy_components: int = 2) -> Atoms:
     """An fcc slab (metal or random binary alloy) with OC20 tags and FixAtoms below the top layer.
 
     Args:
         facet: "111", "100" or "110". size: (nx, ny, layers). lattice: {metal: a in Å}.
         The vacuum (each side) is drawn from 7-10 Å; pbc is True in all directions as in OC20.
     """
-    host, guest, x = pick_composition(rng, metals, alloy_fraction, alloys_only)
+    host, guest, x = pick_composition(rng, metals, alloy_fraction, alloys_only, alloy_components)
     probe = FACETS[facet](host, size=size, a=lattice[host], vacuum=1.0)
     a = alloy(probe, rng, host, guest, x, lattice)  # decides which sites carry the guest
     slab = FACETS[facet](host, size=size, a=a, vacuum=float(rng.uniform(7.0, 10.0)))

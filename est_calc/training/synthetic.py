@@ -74,7 +74,7 @@ def _adslab_frames(rng, spec: dict, ads_table: dict, lattice: dict, mu: dict) ->
         size = (3, 3, size[2])
     facet = str(rng.choice(spec["facets"]))
     slab = build_slab(rng, facet, size, spec["metals"], spec["alloy_fraction"],
-                      spec["alloys_only"], lattice)
+                      spec["alloys_only"], lattice, spec.get("alloy_components", 2))
     e_slab = relax(slab, 0.05, 100)
     reference = e_slab + sum(mu[s] for s in ads.get_chemical_symbols())
     atoms, site_kind = place(slab, ads, binding, rng)
@@ -111,7 +111,7 @@ def _adslab_frames(rng, spec: dict, ads_table: dict, lattice: dict, mu: dict) ->
 def _bulk_frames(rng, spec: dict, lattice: dict) -> list[Atoms]:
     """Randomly strained (symmetric, up to 3 %) and rattled fcc supercells with stress labels."""
     host, guest, x = pick_composition(rng, spec["metals"], spec["alloy_fraction"],
-                                      spec["alloys_only"])
+                                      spec["alloys_only"], spec.get("alloy_components", 2))
     base = bulk(host, "fcc", a=lattice[host], cubic=True).repeat((2, 2, 2))
     a = alloy(base, rng, host, guest, x, lattice)
     base.set_cell(base.cell.array * a / lattice[host], scale_atoms=True)
@@ -187,7 +187,8 @@ def _write(frames: list[Atoms], out_dir: Path, formats, stem: str) -> list[str]:
 
 
 def generate(out_dir, *, n_systems: int, seed: int, metals=DEFAULT_METALS, facets=("111", "100"),
-             alloy_fraction: float = 0.3, alloys_only: bool = False, adsorbates=None,
+             alloy_fraction: float = 0.3, alloys_only: bool = False, alloy_components: int = 2,
+             adsorbates=None,
              adsorbates_path=DEFAULT_ADSORBATES_PATH, frames_per_system: int = 10,
              md_temperatures_K=(300.0, 1000.0), include_bulk: bool = True,
              include_gas: bool = True, formats=FORMATS, max_force_eV_per_A: float = 50.0,
@@ -205,6 +206,8 @@ def generate(out_dir, *, n_systems: int, seed: int, metals=DEFAULT_METALS, facet
         facets: fcc facets among "111", "100", "110".
         alloy_fraction: probability that a system is a random binary alloy.
         alloys_only: make every slab and bulk cell an alloy (for an unseen-alloy hold-out set).
+        alloy_components: 2 (random binary alloys) or 3 (random ternary alloys: an alloy class
+            the default data never contains, for an out-of-distribution set).
         adsorbates: SMILES to use; None means every H/C/N/O adsorbate of the OC20 set.
         adsorbates_path: the OC20 ``oc20_adsorbates.extxyz``.
         frames_per_system: frames per slab or bulk system (about 40 % relaxation, 30 % MD, the
@@ -234,7 +237,12 @@ def generate(out_dir, *, n_systems: int, seed: int, metals=DEFAULT_METALS, facet
         raise ValueError("no adsorbate made of H, C, N, O was selected")
     lattice = {m: emt_lattice_constant(m) for m in sorted(set(metals))}
     gas_e, mu = gas_references()
+    if alloy_components not in (2, 3):
+        raise ValueError(f"alloy_components must be 2 or 3, got {alloy_components!r}")
+    if alloy_components == 3 and len(set(metals)) < 3:
+        raise ValueError("alloy_components=3 needs at least three metals")
     spec = dict(metals=metals, facets=facets, alloy_fraction=alloy_fraction,
+                alloy_components=int(alloy_components),
                 alloys_only=alloys_only, frames_per_system=int(frames_per_system),
                 md_temperatures_K=tuple(md_temperatures_K), relax_stride=int(relax_stride),
                 md_stride=int(md_stride))
@@ -309,7 +317,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                        formats=tuple(args.formats), metals=tuple(args.metals),
                        facets=tuple(args.facets), adsorbates=args.adsorbates,
                        adsorbates_path=args.adsorbates_path, alloy_fraction=args.alloy_fraction,
-                       alloys_only=args.alloys_only, frames_per_system=args.frames_per_system,
+                       alloys_only=args.alloys_only, alloy_components=args.alloy_components,
+                       frames_per_system=args.frames_per_system,
                        include_bulk=not args.no_bulk, include_gas=not args.no_gas,
                        max_force_eV_per_A=args.max_force, progress=not args.quiet)
     _print_summary(summary)
@@ -333,6 +342,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adsorbates-path", default=str(DEFAULT_ADSORBATES_PATH))
     p.add_argument("--alloy-fraction", type=float, default=0.3)
     p.add_argument("--alloys-only", action="store_true")
+    p.add_argument("--alloy-components", type=int, default=2, choices=(2, 3),
+                   help="3: random ternary alloys (absent from default data; hold-out sets)")
     p.add_argument("--frames-per-system", type=int, default=10)
     p.add_argument("--max-force", type=float, default=50.0, help="eV/A filter threshold")
     p.add_argument("--no-bulk", action="store_true")

@@ -219,6 +219,26 @@ def test_holdout_options_restrict_metals_facet_and_adsorbates(tmp_path):
         assert frame.extra["facet"] == "110"
 
 
+def test_ternary_alloys_hold_three_metals_and_bad_counts_raise(tmp_path):
+    summary = synthetic.generate(tmp_path, seed=6, n_systems=2, frames_per_system=2,
+                                 alloys_only=True, alloy_components=3, include_gas=False,
+                                 include_bulk=True, formats=("hdf5",), progress=False)
+    from est_calc.training.datasets import open_dataset
+
+    data = open_dataset(tmp_path / "synthetic.h5")
+    assert len(data) == summary["n_frames"] > 0
+    metals = set(synthetic.DEFAULT_METALS)
+    for frame in data:
+        present = set(np.array(ase.data.chemical_symbols)[frame.numbers]) & metals
+        assert len(present) == 3, present  # every slab and bulk cell is a ternary alloy
+    with pytest.raises(ValueError, match="alloy_components"):
+        synthetic.generate(tmp_path / "x", seed=0, n_systems=1, alloy_components=4,
+                           progress=False)
+    with pytest.raises(ValueError, match="three metals"):
+        synthetic.generate(tmp_path / "y", seed=0, n_systems=1, alloy_components=3,
+                           metals=("Cu", "Pd"), progress=False)
+
+
 @pytest.mark.parametrize("builder, n_hollow_neighbours", [(fcc111, 3), (fcc100, 4), (fcc110, 4)])
 def test_surface_sites_have_the_right_coordination(builder, n_hollow_neighbours):
     slab = builder("Cu", size=(3, 3, 3), a=3.6, vacuum=8.0, periodic=True)
