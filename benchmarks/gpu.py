@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ BENCH = ROOT / "benchmarks"
 for p in (str(ROOT), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+from _common import cu_bulk, median_time, run_peer, sync, write_structures  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ wheels
@@ -62,26 +63,6 @@ def install_wheels(wheels: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _untrained(preset: str, device: str, dtype: str = "float32"):
     import torch
 
@@ -179,7 +160,7 @@ def neighbours(report: Report, device: str, sizes: list[int]) -> None:
         for b in backends:
             def call(b=b):
                 return neighbor_list(pos, cell, pbc, 6.0, backend=b)
-            times[b] = _time(call, device, repeats=5)
+            times[b] = median_time(call, repeats=5, device=device)
             pairs[b] = int(call()[0].shape[1])
         same = len(set(pairs.values())) == 1
         ratio = f"{times['torch'] / times['vesin']:.2f}" if "vesin" in times else "-"
@@ -194,8 +175,6 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
               peer: bool, repeats: int) -> None:
     import tempfile
 
-    from _common import cu_bulk, run_peer, write_structures
-
     rows, est_ms = [], {}
     structures = [cu_bulk(n) for n in sizes]
     for preset in presets:
@@ -203,8 +182,8 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
         for atoms in structures:
             _reset_peak(device)
             try:
-                t = _time(lambda: calc.calculate(atoms, ["energy", "forces", "stress"]),
-                          device, repeats)
+                t = median_time(lambda: calc.calculate(atoms, ["energy", "forces", "stress"]),
+                                repeats=repeats, device=device)
                 est_ms[(preset, len(atoms))] = 1e3 * t
                 peak = _peak_mb(device)
                 rows.append([f"EST-{preset}", len(atoms), f"{1e3 * t:.1f}",
@@ -237,8 +216,6 @@ def big_cell(report: Report, device: str, n_rep: int) -> None:
     """The 100k-atom target: one E+F+S call of EST-small, plain and with low_memory=True."""
     from est_calc.calculator import ESTCalculator
 
-    from _common import cu_bulk
-
     atoms = cu_bulk(n_rep)
     base = _untrained("small", device)
     rows = []
@@ -248,7 +225,7 @@ def big_cell(report: Report, device: str, n_rep: int) -> None:
         try:
             t0 = time.perf_counter()
             calc.calculate(atoms, ["energy", "forces", "stress"])
-            _sync(device)
+            sync(device)
             peak = _peak_mb(device)
             rows.append([len(atoms), low, f"{1e3 * (time.perf_counter() - t0):.0f}",
                          "-" if peak is None else f"{peak:,.0f}",
@@ -266,23 +243,21 @@ def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
-    from _common import cu_bulk
+    from est_calc.calculator import ESTCalculator
 
+    potential = _untrained("small", device).potential
     rows = []
     for n in sizes:
         for skin in (0.0, 1.0):
-            from est_calc.calculator import ESTCalculator
-
-            base = _untrained("small", device)
-            calc = ESTCalculator(base.potential, device=device, skin=skin)
+            calc = ESTCalculator(potential, device=device, skin=skin)
             atoms = cu_bulk(n)
             atoms.calc = calc
             dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
             dyn.run(2)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             dyn.run(steps)
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             builds = calc.neighbor_list.n_builds if calc.neighbor_list else steps
             rows.append([len(atoms), skin, f"{steps / dt:.1f}", builds])
@@ -292,20 +267,18 @@ def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
 
 def batched(report: Report, device: str, n_systems: int, peer: bool) -> None:
     import tempfile
-
-    from _common import run_peer, write_structures
     from batched import small_slabs
 
     structs = small_slabs(n_systems)
     calc = _untrained("small", device)
     props = ["energy", "forces"]
-    t_batch = _time(lambda: calc.calculate_batch(structs, props), device, repeats=3)
+    t_batch = median_time(lambda: calc.calculate_batch(structs, props), repeats=3, device=device)
 
     def singles():
         from ase.calculators.calculator import all_changes
         for a in structs:
             calc.calculate(a, props, all_changes)
-    t_single = _time(singles, device, repeats=1)
+    t_single = median_time(singles, repeats=1, device=device)
     rows = [["EST-small calculate_batch", n_systems, f"{n_systems / t_batch:.0f}"],
             ["EST-small one by one", n_systems, f"{n_systems / t_single:.0f}"]]
     if peer:
@@ -329,8 +302,6 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
     from est_calc.forces import energy_forces_stress
     from est_calc.neighbors import build_graph
     from est_calc.potential import load_potential
-
-    from _common import cu_bulk
 
     try:  # the shipped default unless another is named: the error only means something trained
         pot = load_potential(potential or "default", device=device)
@@ -367,7 +338,7 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
                 ctx = nullcontext()
             with ctx:
                 out = run()
-                t = _time(run, device, repeats=3)
+                t = median_time(run, repeats=3, device=device)
         finally:
             if old is not None:
                 torch.backends.cuda.matmul.allow_tf32 = old

@@ -200,20 +200,18 @@ class ESTCalculator(Calculator):
         self.potential = potential
         self.neighbor_backend = neighbor_backend
         self.low_memory = bool(low_memory)
-        from est_calc.nn.attention import attention_precision as _precision
+        from est_calc.nn.attention import attention_precision_dtype
 
-        with _precision(attention_precision):  # validates the name now, not at the first call
-            pass
+        attention_precision_dtype(attention_precision)  # ValueError now, not at the first call
         self.attention_precision = attention_precision
         self.n_model_calls = 0
         from est_calc.neighbors.verlet import VerletNeighborList
 
         # Verlet skin for single-structure calls (MD, relaxations): the list is rebuilt only when
         # an atom moved by more than skin/2 or the cell changed; the pair set is always exact.
-        if not (float(skin) >= 0.0 and float(skin) < float("inf")):
-            raise ValueError(f"skin must be a finite distance >= 0 Å, got {skin}")
+        # VerletNeighborList validates the skin (negative or NaN values raise there).
         self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend)
-                              if skin else None)
+                              if skin != 0 else None)
 
     @property
     def cutoff_A(self) -> float:

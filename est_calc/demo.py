@@ -37,7 +37,7 @@ def _calculator(device: str):
 
     try:
         calc = ESTCalculator(device=device, skin=1.0)
-        name = calc.potential.metadata.get("name", "default") if calc.potential.metadata else "default"
+        name = calc.potential.metadata.get("name", "default")
         return calc, f"the shipped default potential ({name}, trained on EMT labels)"
     except DefaultPotentialMissing:
         potential = Potential.from_config("small", species=[1, 6, 7, 8, 29])
@@ -50,8 +50,7 @@ def _calculator(device: str):
 
 def _compare_with_teacher(atoms, calc) -> None:
     """Print EST against its teacher (ASE's EMT) on the relaxed structure, when it was EMT."""
-    meta = calc.potential.metadata or {}
-    if "emt" not in str(meta.get("teacher", "")).lower():
+    if "emt" not in str(calc.potential.metadata.get("teacher", "")).lower():
         return
     from ase.calculators.emt import EMT
 

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from est_calc.sphere import ExactBufferModule, SphericalGrid
 
 __all__ = ["SphericalAttention", "fused_attention", "fused_attention_enabled", "legendre_matrices",
-           "attention_precision"]
+           "attention_precision", "attention_precision_dtype"]
 
 _STATE = threading.local()
 
@@ -64,6 +64,14 @@ def fused_attention(enabled: bool):
 _LOW_PRECISION = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def attention_precision_dtype(name: str) -> torch.dtype | None:
+    """The dtype of an attention-precision name (None for "float32", the model's own dtype);
+    ValueError for an unknown name."""
+    if name not in _LOW_PRECISION:
+        raise ValueError(f"attention precision must be one of {sorted(_LOW_PRECISION)}, got {name!r}")
+    return _LOW_PRECISION[name]
+
+
 @contextlib.contextmanager
 def attention_precision(name: str):
     """Run the spherical attention core (scores, softmax, weighted sum) in ``name``.
@@ -74,10 +82,9 @@ def attention_precision(name: str):
     measure the force error against the model's validation error before using it
     (``benchmarks/gpu.py`` does). The previous setting is restored on exit.
     """
-    if name not in _LOW_PRECISION:
-        raise ValueError(f"attention precision must be one of {sorted(_LOW_PRECISION)}, got {name!r}")
+    low = attention_precision_dtype(name)
     previous = getattr(_STATE, "precision", None)
-    _STATE.precision = _LOW_PRECISION[name]
+    _STATE.precision = low
     try:
         yield
     finally:

@@ -74,7 +74,7 @@ def _adslab_frames(rng, spec: dict, ads_table: dict, lattice: dict, mu: dict) ->
         size = (3, 3, size[2])
     facet = str(rng.choice(spec["facets"]))
     slab = build_slab(rng, facet, size, spec["metals"], spec["alloy_fraction"],
-                      spec["alloys_only"], lattice, spec.get("alloy_components", 2))
+                      spec["alloys_only"], lattice, spec["alloy_components"])
     e_slab = relax(slab, 0.05, 100)
     reference = e_slab + sum(mu[s] for s in ads.get_chemical_symbols())
     atoms, site_kind = place(slab, ads, binding, rng)
@@ -111,7 +111,7 @@ def _adslab_frames(rng, spec: dict, ads_table: dict, lattice: dict, mu: dict) ->
 def _bulk_frames(rng, spec: dict, lattice: dict) -> list[Atoms]:
     """Randomly strained (symmetric, up to 3 %) and rattled fcc supercells with stress labels."""
     host, guest, x = pick_composition(rng, spec["metals"], spec["alloy_fraction"],
-                                      spec["alloys_only"], spec.get("alloy_components", 2))
+                                      spec["alloys_only"], spec["alloy_components"])
     base = bulk(host, "fcc", a=lattice[host], cubic=True).repeat((2, 2, 2))
     a = alloy(base, rng, host, guest, x, lattice)
     base.set_cell(base.cell.array * a / lattice[host], scale_atoms=True)
@@ -144,7 +144,8 @@ def _gas_frames(rng, atoms: Atoms, n_frames: int) -> list[Atoms]:
 
 
 def _check_options(n_systems, metals, facets, formats, alloys_only, md_temperatures_K,
-                   frames_per_system, alloy_fraction, relax_stride, md_stride):
+                   frames_per_system, alloy_fraction, relax_stride, md_stride,
+                   alloy_components):
     if int(n_systems) < 0:
         raise ValueError(f"n_systems must be >= 0, got {n_systems}")
     if int(frames_per_system) < 1:
@@ -154,6 +155,10 @@ def _check_options(n_systems, metals, facets, formats, alloys_only, md_temperatu
         raise ValueError(f"metals must be a non-empty subset of {DEFAULT_METALS}, got {metals}")
     if alloys_only and len(set(metals)) < 2:
         raise ValueError("alloys_only=True needs at least two metals")
+    if alloy_components not in (2, 3):
+        raise ValueError(f"alloy_components must be 2 or 3, got {alloy_components!r}")
+    if alloy_components == 3 and len(set(metals)) < 3:
+        raise ValueError("alloy_components=3 needs at least three metals")
     if not facets or any(f not in FACETS for f in facets):
         raise ValueError(f"facets must be a non-empty subset of {tuple(FACETS)}, got {facets}")
     if any(f not in FORMATS for f in formats):
@@ -231,16 +236,12 @@ def generate(out_dir, *, n_systems: int, seed: int, metals=DEFAULT_METALS, facet
     start = time.perf_counter()
     metals, facets, formats = tuple(metals), tuple(str(f) for f in facets), tuple(formats)
     _check_options(n_systems, metals, facets, formats, alloys_only, md_temperatures_K,
-                   frames_per_system, alloy_fraction, relax_stride, md_stride)
+                   frames_per_system, alloy_fraction, relax_stride, md_stride, alloy_components)
     ads_table = load_adsorbates(adsorbates_path, adsorbates)
     if not ads_table:
         raise ValueError("no adsorbate made of H, C, N, O was selected")
     lattice = {m: emt_lattice_constant(m) for m in sorted(set(metals))}
     gas_e, mu = gas_references()
-    if alloy_components not in (2, 3):
-        raise ValueError(f"alloy_components must be 2 or 3, got {alloy_components!r}")
-    if alloy_components == 3 and len(set(metals)) < 3:
-        raise ValueError("alloy_components=3 needs at least three metals")
     spec = dict(metals=metals, facets=facets, alloy_fraction=alloy_fraction,
                 alloy_components=int(alloy_components),
                 alloys_only=alloys_only, frames_per_system=int(frames_per_system),
