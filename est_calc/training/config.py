@@ -86,7 +86,13 @@ class LossConfig:
 
 @dataclass
 class TrainSection:
-    """Optimiser, schedule and bookkeeping."""
+    """Optimiser, schedule and bookkeeping.
+
+    ``init`` starts the run from trained weights instead of a fresh model (fine-tuning, or a
+    second stage on more data): a potential (registry name or ``.pt`` path) or a training
+    checkpoint of another run (its EMA weights). The optimiser and schedule start afresh; the
+    element references and energy scale come with the weights. ``est train --init`` overrides it.
+    """
 
     max_steps: int = 1000
     batch_size: int = 8
@@ -104,6 +110,7 @@ class TrainSection:
     dtype: str = "float32"
     neighbor_backend: str = "auto"
     progress: bool = True
+    init: str | None = None
 
 
 @dataclass

@@ -99,6 +99,28 @@ def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cp
     return metrics.compute()
 
 
+def _load_init(init: str):
+    """Weights to start from: a training checkpoint (its EMA model) or a potential."""
+    path = Path(init)
+    if path.is_file():
+        try:
+            state = load_checkpoint(path)
+        except ValueError:
+            state = None  # not a checkpoint: read it as a potential below
+        if state is not None:
+            potential = Potential.from_config(ModelConfig.from_dict(state["model_config"]),
+                                              species=state["species"])
+            potential.load_state_dict(state["ema"])
+            potential.metadata = {"training": {"checkpoint": str(path), "steps": int(state["step"]),
+                                               "train_data": state["config"]["data"]["train"]}}
+            return potential.to(dtype=torch.float64)
+    try:
+        return load_potential(init, device="cpu", dtype=torch.float64)
+    except ValueError as err:
+        raise ValueError(f"init {init!r} is neither an est_calc training checkpoint nor a "
+                         f"potential ({str(err).split(':')[0]})") from None
+
+
 class Trainer:
     """One training run described by a :class:`TrainConfig`.
 
@@ -110,6 +132,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, init: str | None = None, resume: bool = False):
         self.cfg = cfg
+        init = init if init is not None else cfg.train.init
+        self.init = init
         self.out = Path(cfg.output_dir)
         self.rank, self.world = dist_utils.setup()
         self.device = _resolve_device(cfg.train.device)
@@ -139,10 +163,10 @@ class Trainer:
             potential = Potential.from_config(ModelConfig.from_dict(state["model_config"]),
                                               species=state["species"])
         elif init is not None:
-            potential = load_potential(init, device="cpu", dtype=torch.float64)
+            potential = _load_init(init)
             missing = sorted(set(species) - set(potential.species))
             if missing:
-                raise ValueError(f"--init potential does not know elements {missing}")
+                raise ValueError(f"init potential {init!r} does not know elements {missing}")
         else:
             mcfg = ModelConfig.preset(cfg.model.preset, **cfg.model.overrides)
             potential = Potential.from_config(mcfg, species=species)
@@ -317,8 +341,11 @@ class Trainer:
         final = copy.deepcopy(self.ema).to(dtype=torch.float32, device="cpu")
         val = [h for h in self.history if "val_energy_mae" in h]
         final.metadata = dict(final.metadata or {})
+        earlier = final.metadata.get("training")
         final.metadata.update({
             "training": {
+                "init": str(self.init) if self.init is not None else None,
+                "init_training": earlier if self.init is not None else None,
                 "train_data": str(self.cfg.data.train),
                 "val_data": str(self.cfg.data.val),
                 "n_train_frames": len(self.train_frames),

@@ -56,7 +56,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_with_overrides_resume_and_init(extxyz, tmp_path):
+def test_train_with_overrides_resume_and_init(extxyz, tmp_path, capsys):
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "data": {"train": str(extxyz), "val": str(extxyz)},
@@ -81,6 +81,27 @@ def test_train_with_overrides_resume_and_init(extxyz, tmp_path):
     for (k, v), (k2, v2) in zip(init.state_dict().items(), tuned.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v2, v, rtol=1e-6, atol=1e-7)  # lr = 0: weights unchanged
+    assert tuned.metadata["training"]["init"] == str(first)
+    assert tuned.metadata["training"]["init_training"]["steps"] == 4  # the first run's record (resumed to 4)
+
+    # train.init in the config may name a training checkpoint: the run starts from its EMA
+    # weights (not its raw weights, not a fresh model) and records where it came from.
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    assert main(["train", str(path), "--set", f"train.init={ckpt}", "--set", f"output_dir={tmp_path / 'ck'}",
+                 "--set", "train.max_steps=1", "--set", "train.lr=0.0"]) == 0
+    staged = load_potential(tmp_path / "ck" / "potential.pt", dtype=torch.float64)
+    for k, v in staged.state_dict().items():
+        torch.testing.assert_close(v, state["ema"][k].to(v.dtype), rtol=1e-6, atol=1e-7)
+    assert staged.metadata["training"]["init"] == str(ckpt)
+    assert staged.metadata["training"]["init_training"]["steps"] == 4
+    # A file that is neither a checkpoint nor a potential is a clear error.
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    assert main(["train", str(path), "--set", f"train.init={bad}", "--set", f"output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "neither an est_calc training checkpoint nor a potential" in err and "bad.pt" in err
 
 
 @pytest.mark.parametrize("config", ["examples/train_small.yaml", "training_runs/est-emt-small.yaml"])
