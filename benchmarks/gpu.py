@@ -212,6 +212,39 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                                 "mace_ms": peer_ms}
 
 
+def compiled(report: Report, device: str, sizes: list[int], preset: str, repeats: int) -> None:
+    """ESTCalculator(compile=True) against eager: compile time, ms per E+F+S call, force change."""
+    import numpy as np
+
+    from est_calc.calculator import ESTCalculator
+
+    eager = _untrained(preset, device)
+    rows, data = [], {}
+    t0 = time.perf_counter()
+    calc = ESTCalculator(eager.potential, device=device, compile=True)
+    for atoms in [cu_bulk(n) for n in sizes]:
+        props = ["energy", "forces", "stress"]
+        t_first = time.perf_counter()
+        calc.calculate(atoms, props)
+        sync(device)
+        first_s = time.perf_counter() - t_first
+        got = {k: np.array(calc.results[k]) for k in props}
+        eager.calculate(atoms, props)
+        df = float(np.abs(got["forces"] - eager.results["forces"]).max())
+        t_c = median_time(lambda: calc.calculate(atoms, props, ["positions"]), repeats=repeats,
+                          device=device)
+        t_e = median_time(lambda: eager.calculate(atoms, props, ["positions"]), repeats=repeats,
+                          device=device)
+        rows.append([f"EST-{preset}", len(atoms), f"{first_s:.1f}", f"{1e3 * t_e:.1f}",
+                     f"{1e3 * t_c:.1f}", f"{t_e / t_c:.2f}x", f"{df:.1e}"])
+        data[len(atoms)] = {"first_call_s": first_s, "eager_ms": 1e3 * t_e, "compiled_ms": 1e3 * t_c,
+                            "max_force_diff_eV_per_A": df}
+    report.table(["model", "atoms", "first compiled call s", "eager ms", "compiled ms",
+                  "speed-up", "max |dF| eV/Å"], rows)
+    report.add(f"(compile=True set up and first calls: {time.perf_counter() - t0:.0f} s in all)")
+    report.data["compiled"] = data
+
+
 def big_cell(report: Report, device: str, n_rep: int) -> None:
     """The 100k-atom target: one E+F+S call of EST-small, plain and with low_memory=True."""
     from est_calc.calculator import ESTCalculator
@@ -397,6 +430,8 @@ def main(argv=None) -> int:
     section(report, "Neighbour lists (Cu fcc, 6 Å)")(neighbours)(report, device, nl_sizes)
     section(report, "Energy + forces + stress (Cu fcc bulk, float32)")(inference)(
         report, device, sizes, presets, peer, reps)
+    section(report, "torch.compile (compile=True) against eager, Cu fcc bulk, float32")(compiled)(
+        report, device, sizes[:2], "tiny" if args.smoke else "small", reps)
     section(report, "Largest cell: ~100k atoms, EST-small")(big_cell)(
         report, device, 2 if args.smoke else 29)
     section(report, "MD steps per second")(md_speed)(report, device, md_sizes, md_steps)

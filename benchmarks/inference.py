@@ -9,7 +9,7 @@ on both systems.
 The second table splits one "small" call into: batch building, neighbour list, forward pass
 (message blocks, update blocks, the rest) and backward pass (forces and stress by autograd).
 
-Usage: python benchmarks/inference.py [--quick | --full] [--device cpu|cuda] [--repeats N]
+Usage: python benchmarks/inference.py [--quick | --full] [--device cpu|cuda] [--repeats N] [--compile]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def systems() -> dict:
     return {"CO/Cu(111) slab": co_cu_slab(), "Cu bulk": cu_bulk(6)}
 
 
-def make_calculator(preset: str, device: str, dtype: str):
+def make_calculator(preset: str, device: str, dtype: str, compile: bool = False):
     """An ESTCalculator around an untrained potential of ``preset`` (speed needs no training)."""
     import torch
 
@@ -40,7 +40,7 @@ def make_calculator(preset: str, device: str, dtype: str):
 
     torch.manual_seed(0)
     potential = Potential.from_config(preset, species=SPECIES)
-    return ESTCalculator(potential, device=device, dtype=dtype)
+    return ESTCalculator(potential, device=device, dtype=dtype, compile=compile)
 
 
 def time_calculator(calc, atoms, repeats: int, device: str) -> float:
@@ -143,6 +143,12 @@ def run(args) -> str:
         del calc
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if args.compile:
+        # The warm-up call of time_calculator compiles (minutes on CPU), then the graph is reused.
+        calc = make_calculator("small", device, args.dtype, compile=True)
+        times = {name: time_calculator(calc, atoms, repeats, device) for name, atoms in structs.items()}
+        rows_by_preset["small, compile=True"] = (calc.potential.model.num_parameters(), times)
+        del calc
 
     if args.no_peer:
         peer = {"error": "skipped (--no-peer)"}
@@ -199,6 +205,8 @@ def run(args) -> str:
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (after warm-up)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time EST-small with compile=True (compiling takes minutes on CPU)")
     args = p.parse_args(argv)
     print(run(args))
     return 0

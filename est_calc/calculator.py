@@ -121,8 +121,12 @@ class ESTCalculator(Calculator):
         attention_precision: "float32" (default: the model's dtype), "bfloat16" or "float16"
             for the spherical-attention core only (tensor cores on GPUs); everything else keeps
             ``dtype``. Check the force change against the potential's validation error first.
-        compile: not offered yet; ``True`` raises NotImplementedError rather than offering a
-            path that could differ from the eager model (or drop stress).
+        compile: run the network through ``torch.compile`` (one graph, dynamic atom and edge
+            counts; see :meth:`est_calc.model.ESTModel.enable_compile`). Energies, forces and
+            stress agree with the eager model to rounding (tested in float64). The first call
+            compiles (about 2 minutes for "small" on 2 CPU cores); on CPU the gain is small
+            (benchmarks/README.md), the target is GPUs, where small systems are launch-bound.
+            With ``low_memory=True`` the eager path runs.
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (label, directory).
 
     Raises:
@@ -165,12 +169,6 @@ class ESTCalculator(Calculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if compile:
-            raise NotImplementedError(
-                "compile=True is not offered yet: the eager model is the reference, and a "
-                "compiled path must give the same energy, forces and stress (see the Performance "
-                "issue); use compile=False"
-            )
         from est_calc.neighbors import resolve_backend
 
         resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
@@ -197,6 +195,11 @@ class ESTCalculator(Calculator):
             for p in potential.parameters():  # our own copy: no parameter gradients needed
                 p.requires_grad_(False)
         potential.eval()
+        if compile:
+            if potential is model:  # compile our own copy, never the caller's object
+                potential = copy.deepcopy(model)
+            potential.model.enable_compile()
+        self.compile = bool(compile)
         self.potential = potential
         self.neighbor_backend = neighbor_backend
         self.low_memory = bool(low_memory)

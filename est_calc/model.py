@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from est_calc.geometry import edge_vectors
-from est_calc.nn.embedding import N_ELEMENTS, AtomEmbedding, EdgeDegreeEmbedding
+from est_calc.nn.embedding import N_ELEMENTS, AtomEmbedding, EdgeDegreeEmbedding, check_atomic_numbers
 from est_calc.nn.radial import PolynomialEnvelope, make_radial_basis
 
 __all__ = ["ModelConfig", "PRESETS", "ModelOutput", "ESTModel", "random_rotations"]
@@ -241,6 +241,9 @@ class ESTModel(nn.Module):
         self.config = config
         c = config
         self._sh_irreps = o3.Irreps.spherical_harmonics(c.l_max)
+        # Built once (no state): constructing it per call is pure overhead, and torch.compile
+        # cannot trace its constructor.
+        self.edge_sh = o3.SphericalHarmonics(self._sh_irreps, normalize=True, normalization="component")
         self.grid = make_grid(c.grid, c.l_max, n_points=c.n_points, inverse=c.inverse)
         self.rbf = make_radial_basis(c.rbf, c.n_rbf, c.cutoff_A)
         self.envelope = PolynomialEnvelope(c.cutoff_A, p=c.envelope_p)
@@ -266,6 +269,30 @@ class ESTModel(nn.Module):
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self._rotate_grid = True
         self._checkpoint_layers = False
+        self._compiled_features = None
+
+    def enable_compile(self, *, mode: str | None = None, dynamic: bool = True):
+        """Run the network (everything between edge vectors and per-atom scalars) through
+        ``torch.compile`` from now on, in eval mode; returns ``self``.
+
+        The compiled region is one graph with dynamic atom and edge counts (no recompilation as
+        neighbour counts change in MD); edge vectors are still built eagerly from positions and
+        strain, so forces and stress by autograd are unchanged (first derivatives through the
+        compiled backward). Training mode, which needs second derivatives, and
+        :meth:`checkpoint_layers` keep the eager path. The first call compiles (minutes on CPU).
+
+        Args:
+            mode: ``torch.compile`` mode (None, "reduce-overhead", "max-autotune", ...).
+            dynamic: compile for symbolic atom and edge counts.
+        """
+        self._compiled_features = torch.compile(self._features, mode=mode, dynamic=dynamic,
+                                                fullgraph=True)
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`enable_compile` was called (the compiled path serves eval-mode calls)."""
+        return self._compiled_features is not None
 
     @contextmanager
     def checkpoint_layers(self, enabled: bool = True):
@@ -302,14 +329,12 @@ class ESTModel(nn.Module):
 
     def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor) -> Tensor:
         """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3)."""
-        from e3nn import o3
 
         atom_emb = self.species_embedding(z)
         x = self.atom_embedding(z)
         if edge_index.shape[1] > 0:
             r = vec.norm(dim=-1)
-            edge_sh = o3.spherical_harmonics(self._sh_irreps, vec, normalize=True,
-                                             normalization="component")
+            edge_sh = self.edge_sh(vec)
             edge_rbf = self.rbf(r)
             env = self.envelope(r)
             x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
@@ -356,8 +381,12 @@ class ESTModel(nn.Module):
         # isolated atoms ride along as extra edgeless nodes (every block maps an edgeless node to
         # what a separate pass would give), which saves a second pass through every block.
         n_atoms = z.shape[0]
+        check_atomic_numbers(z)
         species, inverse = torch.unique(z, return_inverse=True)
-        e_all = self.head(self._features(torch.cat([z, species]), edge_index, vec)).squeeze(-1)
+        features = self._features
+        if self._compiled_features is not None and not self.training and not self._checkpoint_layers:
+            features = self._compiled_features
+        e_all = self.head(features(torch.cat([z, species]), edge_index, vec)).squeeze(-1)
         e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
         if vec.shape[0] > 0:
             has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)

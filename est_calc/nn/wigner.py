@@ -61,7 +61,7 @@ def _edge_axis_np() -> tuple[float, float, float]:
 
 def edge_axis(dtype: torch.dtype = torch.float64, device=None) -> Tensor:
     """Unit vector a (3,) with Y^l_m(a) = 0 for all m != 0, derived from e3nn (y in e3nn 0.6.0)."""
-    return torch.tensor(_edge_axis_np(), dtype=dtype, device=device)
+    return torch.tensor(_EDGE_AXIS, dtype=dtype, device=device)
 
 
 @lru_cache(maxsize=None)
@@ -97,8 +97,14 @@ def edge_frame(edge_vec: Tensor) -> Tensor:
     u = u / u.norm(dim=1, keepdim=True)          # |u| >= sqrt(2/3): never degenerate
     w = torch.linalg.cross(u, r, dim=1)
     frame = torch.stack([u, r, w], dim=1)        # rows (u, r, w): maps r -> e_y, det = +1
-    basis = torch.as_tensor(_axis_basis_np(), dtype=r.dtype, device=r.device)
+    basis = torch.tensor(_AXIS_BASIS, dtype=r.dtype, device=r.device)
     return basis @ frame
+
+
+# Plain Python constants, fixed at import: the forward pass reads them without calling into
+# e3nn or numpy, which keeps it traceable by torch.compile in one graph.
+_EDGE_AXIS: tuple[float, float, float] = _edge_axis_np()
+_AXIS_BASIS: tuple[tuple[float, ...], ...] = tuple(tuple(row) for row in _axis_basis_np().tolist())
 
 
 def roll_about_axis(angle: Tensor) -> Tensor:
@@ -151,6 +157,7 @@ class WignerD(ExactBufferModule):
         if n_points < 2 * l_max + 1:
             raise ValueError(f"WignerD: need n_points >= 2L+1 = {2 * l_max + 1}, got {n_points}")
         self.l_max = l_max
+        self.sh = o3.SphericalHarmonics(list(range(l_max + 1)), normalize=False, normalization="component")
         rows = torch.arange(k) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= k)):
             raise ValueError(f"WignerD: rows must be a 1-D index into 0..{k - 1}")
@@ -176,8 +183,7 @@ class WignerD(ExactBufferModule):
             raise ValueError(f"WignerD: rot must have shape (E, 3, 3), got {tuple(rot.shape)}")
         pts = torch.einsum("eij,sj->esi", rot, self.points.to(rot.dtype))
         # Rotated unit vectors stay unit, so no renormalisation is needed.
-        y = o3.spherical_harmonics(list(range(self.l_max + 1)), pts, normalize=False,
-                                   normalization="component")        # (E, S, K)
+        y = self.sh(pts)                                                # (E, S, K)
         y = y[:, :, self.rows]
         d = torch.einsum("esr,sk->erk", y, self.a_cat.to(rot.dtype))
         return d * self.mask.to(rot.dtype)

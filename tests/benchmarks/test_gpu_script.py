@@ -17,17 +17,19 @@ def test_gpu_script_runs_every_section_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--smoke",
          "--no-peer", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "gpu_report.md").read_text()
     assert "FAILED" not in report, report
-    for title in ("Neighbour lists", "Energy + forces + stress", "Largest cell",
+    for title in ("Neighbour lists", "Energy + forces + stress", "torch.compile", "Largest cell",
                   "MD steps per second", "Batched throughput", "Precision"):
         assert f"## {title}" in report
     data = json.loads((tmp_path / "gpu_report.json").read_text())
     # neighbour rows: pair counts of every backend agree
     assert all(row[-1] == "yes" for row in data["neighbours"])
     assert data["inference"]["est_ms"]
+    # the compiled path was timed and gives the eager forces (float32 rounding only)
+    assert data["compiled"] and all(r["max_force_diff_eV_per_A"] < 1e-4 for r in data["compiled"].values())
 
 
 def test_gpu_script_refuses_cuda_without_a_gpu(tmp_path):

@@ -202,8 +202,6 @@ def test_path_loads_and_float32_agrees_with_float64(pot, tmp_path):
 
 
 def test_bad_options(pot):
-    with pytest.raises(NotImplementedError, match="compile"):
-        ESTCalculator(pot, device="cpu", compile=True)
     with pytest.raises(ValueError, match="dtype"):
         ESTCalculator(pot, device="cpu", dtype="float16")
     with pytest.raises(ValueError, match="backend"):
