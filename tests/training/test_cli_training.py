@@ -124,3 +124,43 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     args = ["train", str(root / config)] + [x for o in overrides for x in ("--set", o)]
     assert main(args) == 0
     assert (tmp_path / "run" / "potential.pt").is_file()
+
+
+def test_stage2_recipe_of_the_default_potential_runs_as_written(tmp_path, monkeypatch):
+    """training_runs/est-emt-small-stage2.yaml: the data commands in its header (run as written,
+    at toy size) produce what its data section reads, and train.init names the committed stage-1
+    checkpoint, from whose EMA weights the run starts."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    config = root / "training_runs" / "est-emt-small-stage2.yaml"
+    text = config.read_text()
+    raw = yaml.safe_load(text)
+    # The header's shell commands: "#   cmd" lines, with "\" continuations joined.
+    lines = [m.group(1) for m in re.finditer(r"^#   (.*)$", text, re.M)]
+    script = re.sub(r"\\\n\s*", "", "\n".join(lines))
+    commands = [c for c in script.splitlines() if c.startswith(("est generate", "mkdir"))]
+    assert len(commands) == 5, commands
+    tiny = " --n-systems 1 --frames-per-system 2 --no-bulk --no-gas --quiet"
+    est = f"{sys.executable} -m est_calc.cli"
+    for cmd in commands:
+        cmd = cmd.replace("est generate", f"{est} generate", 1)
+        cmd += tiny if cmd.startswith(f"{est} generate") else ""
+        subprocess.run(["bash", "-ec", cmd], cwd=tmp_path, check=True, timeout=300)
+    assert len(list((tmp_path / raw["data"]["train"]).glob("*.h5"))) == 3
+    assert (tmp_path / raw["data"]["val"]).is_file()
+
+    init = root / raw["train"]["init"]
+    assert init.is_file(), f"stage-1 checkpoint {raw['train']['init']} is not committed"
+    monkeypatch.chdir(tmp_path)
+    overrides = ["train.max_steps=1", "train.lr=0.0", "train.eval_every=1", "train.checkpoint_every=1",
+                 f"train.init={init}", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", str(config)] + [x for o in overrides for x in ("--set", o)]) == 0
+    out = load_potential(tmp_path / "run" / "potential.pt", dtype=torch.float64)
+    ema = torch.load(init, weights_only=True)["ema"]
+    for k, v in out.state_dict().items():  # lr = 0: the stage-1 EMA weights, unchanged
+        torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=1e-6, atol=1e-7)
+    assert out.metadata["training"]["init_training"]["steps"] == 7000
