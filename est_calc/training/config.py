@@ -88,6 +88,11 @@ class LossConfig:
 class TrainSection:
     """Optimiser, schedule and bookkeeping.
 
+    ``time_budget_s`` fits the run into a wall-clock budget (all resumes together): after
+    ``CALIBRATION_STEPS`` steps the run measures its pace and shortens its schedule to the steps
+    that fit (never beyond ``max_steps``), so the cosine decays fully within the budget; should
+    the budget run out anyway, it stops there and exports.
+
     ``init`` starts the run from trained weights instead of a fresh model (fine-tuning, or a
     second stage on more data): a potential (registry name or ``.pt`` path) or a training
     checkpoint of another run (its EMA weights). The optimiser and schedule start afresh; the
@@ -111,6 +116,7 @@ class TrainSection:
     neighbor_backend: str = "auto"
     progress: bool = True
     init: str | None = None
+    time_budget_s: float | None = None
 
 
 @dataclass
@@ -141,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"loss.kind must be l1, l2 or huber, got {self.loss.kind!r}")
         if self.train.max_steps < 1 or self.train.batch_size < 1:
             raise ValueError("train.max_steps and train.batch_size must be positive")
+        budget = self.train.time_budget_s
+        if budget is not None and not (float(budget) > 0):
+            raise ValueError(f"train.time_budget_s must be a positive number of seconds, got {budget!r}")
 
 
 def _build(cls, d: Any, prefix: str):

@@ -99,6 +99,9 @@ def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cp
     return metrics.compute()
 
 
+CALIBRATION_STEPS = 20  # steps timed before a time budget sets the schedule's length
+
+
 def _load_init(init: str):
     """Weights to start from: a training checkpoint (its EMA model) or a potential."""
     path = Path(init)
@@ -180,6 +183,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.elapsed_s = 0.0
+        # The schedule's length: train.max_steps, or fewer once a time budget has been planned.
+        self.max_steps = t.max_steps
+        self.budget_planned = False
         if state is not None:
             self._restore(state)
         dist_utils.broadcast_parameters(self.potential)
@@ -207,6 +213,9 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        if state.get("budget_planned"):
+            self.max_steps = int(state["max_steps"])
+            self.budget_planned = True
 
     def _checkpoint(self) -> None:
         if self.rank != 0:
@@ -221,6 +230,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "elapsed_s": self.elapsed_s,
+            "max_steps": self.max_steps,
+            "budget_planned": self.budget_planned,
         })
 
     # ---------------------------------------------------------------- data order
@@ -259,7 +270,7 @@ class Trainer:
         counts = dist_utils.all_reduce_sum(
             [terms.energy_count, terms.force_count, terms.stress_count])
         loss = terms.total(cfg.loss.energy_weight, cfg.loss.force_weight, cfg.loss.stress_weight, counts)
-        factor = cosine_lr_factor(self.step, t.max_steps, t.warmup_steps, t.min_lr_ratio)
+        factor = cosine_lr_factor(self.step, self.max_steps, t.warmup_steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,32 +295,64 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.data_report.summary() if hasattr(self.data_report, "summary") else self.data_report)
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
                    desc="train", unit="step")
         t0 = time.perf_counter() - self.elapsed_s
-        while self.step < end:
+        started, first_step = time.perf_counter(), self.step
+        while self.step < (self.max_steps if stop_at_step is None else min(stop_at_step, self.max_steps)):
             row = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            self.elapsed_s = time.perf_counter() - t0
+            if t.time_budget_s is not None:
+                self._plan_budget(started, first_step)
+            if self.step % t.log_every == 0 or self.step == self.max_steps:
                 self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
-            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+            if self.step % t.eval_every == 0 or self.step == self.max_steps:
                 self._evaluate_and_log()
             self.elapsed_s = time.perf_counter() - t0
-            if self.step % t.checkpoint_every == 0 or self.step in (t.max_steps, end):
+            if (self.step % t.checkpoint_every == 0 or self.step == self.max_steps
+                    or self.step == stop_at_step):
                 self._checkpoint()
         bar.close()
-        if self.step < t.max_steps:
+        if self.step < self.max_steps:
             return None
         path = self.out / "potential.pt"
         if self.rank == 0:
             self._export(path)
         dist_utils.barrier()
         return path
+
+    def _plan_budget(self, started: float, first_step: int) -> None:
+        """Fit the schedule into ``train.time_budget_s`` (see TrainSection); called every step.
+
+        After CALIBRATION_STEPS steps of this process the pace (wall time per step, this
+        process) sets ``max_steps`` to the steps that fit into 90 % of what is left of the
+        budget; later, a run that has used up the whole budget ends at the current step. Ranks
+        agree on both decisions (averaged plan, any-rank stop).
+        """
+        t = self.cfg.train
+        done_here = self.step - first_step
+        if not self.budget_planned and done_here >= CALIBRATION_STEPS:
+            pace = (time.perf_counter() - started) / done_here
+            left = max(t.time_budget_s - self.elapsed_s, 0.0)
+            planned = self.step + int(0.9 * left / pace)
+            planned = dist_utils.all_reduce_sum([float(planned)])[0] / self.world
+            self.max_steps = max(self.step, min(t.max_steps, int(planned)))
+            self.budget_planned = True
+            if self.rank == 0:
+                print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule set "
+                      f"to {self.max_steps} steps (max_steps {t.max_steps})", flush=True)
+        over = dist_utils.all_reduce_sum([1.0 if self.elapsed_s >= t.time_budget_s else 0.0])[0]
+        if over > 0 and self.step < self.max_steps:
+            if self.rank == 0:
+                print(f"time budget {t.time_budget_s:.0f} s used up at step {self.step} of "
+                      f"{self.max_steps}: stopping here", flush=True)
+            self.max_steps = self.step
+            self.budget_planned = True
 
     def _evaluate_and_log(self) -> None:
         if self.rank != 0 or self.val_frames is None:
@@ -351,6 +394,8 @@ class Trainer:
                 "n_train_frames": len(self.train_frames),
                 "energy": self.cfg.data.energy,
                 "steps": self.step,
+                "max_steps": self.cfg.train.max_steps,
+                "time_budget_s": self.cfg.train.time_budget_s,
                 "batch_size": self.cfg.train.batch_size,
                 "processes": self.world,
                 "wall_time_s": round(self.elapsed_s, 1),

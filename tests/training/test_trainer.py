@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,47 @@ def test_bad_frames_are_counted_and_skipped_or_stop(tmp_path):
     t = Trainer(cfg)
     assert len(t.train_frames) == 3
     assert "1" in t.data_report.summary() or "nan" in t.data_report.summary()
+
+
+def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_dir, tmp_path):
+    from est_calc.potential import load_potential
+    from est_calc.training.trainer import CALIBRATION_STEPS, Trainer
+
+    cfg = _config(data_dir, tmp_path / "budget", max_steps=100_000, eval_every=10_000,
+                  checkpoint_every=10_000, log_every=1, time_budget_s=4.0)
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    path = trainer.fit()
+    wall = time.perf_counter() - t0
+    # A plan was made after the calibration steps: far fewer steps than max_steps, a schedule
+    # that decayed completely, and a run that ended inside (a little above at most) its budget.
+    assert trainer.budget_planned and CALIBRATION_STEPS < trainer.step == trainer.max_steps < 100_000
+    lrs = [h["lr"] for h in trainer.history if "lr" in h]
+    assert lrs[-1] < 0.05 * max(lrs)
+    assert wall < 4.0 * 1.5
+    meta = load_potential(path).metadata["training"]
+    assert meta["steps"] == trainer.step and meta["time_budget_s"] == 4.0
+
+    # The plan is part of the checkpoint: a resumed run keeps it instead of planning anew.
+    state = load_checkpoint(tmp_path / "budget" / "checkpoint.pt")
+    assert state["max_steps"] == trainer.step and state["budget_planned"]
+    again = Trainer(cfg, resume=True)
+    assert again.max_steps == trainer.max_steps and again.fit() is not None
+    assert again.step == trainer.step
+
+
+def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
+    """A budget already spent when the run resumes: it stops at once, exports, and says so."""
+    from est_calc.training import trainer as trainer_mod
+
+    cfg = _config(data_dir, tmp_path / "late", max_steps=50, checkpoint_every=5)
+    assert trainer_mod.Trainer(cfg).fit(stop_at_step=5) is None
+    cfg.train.time_budget_s = 1e-3  # less than what was already spent
+    late = trainer_mod.Trainer(cfg, resume=True)
+    assert late.fit() is not None
+    assert late.step == 6 and late.max_steps == 6  # one step, then the budget check ends it
+
+
+def test_time_budget_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig.from_dict({"data": {"train": "x.h5"}, "train": {"time_budget_s": 0}}).validate()
