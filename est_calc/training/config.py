@@ -41,7 +41,8 @@ class DataConfig:
 
     Attributes:
         train: path of the training data in any supported format (extxyz(+txt), ASE db,
-            .aselmdb, legacy OC20 LMDB file or folder, .h5).
+            .aselmdb, legacy OC20 LMDB file or folder, .h5), or a list of such paths (read one
+            after the other).
         val: path of the validation data (optional; without it no metrics are written).
         energy: "total" (raw energies) or "referenced" (energy - reference_energy, the OC20
             S2EF convention for data that carries reference energies).
@@ -50,8 +51,8 @@ class DataConfig:
         max_val_frames: evaluate on the first N validation frames (None = all).
     """
 
-    train: str = ""
-    val: str | None = None
+    train: str | list[str] = ""
+    val: str | list[str] | None = None
     energy: str = "total"
     bad_frames: str = "stop"
     max_train_frames: int | None = None
@@ -138,7 +139,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.data.train:
-            raise ValueError("data.train is required (a path to training data)")
+            raise ValueError("data.train is required (a path to training data, or a list of paths)")
+        for key in ("train", "val"):
+            value = getattr(self.data, key)
+            paths = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(p, str) and p for p in paths):
+                raise ValueError(f"data.{key} must be a path or a list of paths, got {value!r}")
         if self.data.energy not in ("total", "referenced"):
             raise ValueError(f"data.energy must be 'total' or 'referenced', got {self.data.energy!r}")
         if self.data.bad_frames not in ("stop", "skip"):

@@ -218,6 +218,20 @@ def test_folder_of_shards_concatenates_in_sorted_order(tmp_path, monkeypatch):
     assert len(extxyz._XZ_CACHE) == 1
 
 
+def test_a_list_of_paths_in_different_formats_reads_in_list_order(tmp_path):
+    frames = emt_frames()
+    write_hdf5(frames[:2], tmp_path / "b.h5")
+    write_extxyz_with_sidecar(frames[2:], tmp_path / "a.extxyz")
+    data = open_dataset([tmp_path / "b.h5", str(tmp_path / "a.extxyz")])  # list order, not names
+    assert len(data) == len(frames)
+    for i in range(len(frames)):
+        assert_same_frame(data[i], frames[i], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        open_dataset([tmp_path / "b.h5", tmp_path / "missing.h5"])
+    with pytest.raises(ValueError, match="empty list"):
+        open_dataset([])
+
+
 # --------------------------------------------------------------------------- legacy LMDB
 
 

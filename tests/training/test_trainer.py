@@ -238,6 +238,9 @@ def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatc
     assert late.step == 6 and late.max_steps == 6  # one step, then the budget check ends it
 
 
-def test_time_budget_must_be_positive(tmp_path):
+def test_time_budget_and_data_paths_are_checked(tmp_path):
     with pytest.raises(ValueError, match="time_budget_s"):
         TrainConfig.from_dict({"data": {"train": "x.h5"}, "train": {"time_budget_s": 0}}).validate()
+    with pytest.raises(ValueError, match="data.train must be a path or a list of paths"):
+        TrainConfig.from_dict({"data": {"train": ["a.h5", 3]}}).validate()
+    TrainConfig.from_dict({"data": {"train": ["a.h5", "b.h5"], "val": "c.h5"}}).validate()

@@ -68,7 +68,8 @@ def open_dataset(path, *, format: str | None = None, **options) -> FrameDataset:
     ``-lock`` files beside the data are not data files themselves.
 
     Args:
-        path: file or folder.
+        path: file or folder, or a list of them (read one after the other, each in its own
+            format).
         format: force a reader (``extxyz``, ``asedb``, ``legacy_lmdb``, ``hdf5``).
         **options: passed to the reader (e.g. ``subtract_reference=True`` for extxyz,
             ``selection=`` for ASE databases).
@@ -77,6 +78,11 @@ def open_dataset(path, *, format: str | None = None, **options) -> FrameDataset:
         FileNotFoundError: the path does not exist.
         ValueError: an empty folder/file, a folder mixing formats, or an unknown suffix.
     """
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ValueError("an empty list of data paths")
+        parts = [open_dataset(p, format=format, **options) for p in path]
+        return parts[0] if len(parts) == 1 else ConcatFrames(parts)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
