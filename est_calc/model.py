@@ -329,7 +329,6 @@ class ESTModel(nn.Module):
 
     def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor) -> Tensor:
         """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3)."""
-
         atom_emb = self.species_embedding(z)
         x = self.atom_embedding(z)
         if edge_index.shape[1] > 0:
