@@ -18,7 +18,8 @@ __all__ = ["add_relax_parser", "add_md_parser", "add_adsorb_parser", "make_calcu
            "main_relax", "main_md", "main_adsorb"]
 
 
-def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0):
+def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
+                    compile: bool = False):
     """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
 
     Raises:
@@ -32,7 +33,8 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0):
         raise ValueError(f"--calc {spec!r}: use 'est', 'emt' or the path of a potential file")
     from est_calc.calculator import ESTCalculator
 
-    return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin)
+    return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
+                         compile=compile)
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,8 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skin", type=float, default=1.0,
                    help="Verlet skin in Å for EST: the neighbour list is rebuilt only when an atom "
                         "moved by more than skin/2 (pairs stay exact); 0 rebuilds every step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the EST network (GPU runs; the first step compiles)")
 
 
 def _read(path: str):
@@ -77,7 +81,7 @@ def _run_relax(args) -> int:
     from md_recipes.relax import relax
 
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log)
     write(args.output, res.atoms)
@@ -124,7 +128,7 @@ def _run_md(args) -> int:
     from md_recipes.md import run_md
 
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
     res = run_md(atoms, calc, ensemble=args.ensemble, temperature_K=args.temperature,
                  pressure_GPa=args.pressure, timestep_fs=args.timestep, n_steps=args.steps,
                  seed=args.seed, trajectory=args.output, logfile=args.log,
@@ -166,7 +170,7 @@ def _run_adsorb(args) -> int:
 
     slab = _read(args.slab) if os.path.exists(args.slab) else args.slab
     sites = "all" if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s]
-    calc = make_calculator(args.calc, args.device, args.skin)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
     res = adsorption_energy(slab, args.adsorbate, calc, sites=sites, fmax_eV_per_A=args.fmax,
                             height_A=args.height, max_steps=args.steps)
     print(f"{args.adsorbate} on {args.slab} ({args.calc})")

@@ -54,3 +54,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main_adsorb(["--slab", "Cu111", "--adsorbate", "O", "--sites", "hollow",
                         "--calc", "emt"]) == 2
     assert "unknown site" in capsys.readouterr().err
+
+
+def test_compile_flag_reaches_the_calculator():
+    import argparse
+
+    from md_recipes.cli import add_md_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_md_parser(sub)
+    args = sub.choices["md"].parse_args(["in.xyz", "--steps", "1", "--compile", "--device", "cpu"])
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
+    assert args.compile and calc.potential.model.is_compiled  # compiles lazily, at the first call
+    assert not make_calculator("est", "cpu").potential.model.is_compiled
