@@ -213,6 +213,9 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        if state.get("metadata"):
+            self.potential.metadata = dict(state["metadata"])
+            self.ema.metadata = dict(state["metadata"])
         if state.get("budget_planned"):
             self.max_steps = int(state["max_steps"])
             self.budget_planned = True
@@ -232,6 +235,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "max_steps": self.max_steps,
             "budget_planned": self.budget_planned,
+            "metadata": self.ema.metadata,  # e.g. the record of the run an init came from
         })
 
     # ---------------------------------------------------------------- data order

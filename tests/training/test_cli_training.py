@@ -96,6 +96,13 @@ def test_train_with_overrides_resume_and_init(extxyz, tmp_path, capsys):
         torch.testing.assert_close(v, state["ema"][k].to(v.dtype), rtol=1e-6, atol=1e-7)
     assert staged.metadata["training"]["init"] == str(ckpt)
     assert staged.metadata["training"]["init_training"]["steps"] == 4
+    # ... also when the second stage is interrupted and resumed: the record travels in its checkpoint.
+    stage = ["--set", f"train.init={ckpt}", "--set", f"output_dir={tmp_path / 'ck2'}"]
+    assert main(["train", str(path), *stage, "--set", "train.max_steps=1"]) == 0
+    assert main(["train", str(path), *stage, "--set", "train.max_steps=2", "--resume"]) == 0
+    resumed = load_potential(tmp_path / "ck2" / "potential.pt")
+    assert resumed.metadata["training"]["steps"] == 2
+    assert resumed.metadata["training"]["init_training"]["steps"] == 4
     # A file that is neither a checkpoint nor a potential is a clear error.
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
