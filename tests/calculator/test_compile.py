@@ -69,3 +69,36 @@ def test_compiled_calculator_rejects_bad_elements(pair):
     atoms = Atoms("CuU", positions=[[0, 0, 0], [2.0, 0, 0]], cell=[10, 10, 10], pbc=True)
     with pytest.raises(ValueError, match="U"):
         compiled.calculate(atoms, ["energy"])
+
+
+def test_training_mode_and_low_memory_keep_the_eager_path(make_potential, cu_slab_co):
+    """Second derivatives (force training) and activation checkpointing never reach the compiled
+    graph: enable_compile() only serves eval-mode calls without checkpointing."""
+    import copy
+
+    import torch
+
+    from est_calc.batch import AtomsBatch
+    from est_calc.forces import energy_forces_stress
+    from est_calc.neighbors import build_graph
+
+    pot = copy.deepcopy(make_potential(message="so2", n_layers=2))
+    pot.model.enable_compile()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled path was used")
+
+    pot.model._compiled_features = refuse
+    batch = AtomsBatch.from_atoms([cu_slab_co], dtype=torch.float64)
+    graph = build_graph(batch, pot.cutoff_A)
+    pot.train()
+    with pot.model.fixed_grid():
+        pred = energy_forces_stress(pot, batch, graph, create_graph=True)
+    (pred.forces ** 2).sum().backward()  # double backward through the eager model
+    assert any(p.grad is not None for p in pot.parameters())
+    pot.eval()
+    calc = ESTCalculator(pot, dtype="float64", low_memory=True)
+    calc.potential.model._compiled_features = refuse
+    calc.calculate(cu_slab_co, ["energy", "forces"])
+    with pytest.raises(AssertionError, match="compiled path"):
+        energy_forces_stress(pot, batch, graph)  # eval mode without checkpointing: compiled
