@@ -133,42 +133,44 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     assert (tmp_path / "run" / "potential.pt").is_file()
 
 
-def test_stage2_recipe_of_the_default_potential_runs_as_written(tmp_path, monkeypatch):
-    """training_runs/est-emt-small-stage2.yaml: the data commands in its header (run as written,
-    at toy size) produce what its data section reads, and train.init names the committed stage-1
-    checkpoint, from whose EMA weights the run starts."""
+@pytest.mark.parametrize("stage,headers,init_steps", [
+    ("stage2", ["stage2"], 7000),
+    ("stage3", ["stage2", "stage3"], 4000),
+])
+def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
+                                                                 monkeypatch):
+    """training_runs/est-emt-small-stage{2,3}.yaml: the data commands in the headers (run as
+    written, at toy size) produce what the data section reads, and train.init names the committed
+    checkpoint of the stage before, from whose EMA weights the run starts."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    config = root / "training_runs" / "est-emt-small-stage2.yaml"
-    text = config.read_text()
-    raw = yaml.safe_load(text)
-    # The header's shell commands: "#   cmd" lines, with "\" continuations joined.
-    lines = [m.group(1) for m in re.finditer(r"^#   (.*)$", text, re.M)]
-    script = re.sub(r"\\\n\s*", "", "\n".join(lines))
-    commands = [c for c in script.splitlines() if c.startswith("est generate")]
-    assert len(commands) == 4, commands
+    config = root / "training_runs" / f"est-emt-small-{stage}.yaml"
+    raw = yaml.safe_load(config.read_text())
+    commands = []
+    for name in headers:  # the header's shell commands: "#   cmd" lines
+        text = (root / "training_runs" / f"est-emt-small-{name}.yaml").read_text()
+        commands += [m.group(1) for m in re.finditer(r"^#   (est generate .*)$", text, re.M)]
     tiny = " --n-systems 1 --frames-per-system 2 --no-bulk --no-gas --quiet"
     est = f"{sys.executable} -m est_calc.cli"
     for cmd in commands:
-        cmd = cmd.replace("est generate", f"{est} generate", 1)
-        cmd += tiny
-        subprocess.run(["bash", "-ec", cmd], cwd=tmp_path, check=True, timeout=300)
-    assert len(raw["data"]["train"]) == 3
+        subprocess.run(["bash", "-ec", cmd.replace("est generate", f"{est} generate", 1) + tiny],
+                       cwd=tmp_path, check=True, timeout=300)
+    assert len(raw["data"]["train"]) == len(commands) - 1  # all but the validation seed
     assert all((tmp_path / p).is_file() for p in raw["data"]["train"])
     assert (tmp_path / raw["data"]["val"]).is_file()
 
     init = root / raw["train"]["init"]
-    assert init.is_file(), f"stage-1 checkpoint {raw['train']['init']} is not committed"
+    assert init.is_file(), f"checkpoint {raw['train']['init']} is not committed"
     monkeypatch.chdir(tmp_path)
     overrides = ["train.max_steps=1", "train.lr=0.0", "train.eval_every=1", "train.checkpoint_every=1",
                  f"train.init={init}", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", str(config)] + [x for o in overrides for x in ("--set", o)]) == 0
     out = load_potential(tmp_path / "run" / "potential.pt", dtype=torch.float64)
     ema = torch.load(init, weights_only=True)["ema"]
-    for k, v in out.state_dict().items():  # lr = 0: the stage-1 EMA weights, unchanged
+    for k, v in out.state_dict().items():  # lr = 0: the earlier stage's EMA weights, unchanged
         torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=1e-6, atol=1e-7)
-    assert out.metadata["training"]["init_training"]["steps"] == 7000
+    assert out.metadata["training"]["init_training"]["steps"] == init_steps
