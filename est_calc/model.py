@@ -201,9 +201,15 @@ def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) ->
     return rot.to(dtype)
 
 
-def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb):
+def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None):
     """One (message block, update block) layer, as a function for activation checkpointing."""
-    return update(message(x, edge_index, edge_sh, edge_rbf, env, atom_emb))
+    return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot))
+
+
+def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot):
+    if edge_rot is None:
+        return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+    return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot)
 
 
 def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
@@ -337,17 +343,21 @@ class ESTModel(nn.Module):
             edge_rbf = self.rbf(r)
             env = self.envelope(r)
             x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+            # The per-edge Wigner rotations (SO(2) blocks) depend on the edges only: computed
+            # once here for every layer instead of once per layer.
+            edge_rot = (self.messages[0].edge_rotation(vec)
+                        if self.messages and hasattr(self.messages[0], "edge_rotation") else None)
         else:
-            edge_sh = edge_rbf = env = None
+            edge_sh = edge_rbf = env = edge_rot = None
         checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
         for message, update in zip(self.messages, self.updates):
             if checkpoint and edge_sh is not None:
                 x = torch.utils.checkpoint.checkpoint(
                     _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                    use_reentrant=False)
+                    edge_rot, use_reentrant=False)
                 continue
             if edge_sh is not None:
-                x = message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+                x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot)
             x = update(x)
         return self.final_norm(x)[:, 0, :]
 

@@ -78,12 +78,13 @@ def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments:
     shift = logits.new_full((n_segments, logits.shape[1]), -torch.inf)
     shift = shift.scatter_reduce(0, segment[:, None].expand_as(masked), masked, "amax")
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    expo = torch.exp(torch.where(valid, logits - shift[segment], torch.zeros_like(logits)))
+    expo = torch.exp(torch.where(valid, logits - shift.index_select(0, segment),
+                                 torch.zeros_like(logits)))
     w = torch.where(valid, weight.unsqueeze(-1) * expo, torch.zeros_like(expo))
     denom = w.new_zeros(n_segments, w.shape[1]).index_add(0, segment, w)
     # denom >= exp(0) * min positive weight on segments with a valid edge; 0 only on empty ones.
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return w / denom[segment]
+    return w / denom.index_select(0, segment)
 
 
 class SO2Linear(nn.Module):
@@ -164,7 +165,9 @@ class SO2Linear(nn.Module):
         parts = [out0.view(n_edges, n0, self.out_channels)]
         for m, (fc, pair) in enumerate(zip(self.fcm, groups[1:]), start=1):
             n = self.l_max - m + 1
-            out = fc(pair.reshape(n_edges, 2, n * self.in_channels))
+            # One (2E, n Cin) matrix: a strided 3-D input would make F.linear fall back to a
+            # batched product with one small matrix per edge.
+            out = fc(pair.reshape(2 * n_edges, n * self.in_channels))
             out = out.view(n_edges, 2, 2, n, self.out_channels)         # (E, +-m in, r/i, n, Cout)
             (pr, pi), (nr, ni) = (o.unbind(1) for o in out.unbind(1))
             parts += [pr - ni, pi + nr]                                 # W_r x+ - W_i x-, W_i x+ + W_r x-
@@ -231,16 +234,22 @@ class SO2MessageBlock(nn.Module):
         """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
         return edge_frame(edge_dir)
 
+    def edge_rotation(self, edge_vec: Tensor) -> Tensor:
+        """Wigner-D rows (E, K_M, K) into each edge's frame: depends on the edges only, so a
+        model computes it once and passes it to every block (``edge_rot``)."""
+        return self.wigner(self._edge_frames(edge_vec))
+
     def _gate(self, y: Tensor, gates: Tensor) -> Tensor:
         """SiLU on the l = 0 row (row 0), sigmoid(invariant gate) on l > 0 rows; y (E, K_M, C_h)."""
         if self.l_max == 0:
             return torch.nn.functional.silu(y)
         y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
-        g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden))[:, self._gate_row]
+        g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden)).index_select(1, self._gate_row)
         return torch.cat([torch.nn.functional.silu(y0), y_rest * g], dim=1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
-                envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None) -> Tensor:
+                envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None,
+                edge_rot: Tensor | None = None) -> Tensor:
         """Message passing step with residual.
 
         Args:
@@ -252,6 +261,8 @@ class SO2MessageBlock(nn.Module):
             envelope: (E,) envelope u(|r_ij|), 0 at and beyond the cutoff.
             atom_emb: (N, Cz) scalar species embedding.
             edge_vec: optional (E, 3) edge vectors r_ij in Å (only their direction is used).
+            edge_rot: optional (E, K_M, K) :meth:`edge_rotation` of these edges (computed here
+                when None).
 
         Returns:
             (N, K, C) x plus the aggregated messages.
@@ -268,16 +279,24 @@ class SO2MessageBlock(nn.Module):
         if edge_sh.shape != (n_edges, k) or envelope.shape != (n_edges,):
             raise ValueError(f"SO2MessageBlock: edge_sh must be (E, K) and envelope (E,), got "
                              f"{tuple(edge_sh.shape)} and {tuple(envelope.shape)}")
-        if edge_vec is None:
+        if edge_rot is None and edge_vec is None:
             if self.l_max < 1:
                 raise ValueError("SO2MessageBlock: l_max = 0 needs edge_vec (no l=1 SH to read)")
             edge_vec = edge_sh[:, 1:4] @ self._sh1_to_dir.to(edge_sh.dtype)
         i, j = edge_index[0], edge_index[1]
 
-        rot = self.wigner(self._edge_frames(edge_vec.to(x.dtype)))       # (E, K_M, K)
+        if edge_rot is None:
+            rot = self.edge_rotation(edge_vec.to(x.dtype))               # (E, K_M, K)
+        else:
+            rot = edge_rot.to(x.dtype)
+            if rot.shape != (n_edges, self.conv1.n_rows, k):
+                raise ValueError(f"SO2MessageBlock: edge_rot must be (E, {self.conv1.n_rows}, "
+                                 f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
-        z = torch.einsum("erk,ekc->erc", rot, torch.cat([h[i], h[j]], dim=-1))
-        radial = self.radial(torch.cat([edge_rbf, atom_emb[i], atom_emb[j]], dim=-1).to(x.dtype))
+        # index_select (not h[i]): its backward is an index_add, not a serial accumulating put.
+        z = torch.bmm(rot, torch.cat([h.index_select(0, i), h.index_select(0, j)], dim=-1))
+        radial = self.radial(torch.cat([edge_rbf, atom_emb.index_select(0, i),
+                                        atom_emb.index_select(0, j)], dim=-1).to(x.dtype))
 
         y, scalars = self.conv1(z, radial)
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
@@ -288,7 +307,7 @@ class SO2MessageBlock(nn.Module):
         u = envelope.to(x.dtype)
         alpha = segment_softmax(logits, u, i, n_nodes) * u.unsqueeze(-1)
         v = v.view(n_edges, -1, self.n_heads, self.d_value) * alpha[:, None, :, None]
-        msg = torch.einsum("erk,erc->ekc", rot, v.flatten(2))            # D^T back to global frame
+        msg = torch.bmm(rot.transpose(1, 2), v.flatten(2))              # D^T back to global frame
         agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
         return x + self.proj(agg)
 

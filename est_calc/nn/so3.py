@@ -58,9 +58,13 @@ class DWLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, Cin] -> [N, K, Cout]."""
         _check_features(x, (self.l_max + 1) ** 2, self.in_channels, "DWLinear")
-        y = torch.einsum("nki,kio->nko", x, self.weight[self._degree])
-        if self.bias is not None:
-            y = torch.cat([y[:, :1] + self.bias, y[:, 1:]], dim=1)
+        y = torch.einsum("nki,kio->nko", x, self.weight.index_select(0, self._degree))
+        if self.bias is not None and self.l_max > 0:
+            # split rather than slices: the backward of two slices zero-fills two full tensors.
+            y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
+            y = torch.cat([y0 + self.bias, y_rest], dim=1)
+        elif self.bias is not None:
+            y = y + self.bias
         return y
 
     def extra_repr(self) -> str:
@@ -98,15 +102,15 @@ class EquivariantLayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, C] -> [N, K, C]."""
         _check_features(x, (self.l_max + 1) ** 2, self.channels, "EquivariantLayerNorm")
-        scalars = self.scalar_norm(x[:, :1])
         if self.l_max == 0:
-            return scalars
-        vec = x[:, 1:]
+            return self.scalar_norm(x)
+        x0, vec = x.split([1, x.shape[1] - 1], dim=1)
+        scalars = self.scalar_norm(x0)
         # 1 / ((2l + 1) L) per component, built in the input dtype (exact in float64).
         balance = 1.0 / ((2.0 * self._degree.to(x.dtype) + 3.0) * self.l_max)
         mean_sq = torch.einsum("nkc,k->n", vec * vec, balance) / self.channels
         inv = torch.rsqrt(mean_sq + self.eps)[:, None, None]
-        return torch.cat([scalars, vec * inv * self.weight[self._degree]], dim=1)
+        return torch.cat([scalars, vec * inv * self.weight.index_select(0, self._degree)], dim=1)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}"
@@ -133,12 +137,13 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, C] -> [N, K, C]."""
         _check_features(x, (self.l_max + 1) ** 2, self.channels, "Gate")
-        x0 = x[:, 0]
-        scalars = torch.nn.functional.silu(x0)[:, None]
         if self.l_max == 0:
-            return scalars
-        gates = torch.sigmoid(self.gate(x0)).view(-1, self.l_max, self.channels)
-        return torch.cat([scalars, x[:, 1:] * gates[:, self._degree]], dim=1)
+            return torch.nn.functional.silu(x)
+        x0, x_rest = x.split([1, x.shape[1] - 1], dim=1)
+        gates = torch.sigmoid(self.gate(x0[:, 0])).view(-1, self.l_max, self.channels)
+        # index_select (not fancy indexing): its backward is an index_add, not an accumulating put.
+        return torch.cat([torch.nn.functional.silu(x0),
+                          x_rest * gates.index_select(1, self._degree)], dim=1)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}"

@@ -184,7 +184,7 @@ class WignerD(ExactBufferModule):
         pts = torch.einsum("eij,sj->esi", rot, self.points.to(rot.dtype))
         # Rotated unit vectors stay unit, so no renormalisation is needed.
         y = self.sh(pts)                                                # (E, S, K)
-        y = y[:, :, self.rows]
+        y = y.index_select(2, self.rows)
         d = torch.einsum("esr,sk->erk", y, self.a_cat.to(rot.dtype))
         return d * self.mask.to(rot.dtype)
 

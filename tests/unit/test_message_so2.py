@@ -236,6 +236,51 @@ def test_block_edge_vec_argument_matches_sh_direction():
     assert (block(*args, edge_vec=vec) - out).abs().max() < 1e-12
 
 
+def test_block_precomputed_edge_rotation_is_the_same_computation():
+    """A model computes the Wigner rotations once and hands them to every block (edge_rot):
+    identical to the block computing them itself; a wrong shape is refused."""
+    block, inputs, pos = make_block(), Inputs(6), cluster(6)
+    out, args, vec = run_block(block, inputs, pos)
+    rot = block.edge_rotation(vec)
+    assert rot.shape == (vec.shape[0], block.conv1.n_rows, 9)
+    assert torch.equal(block(*args, edge_rot=rot), block(*args, edge_vec=vec))
+    with pytest.raises(ValueError, match="edge_rot"):
+        block(*args, edge_rot=rot[:, :5])
+
+
+def test_model_shares_one_edge_rotation_across_layers():
+    """ESTModel passes one edge_rot to every so2 block, equal to what each block computes."""
+    from est_calc.batch import AtomsBatch
+    from est_calc.model import ESTModel, ModelConfig
+    from est_calc.neighbors import build_graph
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", message="so2", n_layers=2)
+    model = ESTModel(cfg).to(F64).eval()
+    g = torch.Generator().manual_seed(2)
+    pos = torch.rand(7, 3, generator=g, dtype=F64) * 5.0
+    batch = AtomsBatch.from_arrays([pos], [torch.tensor([29, 29, 8, 6, 29, 1, 8])],
+                                   [torch.eye(3, dtype=F64) * 5.0], [[True, True, False]],
+                                   dtype=F64)
+    graph = build_graph(batch, cfg.cutoff_A)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw.get("edge_rot")),
+                                         with_kwargs=True) for m in model.messages]
+    energy = model(batch, graph).energy
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and seen[0] is not None and seen[0] is seen[1]
+    # Each block computing its own rotations gives the same energy.
+    originals = [m.forward for m in model.messages]
+    for m, fwd in zip(model.messages, originals):
+        m.forward = lambda *a, _f=fwd, **kw: _f(*a, **{k: v for k, v in kw.items() if k != "edge_rot"})
+    try:
+        assert torch.allclose(model(batch, graph).energy, energy, rtol=0, atol=1e-12)
+    finally:
+        for m in model.messages:
+            del m.forward
+
+
 def test_block_float32_matches_float64():
     block, inputs, pos = make_block(), Inputs(6), cluster(6)
     out, args, _ = run_block(block, inputs, pos)
