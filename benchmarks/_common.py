@@ -127,6 +127,77 @@ def peer_python() -> Path:
     return Path(env) if env else ROOT / ".venv-mace" / "bin" / "python"
 
 
+def _peer_env() -> dict:
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
+    env.pop("PYTHONPATH", None)  # keep est_calc's e3nn out of the peer's imports
+    if os.environ.get("EST_BENCH_MACE_PYTHONPATH"):  # wheels installed into a target folder
+        env["PYTHONPATH"] = os.environ["EST_BENCH_MACE_PYTHONPATH"]
+    return env
+
+
+class PeerSession:
+    """The peer as one long-lived process (its ``serve`` task), for timings in rounds.
+
+    ``with PeerSession(device, dtype) as peer: peer.infer(path, repeats)`` returns the same dict
+    as ``run_peer("infer", ...)``. If the MACE env is missing or the peer fails, ``error`` says
+    why and every request returns ``{"error": ...}`` (callers print :data:`PEER_UNAVAILABLE`).
+    """
+
+    def __init__(self, device: str, dtype: str):
+        self.device, self.dtype = device, dtype
+        self.proc = None
+        self.error: str | None = None
+        self.params: int | None = None
+
+    def __enter__(self) -> "PeerSession":
+        python = peer_python()
+        if not python.exists():
+            self.error = f"no MACE env at {python} (run benchmarks/setup_mace_env.sh)"
+            return self
+        cmd = [str(python), str(PEER_SCRIPT), "serve",
+               json.dumps({"device": self.device, "dtype": self.dtype})]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_peer_env(),
+                                     cwd=str(BENCH_DIR))
+        first = self._read()
+        if "error" in first:
+            self.error = first["error"]
+        else:
+            self.params = first.get("params")
+        return self
+
+    def _read(self) -> dict:
+        # The peer prints JSON lines only on stdout (libraries may print other lines first).
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.proc.wait()
+        tail = (self.proc.stderr.read().strip().splitlines() or ["no output"])[-1]
+        return {"error": f"peer exited with {self.proc.returncode}: {tail[:200]}"}
+
+    def infer(self, structures: Path, repeats: int, warmup: int = 1) -> dict:
+        """Median seconds per structure of ``structures`` (extxyz), like the ``infer`` task."""
+        if self.error is not None:
+            return {"error": self.error}
+        self.proc.stdin.write(json.dumps({"structures": str(structures), "repeats": repeats,
+                                          "warmup": warmup}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        if "error" in answer:
+            self.error = answer["error"]
+        return answer
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
 def run_peer(task: str, options: dict, *, timeout_s: float = 1800.0) -> dict:
     """Run one task of ``_peer_mace.py`` in the MACE env and return its JSON answer.
 
@@ -142,10 +213,7 @@ def run_peer(task: str, options: dict, *, timeout_s: float = 1800.0) -> dict:
     python = peer_python()
     if not python.exists():
         return {"error": f"no MACE env at {python} (run benchmarks/setup_mace_env.sh)"}
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-    env.pop("PYTHONPATH", None)  # keep est_calc's e3nn out of the peer's imports
-    if os.environ.get("EST_BENCH_MACE_PYTHONPATH"):  # wheels installed into a target folder
-        env["PYTHONPATH"] = os.environ["EST_BENCH_MACE_PYTHONPATH"]
+    env = _peer_env()
     cmd = [str(python), str(PEER_SCRIPT), task, json.dumps(options)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,

@@ -15,6 +15,10 @@ speed and memory do not depend on trained weights. Tasks (each prints one JSON l
   "batch_size", "steps", "warmup", "device", "dtype"} -> {"structures_per_s", "median_step_s"}:
   forward with forces (create_graph), loss = MSE(E/atom) + 10 MSE(F), backward, AdamW step.
   Neighbour lists are built once before timing (as MACE's own training does).
+- ``serve``: {"device", "dtype"}: builds the model once, then answers one JSON line per request
+  line read from stdin ({"structures", "repeats", "warmup"}, as ``infer``) until stdin closes.
+  Lets a benchmark alternate EST and MACE timings in rounds without paying the peer's start-up
+  for every round, so a change of machine load hits both sides alike.
 
 This file is imported by nothing in est_calc; it only needs mace-torch, torch and ase.
 """
@@ -69,12 +73,16 @@ def _calculator(model, device: str, dtype: str):
 
 
 def task_infer(opt: dict) -> dict:
+    device, dtype = opt.get("device", "cpu"), opt.get("dtype", "float32")
+    model, n_params = build_model(dtype, device)
+    return _time_structures(_calculator(model, device, dtype), n_params, opt)
+
+
+def _time_structures(calc, n_params: int, opt: dict) -> dict:
     from ase.calculators.calculator import all_changes
     from ase.io import read
 
-    device, dtype = opt.get("device", "cpu"), opt.get("dtype", "float32")
-    model, n_params = build_model(dtype, device)
-    calc = _calculator(model, device, dtype)
+    device = opt.get("device", "cpu")
     results = []
     for atoms in read(opt["structures"], index=":"):
         def call():
@@ -170,7 +178,19 @@ def task_train(opt: dict) -> dict:
             "structures_per_s": n_structs / sum(times), "steps": n_steps}
 
 
-TASKS = {"infer": task_infer, "memory": task_memory, "train": task_train}
+def task_serve(opt: dict) -> None:
+    device, dtype = opt.get("device", "cpu"), opt.get("dtype", "float32")
+    model, n_params = build_model(dtype, device)
+    calc = _calculator(model, device, dtype)
+    print(json.dumps({"ready": True, "params": n_params}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = dict(json.loads(line), device=device)
+        print(json.dumps(_time_structures(calc, n_params, request)), flush=True)
+
+
+TASKS = {"infer": task_infer, "memory": task_memory, "train": task_train, "serve": task_serve}
 
 
 def main(argv: list[str]) -> int:
@@ -178,7 +198,8 @@ def main(argv: list[str]) -> int:
         print(f"usage: _peer_mace.py {{{'|'.join(TASKS)}}} 'JSON options'", file=sys.stderr)
         return 2
     result = TASKS[argv[0]](json.loads(argv[1]))
-    print(json.dumps(result))
+    if result is not None:
+        print(json.dumps(result))
     return 0
 
 
