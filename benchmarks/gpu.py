@@ -62,6 +62,26 @@ def install_wheels(wheels: Path) -> dict:
     return done
 
 
+def rerun_with_wheels(wheels: str | None, script: str, argv: list[str]) -> int | None:
+    """Install the carried wheels, then run ``script argv`` again in a child whose PYTHONPATH
+    puts them (and the repository) first; returns the child's exit status.
+
+    Returns None, doing nothing, without ``wheels`` or inside that child (EST_GPU_WHEELS_DONE),
+    so a script calls it first and goes on when it gets None. Used by this script and by
+    ``training_runs/gpu_train.py``.
+    """
+    if not wheels or os.environ.get("EST_GPU_WHEELS_DONE"):
+        return None
+    targets = install_wheels(Path(wheels))
+    env = dict(os.environ, EST_GPU_WHEELS_DONE="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [targets.get("est", ""), str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    if "mace" in targets:
+        env["EST_BENCH_MACE_PYTHON"] = sys.executable
+        env["EST_BENCH_MACE_PYTHONPATH"] = targets["mace"]
+    return subprocess.call([sys.executable, script, *argv], env=env)
+
+
 # ------------------------------------------------------------------------------ helpers
 def _untrained(preset: str, device: str, dtype: str = "float32"):
     import torch
@@ -397,15 +417,9 @@ def main(argv=None) -> int:
                    help="potential for the precision check (default: the shipped default)")
     args = p.parse_args(argv)
 
-    if args.wheels and not os.environ.get("EST_GPU_WHEELS_DONE"):
-        targets = install_wheels(Path(args.wheels))
-        env = dict(os.environ, EST_GPU_WHEELS_DONE="1")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [targets.get("est", ""), str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
-        if "mace" in targets:
-            env["EST_BENCH_MACE_PYTHON"] = sys.executable
-            env["EST_BENCH_MACE_PYTHONPATH"] = targets["mace"]
-        return subprocess.call([sys.executable, __file__, *(argv or sys.argv[1:])], env=env)
+    status = rerun_with_wheels(args.wheels, __file__, list(argv if argv is not None else sys.argv[1:]))
+    if status is not None:
+        return status
 
     import torch
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,15 +43,14 @@ def main(argv=None) -> int:
                    help="config override, as for est train (repeatable)")
     args = p.parse_args(argv)
 
-    if args.wheels and not os.environ.get("EST_GPU_WHEELS_DONE"):
+    if args.wheels:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from gpu import install_wheels
+        from gpu import rerun_with_wheels
 
-        target = install_wheels(Path(args.wheels)).get("est", "")
-        env = dict(os.environ, EST_GPU_WHEELS_DONE="1")
-        env["PYTHONPATH"] = os.pathsep.join([target, str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
-        return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
-                               env=env)
+        status = rerun_with_wheels(args.wheels, __file__,
+                                   list(argv if argv is not None else sys.argv[1:]))
+        if status is not None:
+            return status
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
 

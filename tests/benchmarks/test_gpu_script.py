@@ -41,3 +41,29 @@ def test_gpu_script_refuses_cuda_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cuda"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "no CUDA device" in proc.stdout
+
+
+def test_rerun_with_wheels_installs_then_reruns_with_the_wheels_first(tmp_path, monkeypatch):
+    """The one helper gpu.py and training_runs/gpu_train.py use to run themselves again on
+    the carried wheels: the child sees the install target and the repository on PYTHONPATH and
+    the done-flag, the child's own call is a no-op, and without wheels nothing happens."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    monkeypatch.delenv("EST_GPU_WHEELS_DONE", raising=False)
+    monkeypatch.setattr(gpu, "install_wheels", lambda wheels: {"est": str(tmp_path / "site")})
+    child = tmp_path / "child.py"
+    report = tmp_path / "child.json"
+    child.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import gpu\n"
+        f"json.dump({{'argv': sys.argv[1:], 'path': os.environ['PYTHONPATH'],\n"
+        "           'again': gpu.rerun_with_wheels('w', __file__, [])},\n"
+        f"          open({str(report)!r}, 'w'))\n"
+        "sys.exit(7)\n")
+    assert gpu.rerun_with_wheels(None, str(child), []) is None
+    assert gpu.rerun_with_wheels(str(tmp_path), str(child), ["--x", "1"]) == 7
+    seen = json.loads(report.read_text())
+    assert seen["argv"] == ["--x", "1"] and seen["again"] is None
+    assert seen["path"].split(os.pathsep)[:2] == [str(tmp_path / "site"), str(ROOT)]
