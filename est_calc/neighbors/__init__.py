@@ -12,14 +12,15 @@ Backends (picked with the ``backend`` argument only):
 - ``"vesin"``: vesin-torch 0.6.2, CPU and CUDA, one call per system (torch < 2.15).
 - ``"matscipy"``: matscipy, CPU only, one call per system.
 - ``"torch_cluster"``: ``radius_graph`` for non-periodic systems (``pip install est_calc[cluster]``).
-- ``"auto"``: ``"torch"`` on the CPU and for many systems at once; ``"vesin"`` for a single
-  system on CUDA when it imports (else ``"torch"``). Measured with ``benchmarks/neighbors.py``
-  (Cu fcc, 6 Å, 2 shared CPU cores, 1 thread, same process): the torch cell list takes 0.52x
-  vesin's time at 4k atoms (21 vs 41 ms), 0.53x at 32k (192 vs 360 ms) and 0.64x at 256k, with
-  time growing as N^1.03-1.07; on the 2k-atom non-periodic cluster 0.69x. On CUDA the issue's
-  reference is vesin-torch (256k atoms in 6.7 ms on an H200); the torch path there is unmeasured
-  until a GPU run, so ``auto`` keeps vesin for one system on CUDA and uses torch for batches
-  (one vectorised call instead of one call per system).
+- ``"auto"``: ``"torch"`` for many systems at once (one vectorised call instead of one call
+  per system); for a single system ``"vesin"`` when it imports, on CUDA always and on the CPU
+  up to :data:`VESIN_CPU_MAX_ATOMS` atoms, else ``"torch"``. Measured on 2 CPU cores, 1 thread,
+  same process: at the default potential's 4.2 Å, vesin took 0.65 ms against the torch cell
+  list's 2.2 ms on the 66-atom slab, 2.3 against 5.3 ms on 864 atoms and 9.9 against 16.3 ms on
+  4,000 (about level from 16k atoms on); at 6 Å the torch cell list is the faster one from
+  about 4k atoms (``benchmarks/neighbors.py``: 0.52x vesin's time at 4k atoms, 0.53x at 32k,
+  0.64x at 256k). On CUDA the issue's reference is vesin-torch (256k atoms in 6.7 ms on an
+  H200).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ._adapters import (
 from ._common import prepare
 from ._torch_cells import torch_neighbor_list
 
-__all__ = ["Graph", "build_graph", "neighbor_list", "BACKENDS", "resolve_backend"]
+__all__ = ["Graph", "build_graph", "neighbor_list", "BACKENDS", "VESIN_CPU_MAX_ATOMS", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "vesin", "matscipy", "torch_cluster")
 
@@ -79,8 +80,14 @@ class Graph:
         return Graph(self.edge_index.to(device), self.shifts.to(device))
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu", n_systems: int = 1) -> str:
-    """The concrete backend ``backend`` stands for on ``device`` for ``n_systems`` structures.
+#: Largest single system for which ``"auto"`` picks vesin on the CPU (see the module docstring).
+VESIN_CPU_MAX_ATOMS = 4000
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu", n_systems: int = 1,
+                    n_atoms: int | None = None) -> str:
+    """The concrete backend ``backend`` stands for on ``device`` for ``n_systems`` structures
+    of ``n_atoms`` atoms in all (None: unknown, treated as large).
 
     Raises:
         ValueError: an unknown backend name.
@@ -89,9 +96,11 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", n_systems:
         raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if torch.device(device).type == "cuda" and n_systems == 1 and vesin_available():
+    if n_systems != 1 or not vesin_available():
+        return "torch"
+    if torch.device(device).type == "cuda":
         return "vesin"
-    return "torch"
+    return "vesin" if n_atoms is not None and n_atoms <= VESIN_CPU_MAX_ATOMS else "torch"
 
 
 def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="auto"):
@@ -118,7 +127,8 @@ def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="a
             install).
     """
     n_systems = cell.shape[0] if getattr(cell, "ndim", 2) == 3 else 1
-    name = resolve_backend(backend, getattr(positions, "device", "cpu"), n_systems)
+    name = resolve_backend(backend, getattr(positions, "device", "cpu"), n_systems,
+                           n_atoms=int(positions.shape[0]))
     prep = prepare(positions, cell, pbc, cutoff_A, system_idx)
     return _IMPLS[name](prep)
 

@@ -259,9 +259,16 @@ def test_torch_dense_crystal_counts_and_symmetry():
 def test_auto_backend_choice_follows_the_measurements():
     from est_calc.neighbors import resolve_backend
 
-    # CPU: the torch cell list measured faster than vesin (benchmarks/neighbors.py).
-    assert resolve_backend("auto", "cpu", 1) == "torch"
-    assert resolve_backend("auto", "cpu", 8) == "torch"
+    from est_calc.neighbors import VESIN_CPU_MAX_ATOMS, vesin_available
+
+    # CPU: vesin measured faster for one small system, the torch cell list for large ones at
+    # 6 Å and for batches (one vectorised call).
+    small = "vesin" if vesin_available() else "torch"
+    assert resolve_backend("auto", "cpu", 1, n_atoms=66) == small
+    assert resolve_backend("auto", "cpu", 1, n_atoms=VESIN_CPU_MAX_ATOMS) == small
+    assert resolve_backend("auto", "cpu", 1, n_atoms=VESIN_CPU_MAX_ATOMS + 1) == "torch"
+    assert resolve_backend("auto", "cpu", 1) == "torch"          # size unknown
+    assert resolve_backend("auto", "cpu", 8, n_atoms=66) == "torch"
     # Many systems on CUDA: one vectorised torch call instead of one vesin call per system.
     assert resolve_backend("auto", "cuda", 8) == "torch"
     with pytest.raises(ValueError, match="unknown neighbour-list backend"):
