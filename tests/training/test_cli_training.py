@@ -137,10 +137,11 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     ("stage2", ["stage2"], 7000),
     ("stage3", ["stage2", "stage3"], 4000),
     ("stage4", ["stage2", "stage3", "stage4"], 1650),
+    ("stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
-    """training_runs/est-emt-small-stage{2,3,4}.yaml: the data commands in the headers (run as
+    """training_runs/est-emt-small-stage{2,...,5}.yaml: the data commands in the headers (run as
     written, at toy size) produce what the data section reads, and train.init names the committed
     checkpoint of the stage before, from whose EMA weights the run starts."""
     import re
