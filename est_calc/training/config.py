@@ -89,8 +89,8 @@ class LossConfig:
 class TrainSection:
     """Optimiser, schedule and bookkeeping.
 
-    ``time_budget_s`` fits the run into a wall-clock budget (all resumes together): after
-    ``CALIBRATION_STEPS`` steps the run measures its pace and shortens its schedule to the steps
+    ``time_budget_s`` fits the run into a wall-clock budget (all resumes together): after a few
+    untimed warm-up steps, ``CALIBRATION_STEPS`` steps measure the run's pace and it shortens its schedule to the steps
     that fit (never beyond ``max_steps``), so the cosine decays fully within the budget; should
     the budget run out anyway, it stops there and exports.
 

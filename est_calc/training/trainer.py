@@ -100,6 +100,10 @@ def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cp
 
 
 CALIBRATION_STEPS = 20  # steps timed before a time budget sets the schedule's length
+# steps run before that timing starts: the first steps of a process pay one-off costs (CUDA
+# context, cuBLAS handles, allocator growth, kernel selection) that would make the pace look
+# slower than it is and the schedule end well inside the budget
+CALIBRATION_WARMUP_STEPS = 5
 
 
 def _load_init(init: str):
@@ -333,15 +337,17 @@ class Trainer:
     def _plan_budget(self, started: float, first_step: int) -> None:
         """Fit the schedule into ``train.time_budget_s`` (see TrainSection); called every step.
 
-        After CALIBRATION_STEPS steps of this process the pace (wall time per step, this
-        process) sets ``max_steps`` to the steps that fit into 90 % of what is left of the
+        After CALIBRATION_WARMUP_STEPS untimed steps, the pace of the next CALIBRATION_STEPS
+        steps of this process (wall time per step) sets ``max_steps`` to the steps that fit into 90 % of what is left of the
         budget; later, a run that has used up the whole budget ends at the current step. Ranks
         agree on both decisions (averaged plan, any-rank stop).
         """
         t = self.cfg.train
         done_here = self.step - first_step
-        if not self.budget_planned and done_here >= CALIBRATION_STEPS:
-            pace = (time.perf_counter() - started) / done_here
+        if done_here == CALIBRATION_WARMUP_STEPS:
+            self._pace_started = time.perf_counter()
+        if not self.budget_planned and done_here >= CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS:
+            pace = (time.perf_counter() - self._pace_started) / (done_here - CALIBRATION_WARMUP_STEPS)
             left = max(t.time_budget_s - self.elapsed_s, 0.0)
             planned = self.step + int(0.9 * left / pace)
             planned = dist_utils.all_reduce_sum([float(planned)])[0] / self.world

@@ -67,3 +67,18 @@ def test_rerun_with_wheels_installs_then_reruns_with_the_wheels_first(tmp_path, 
     seen = json.loads(report.read_text())
     assert seen["argv"] == ["--x", "1"] and seen["again"] is None
     assert seen["path"].split(os.pathsep)[:2] == [str(tmp_path / "site"), str(ROOT)]
+
+
+def test_gpu_script_budget_skips_sections_and_still_writes_the_report(tmp_path):
+    """A spent budget skips the remaining sections by name (none silently dropped), and the
+    report files exist even so: on the device a call cut off at its limit keeps what ran."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--smoke",
+         "--no-peer", "--budget", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "gpu_report.md").read_text()
+    data = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert len(data["skipped"]) == 8
+    assert report.count("skipped:") == 8
+    assert "inference" not in data

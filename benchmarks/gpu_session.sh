@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything GPU-related in one device call (a session has ~15 minutes of device time, and each
+# start costs minutes): the GPU check (benchmarks/gpu.py, time-boxed by its --budget) and then a
+# time-boxed training stage of the default potential (training_runs/gpu_train.py). Each part has
+# its own hard timeout, so a hang in the first cannot eat the second; gpu.py writes its report
+# after every section, so a part cut off keeps what it measured.
+#
+# Here, first: bash benchmarks/gpu_wheels.sh (wheels into .whl/), the data of
+# training_runs/est-emt-small-gpu.yaml, then
+#   tar czf .whl/gpu_data.tar.gz data/generated/{train,train16,train17,train18,train19,val}/synthetic.h5
+# With the device tool: carry [".whl"], command
+#   bash benchmarks/gpu_session.sh $OUT 170 200
+# Usage: gpu_session.sh OUT [CHECK_S (default 170)] [TRAIN_S (default 200)]
+set -u
+OUT=${1:?usage: gpu_session.sh OUT [CHECK_S] [TRAIN_S]}
+CHECK_S=${2:-170}
+TRAIN_S=${3:-200}
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+if [ -f .whl/gpu_data.tar.gz ]; then tar xzf .whl/gpu_data.tar.gz; fi
+t0=$SECONDS
+timeout --kill-after=10 $((CHECK_S + 60)) \
+    python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S"
+echo "gpu.py: exit $? after $((SECONDS - t0)) s"
+t0=$SECONDS
+if [ "$TRAIN_S" -gt 0 ]; then
+    timeout --kill-after=10 $((TRAIN_S + 60)) \
+        python3 training_runs/gpu_train.py --wheels .whl --out "$OUT" --budget "$TRAIN_S"
+    echo "gpu_train.py: exit $? after $((SECONDS - t0)) s"
+fi
