@@ -210,6 +210,8 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                              "-" if peak is None else f"{peak:.0f}"])
             except RuntimeError as err:  # out of memory is a result, not a crash
                 rows.append([f"EST-{preset}", len(atoms), f"failed: {str(err)[:60]}", "-"])
+        del calc
+        _reset_peak(device)  # hand the cached blocks back: the peer is another process
     peer_ms = {}
     if peer:
         with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +234,7 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                                 "mace_ms": peer_ms}
 
 
-def compiled(report: Report, device: str, sizes: list[int], preset: str, repeats: int) -> None:
+def compile_section(report: Report, device: str, sizes: list[int], preset: str, repeats: int) -> None:
     """ESTCalculator(compile=True) against eager: compile time, ms per E+F+S call, force change."""
     import numpy as np
 
@@ -292,7 +294,7 @@ def big_cell(report: Report, device: str, n_rep: int) -> None:
     report.data["big_cell"] = rows
 
 
-def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
+def md(report: Report, device: str, sizes: list[int], steps: int) -> None:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -405,6 +407,9 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
 
 
 # ------------------------------------------------------------------------------ main
+SECTIONS = ("device", "inference", "batched", "md", "precision", "big_cell", "neighbours", "compile")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--wheels", default=None, help="folder with est/ and mace/ wheel folders")
@@ -413,6 +418,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1k and 8k atoms only, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="toy sizes (CPU test of every path)")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--no-64k", action="store_true",
+                   help="leave out the EST-only 62,500-atom inference row")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds: sections that would start later are skipped (listed as such)")
     p.add_argument("--potential", default=None,
@@ -442,6 +451,11 @@ def main(argv=None) -> int:
         nl_sizes, sizes, est_only, md_sizes, n_batch, presets, reps, md_steps, prec = \
             [10, 20, 40], [6, 13], [25], [6, 13], 256, ["tiny", "small", "medium"], 5, 50, 13
     peer = not args.no_peer
+    wanted = set(args.sections.split(","))
+    if wanted - set(SECTIONS):
+        p.error(f"unknown sections {sorted(wanted - set(SECTIONS))}; choose from {SECTIONS}")
+    if args.no_64k:
+        est_only = []
     report = Report()
     report.add(f"# est_calc GPU check ({time.strftime('%Y-%m-%d %H:%M')})")
     report.add()
@@ -455,8 +469,11 @@ def main(argv=None) -> int:
         (out / "gpu_report.md").write_text("\n".join(report.lines) + "\n")
         (out / "gpu_report.json").write_text(json.dumps(report.data, indent=1, default=str))
 
-    def run(title, fn, *fargs) -> None:
-        """One section, unless the budget is spent (then it is listed as skipped)."""
+    def run(key, title, fn, *fargs) -> None:
+        """One section if ``key`` was asked for, unless the budget is spent (then it is
+        listed as skipped)."""
+        if key not in wanted:
+            return
         spent = time.perf_counter() - t_start
         if args.budget is not None and spent > args.budget:
             report.add(f"## {title}\n\nskipped: {spent:.0f} s of the {args.budget:.0f} s "
@@ -467,15 +484,15 @@ def main(argv=None) -> int:
         write()
 
     # In order of what the Performance issue needs most, so a budget cuts the least important.
-    run("Device", info, report, device)
-    run("Energy + forces + stress (Cu fcc bulk, float32)", inference,
+    run("device", "Device", info, report, device)
+    run("inference", "Energy + forces + stress (Cu fcc bulk, float32)", inference,
         report, device, sizes, presets, peer, reps, est_only)
-    run(f"Batched throughput ({n_batch} small systems)", batched, report, device, n_batch, peer)
-    run("MD steps per second", md_speed, report, device, md_sizes, md_steps)
-    run("Precision: TF32 / bf16 against float32", precision, report, device, prec, args.potential)
-    run("Largest cell: ~100k atoms, EST-small", big_cell, report, device, 2 if args.smoke else 29)
-    run("Neighbour lists (Cu fcc, 6 Å)", neighbours, report, device, nl_sizes)
-    run("torch.compile (compile=True) against eager, Cu fcc bulk, float32", compiled,
+    run("batched", f"Batched throughput ({n_batch} small systems)", batched, report, device, n_batch, peer)
+    run("md", "MD steps per second", md, report, device, md_sizes, md_steps)
+    run("precision", "Precision: TF32 / bf16 against float32", precision, report, device, prec, args.potential)
+    run("big_cell", "Largest cell: ~100k atoms, EST-small", big_cell, report, device, 2 if args.smoke else 29)
+    run("neighbours", "Neighbour lists (Cu fcc, 6 Å)", neighbours, report, device, nl_sizes)
+    run("compile", "torch.compile (compile=True) against eager, Cu fcc bulk, float32", compile_section,
         report, device, sizes[:2], "tiny" if args.smoke else "small", reps)
     report.add(f"(all sections: {time.perf_counter() - t_start:.0f} s)")
     write()

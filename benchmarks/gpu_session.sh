@@ -10,7 +10,9 @@
 #   tar czf .whl/gpu_data.tar.gz data/generated/{train,train16,train17,train18,train19,val}/synthetic.h5
 # With the device tool: carry [".whl"], command
 #   bash benchmarks/gpu_session.sh $OUT 170 200
-# Usage: gpu_session.sh OUT [CHECK_S (default 170)] [TRAIN_S (default 200)]
+# Usage: gpu_session.sh OUT [CHECK_S (default 170)] [TRAIN_S (default 200; 0: no training)]
+# Environment: GPU_ARGS (more gpu.py options, e.g. "--sections inference,big_cell --no-64k"),
+# TRAIN_CONFIG (default training_runs/est-emt-small-gpu.yaml).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [CHECK_S] [TRAIN_S]}
 CHECK_S=${2:-170}
@@ -21,11 +23,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 if [ -f .whl/gpu_data.tar.gz ]; then tar xzf .whl/gpu_data.tar.gz; fi
 t0=$SECONDS
 timeout --kill-after=10 $((CHECK_S + 60)) \
-    python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S"
+    python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S" ${GPU_ARGS:-}
 echo "gpu.py: exit $? after $((SECONDS - t0)) s"
 t0=$SECONDS
 if [ "$TRAIN_S" -gt 0 ]; then
     timeout --kill-after=10 $((TRAIN_S + 60)) \
-        python3 training_runs/gpu_train.py --wheels .whl --out "$OUT" --budget "$TRAIN_S"
+        python3 training_runs/gpu_train.py --wheels .whl --out "$OUT" --budget "$TRAIN_S" \
+        --config "${TRAIN_CONFIG:-training_runs/est-emt-small-gpu.yaml}"
     echo "gpu_train.py: exit $? after $((SECONDS - t0)) s"
 fi

@@ -17,7 +17,7 @@ frame averaging of the lattice discretisation error, EST_SPEC 5); eval mode is d
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
@@ -201,9 +201,17 @@ def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) ->
     return rot.to(dtype)
 
 
-def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None):
-    """One (message block, update block) layer, as a function for activation checkpointing."""
-    return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot))
+def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None,
+           attention=None):
+    """One (message block, update block) layer, as a function for activation checkpointing.
+
+    ``attention``: the attention settings of the forward pass (``attention_state()``), restored
+    for the recomputation, which for CUDA tensors runs in autograd's own thread.
+    """
+    from est_calc.nn.attention import restored_attention_state
+
+    with restored_attention_state(attention) if attention is not None else nullcontext():
+        return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot))
 
 
 def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot):
@@ -350,11 +358,15 @@ class ESTModel(nn.Module):
         else:
             edge_sh = edge_rbf = env = edge_rot = None
         checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
+        if checkpoint:
+            from est_calc.nn.attention import attention_state
+
+            attention = attention_state()
         for message, update in zip(self.messages, self.updates):
             if checkpoint and edge_sh is not None:
                 x = torch.utils.checkpoint.checkpoint(
                     _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                    edge_rot, use_reentrant=False)
+                    edge_rot, attention, use_reentrant=False)
                 continue
             if edge_sh is not None:
                 x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot)

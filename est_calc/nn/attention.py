@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from est_calc.sphere import ExactBufferModule, SphericalGrid
 
 __all__ = ["SphericalAttention", "fused_attention", "fused_attention_enabled", "legendre_matrices",
-           "attention_precision", "attention_precision_dtype"]
+           "attention_precision", "attention_precision_dtype",
+           "attention_state", "restored_attention_state"]
 
 _STATE = threading.local()
 
@@ -62,6 +63,29 @@ def fused_attention(enabled: bool):
 
 
 _LOW_PRECISION = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attention_state() -> tuple:
+    """This thread's attention settings (fused kernels, core precision), for
+    :func:`restored_attention_state`."""
+    return (getattr(_STATE, "fused", False), getattr(_STATE, "precision", None))
+
+
+@contextlib.contextmanager
+def restored_attention_state(state: tuple):
+    """Run the block with the attention settings ``state`` taken by :func:`attention_state`.
+
+    The settings are thread-local, and autograd runs the backward of CUDA tensors in its own
+    worker thread: an activation-checkpointed layer recomputed there would otherwise take the
+    defaults instead of the settings of its forward pass (another kernel, other saved tensors,
+    and torch.utils.checkpoint refuses the mismatch).
+    """
+    previous = attention_state()
+    _STATE.fused, _STATE.precision = state
+    try:
+        yield
+    finally:
+        _STATE.fused, _STATE.precision = previous
 
 
 def attention_precision_dtype(name: str) -> torch.dtype | None:

@@ -55,3 +55,47 @@ def test_bf16_attention_option(make_potential, cu_slab_co):
     assert 0 < np.abs(f_low - f_ref).max() < 0.05 * np.abs(f_ref).max()
     with pytest.raises(ValueError, match="attention precision"):
         ESTCalculator(pot, attention_precision="fp8")
+
+
+def test_recomputation_in_another_thread_keeps_the_attention_settings(make_potential, cu_slab_co):
+    """On CUDA, autograd runs the backward (and so the checkpointed layers' recomputation) in
+    its own thread, where the thread-local attention settings would be the defaults. Here the
+    backward is run in another thread on purpose: with a bf16 attention core set for the
+    forward, the recomputation must use it too (else checkpoint refuses the mismatch, as it did
+    on an H100 at 97k atoms) and give the forces of the one-thread path."""
+    import dataclasses
+    import threading
+
+    import torch
+
+    from est_calc.batch import AtomsBatch
+    from est_calc.neighbors import build_graph
+    from est_calc.nn.attention import attention_precision
+
+    pot = make_potential(message="so2", n_layers=2)
+    batch = AtomsBatch.from_atoms(cu_slab_co, dtype=torch.float32)
+    graph = build_graph(batch, pot.cutoff_A)
+
+    def forces(other_thread: bool):
+        pos = batch.positions.clone().requires_grad_(True)
+        b = dataclasses.replace(batch, positions=pos)
+        with pot.model.checkpoint_layers(), attention_precision("bfloat16"):
+            energy = pot.model(b, graph).energy.sum()
+        out, errors = {}, []
+
+        def grad():
+            try:
+                out["f"] = -torch.autograd.grad(energy, pos)[0]
+            except Exception as err:  # surfaced below with its message
+                errors.append(err)
+        if other_thread:
+            t = threading.Thread(target=grad)
+            t.start()
+            t.join()
+        else:
+            with attention_precision("bfloat16"):
+                grad()
+        assert not errors, errors
+        return out["f"]
+
+    np.testing.assert_allclose(forces(True).numpy(), forces(False).numpy(), rtol=0, atol=1e-6)
