@@ -1,6 +1,8 @@
 """The GPU check: one script that installs carried wheels and reports everything GPU-related.
 
-Sections (each one survives the failure of another; a failure is printed with its reason):
+Sections (each one survives the failure of another; a failure is printed with its reason; they
+run in the order inference, batched, MD, precision, largest cell, neighbour lists, compile, so
+that ``--budget`` cuts the least needed; ``--sections`` picks some):
 
 1. device and software;
 2. neighbour lists on the card: the torch cell list against vesin-torch CUDA, Cu fcc at 6 Å,
@@ -12,7 +14,8 @@ Sections (each one survives the failure of another; a failure is printed with it
    an 80 GB card);
 4. MD steps per second (velocity Verlet through ``ESTCalculator``; Verlet skin 0 and 1 Å);
 5. batched throughput: 256 small adsorbate/slab systems in one ``calculate_batch`` against
-   one-by-one calls, and MACE-small one-by-one on the same structures;
+   one-by-one calls, and MACE-small one-by-one on the same structures; ``relax_many`` of 64
+   slabs against 64 ``relax`` runs (10 FIRE steps each; target >= 5x);
 6. precision: TF32 matrix products and bf16 autocast against float32, as the largest and mean
    force difference on the 8k-atom cell, to compare with the potential's validation force MAE.
 
@@ -348,6 +351,17 @@ def batched(report: Report, device: str, n_systems: int, peer: bool) -> None:
             rows.append(["MACE-small one by one", n_systems, f"{n_systems / total:.0f}"])
     report.table(["path", "systems", "structures / s"], rows)
     report.data["batched"] = rows
+
+    # relax_many against separate relax() runs (the Performance issue's >= 5x, 64 slabs)
+    from batched import make_calculator, time_relaxation
+
+    n_relax, steps = min(n_systems, 64), 3 if n_systems < 16 else 10
+    r = time_relaxation(make_calculator(device, "float32"), small_slabs(n_relax), steps, device)
+    report.table(["path", "slabs", "FIRE steps in all", "s", "speed-up"], [
+        ["relax() one by one", n_relax, r["single_steps"], f"{r['single_s']:.1f}", "1.00x"],
+        ["relax_many()", n_relax, r["many_steps"], f"{r['many_s']:.1f}",
+         f"{r['single_s'] / r['many_s']:.1f}x"]])
+    report.data["relax_many"] = r
 
 
 def precision(report: Report, device: str, n_rep: int, potential: str | None) -> None:

@@ -138,10 +138,12 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     ("stage3", ["stage2", "stage3"], 4000),
     ("stage4", ["stage2", "stage3", "stage4"], 1650),
     ("stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
+    ("gpu", ["stage2", "stage3"], 2944),  # the GPU stages read five of the seeds
+    ("gpu2", ["stage2", "stage3"], 1049),
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
-    """training_runs/est-emt-small-stage{2,...,5}.yaml: the data commands in the headers (run as
+    """training_runs/est-emt-small-{stage2,...,stage5,gpu,gpu2}.yaml: the data commands in the headers (run as
     written, at toy size) produce what the data section reads, and train.init names the committed
     checkpoint of the stage before, from whose EMA weights the run starts."""
     import re
@@ -169,10 +171,10 @@ def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, 
     assert init.is_file(), f"checkpoint {raw['train']['init']} is not committed"
     monkeypatch.chdir(tmp_path)
     overrides = ["train.max_steps=1", "train.lr=0.0", "train.eval_every=1", "train.checkpoint_every=1",
-                 f"train.init={init}", f"output_dir={tmp_path / 'run'}"]
+                 "train.device=cpu", f"train.init={init}", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", str(config)] + [x for o in overrides for x in ("--set", o)]) == 0
     out = load_potential(tmp_path / "run" / "potential.pt", dtype=torch.float64)
-    ema = torch.load(init, weights_only=True)["ema"]
+    ema = torch.load(init, map_location="cpu", weights_only=True)["ema"]
     for k, v in out.state_dict().items():  # lr = 0: the earlier stage's EMA weights, unchanged
         torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=1e-6, atol=1e-7)
     assert out.metadata["training"]["init_training"]["steps"] == init_steps
