@@ -140,6 +140,7 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     ("stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
     ("gpu", ["stage2", "stage3"], 2944),  # the GPU stages read five of the seeds
     ("gpu2", ["stage2", "stage3"], 1049),
+    ("stage6", ["stage2", "stage3", "stage4", "stage5"], 724),  # from GPU stage 2
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
