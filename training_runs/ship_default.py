@@ -4,7 +4,7 @@ Adds the metadata a user of the registry needs (name, teacher, data recipe, mode
 EMA weights the trainer exported, writes ``potentials/<name>.pt`` atomically and names it in
 ``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``.
 
-Usage: python training_runs/ship_default.py training_runs/est-emt-small-gpu2/potential.pt est-emt-small
+Usage: python training_runs/ship_default.py training_runs/est-emt-small-stage6/potential.pt est-emt-small
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ DATA_RECIPE = (
     "(1,769 frames); stage 2 adds --n-systems 320 with --seed 16 and --seed 17, stage 3 with --seed 18 "
     "and --seed 19, stage 4 with --seed 20, 21 and 22 (26,338 frames), stage 5 with --seed 23, 24 "
     "and 25 (36,872 frames in all); two GPU stages then continued stage 5 on seeds 11 and 16-19 "
-    "(15,797 frames; training_runs/est-emt-small-gpu.yaml, -gpu2.yaml); validation: "
-    "--n-systems 24 --seed 12"
+    "(15,797 frames; training_runs/est-emt-small-gpu.yaml, -gpu2.yaml), and stage 6 continued "
+    "those on the CPU on all 36,872 frames (training_runs/est-emt-small-stage6.yaml); "
+    "validation: --n-systems 24 --seed 12"
 )
 
 
