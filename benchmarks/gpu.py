@@ -213,7 +213,7 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                              "-" if peak is None else f"{peak:.0f}"])
             except RuntimeError as err:  # out of memory is a result, not a crash
                 rows.append([f"EST-{preset}", len(atoms), f"failed: {str(err)[:60]}", "-"])
-        del calc
+        calc = None  # drop the model before emptying the cache
         _reset_peak(device)  # hand the cached blocks back: the peer is another process
     peer_ms = {}
     if peer:

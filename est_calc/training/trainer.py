@@ -338,16 +338,17 @@ class Trainer:
         """Fit the schedule into ``train.time_budget_s`` (see TrainSection); called every step.
 
         After CALIBRATION_WARMUP_STEPS untimed steps, the pace of the next CALIBRATION_STEPS
-        steps of this process (wall time per step) sets ``max_steps`` to the steps that fit into 90 % of what is left of the
-        budget; later, a run that has used up the whole budget ends at the current step. Ranks
-        agree on both decisions (averaged plan, any-rank stop).
+        steps of this process (wall time per step) sets ``max_steps`` to the steps that fit into
+        90 % of what is left of the budget; later, a run that has used up the whole budget ends at
+        the current step. Ranks agree on both decisions (averaged plan, any-rank stop).
         """
         t = self.cfg.train
         done_here = self.step - first_step
         if done_here == CALIBRATION_WARMUP_STEPS:
             self._pace_started = time.perf_counter()
         if not self.budget_planned and done_here >= CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS:
-            pace = (time.perf_counter() - self._pace_started) / (done_here - CALIBRATION_WARMUP_STEPS)
+            timed = done_here - CALIBRATION_WARMUP_STEPS
+            pace = (time.perf_counter() - self._pace_started) / timed
             left = max(t.time_budget_s - self.elapsed_s, 0.0)
             planned = self.step + int(0.9 * left / pace)
             planned = dist_utils.all_reduce_sum([float(planned)])[0] / self.world
