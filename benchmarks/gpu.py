@@ -237,7 +237,7 @@ def inference(report: Report, device: str, sizes: list[int], presets: list[str],
                                 "mace_ms": peer_ms}
 
 
-def compile_section(report: Report, device: str, sizes: list[int], preset: str, repeats: int) -> None:
+def compiled(report: Report, device: str, sizes: list[int], preset: str, repeats: int) -> None:
     """ESTCalculator(compile=True) against eager: compile time, ms per E+F+S call, force change."""
     import numpy as np
 
@@ -297,7 +297,7 @@ def big_cell(report: Report, device: str, n_rep: int) -> None:
     report.data["big_cell"] = rows
 
 
-def md(report: Report, device: str, sizes: list[int], steps: int) -> None:
+def md_speed(report: Report, device: str, sizes: list[int], steps: int) -> None:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -325,7 +325,7 @@ def md(report: Report, device: str, sizes: list[int], steps: int) -> None:
 
 def batched(report: Report, device: str, n_systems: int, peer: bool) -> None:
     import tempfile
-    from batched import small_slabs
+    from batched import make_calculator, small_slabs, time_relaxation
 
     structs = small_slabs(n_systems)
     calc = _untrained("small", device)
@@ -353,8 +353,6 @@ def batched(report: Report, device: str, n_systems: int, peer: bool) -> None:
     report.data["batched"] = rows
 
     # relax_many against separate relax() runs (the Performance issue's >= 5x, 64 slabs)
-    from batched import make_calculator, time_relaxation
-
     n_relax, steps = min(n_systems, 64), 3 if n_systems < 16 else 10
     r = time_relaxation(make_calculator(device, "float32"), small_slabs(n_relax), steps, device)
     report.table(["path", "slabs", "FIRE steps in all", "s", "speed-up"], [
@@ -501,12 +499,15 @@ def main(argv=None) -> int:
     run("device", "Device", info, report, device)
     run("inference", "Energy + forces + stress (Cu fcc bulk, float32)", inference,
         report, device, sizes, presets, peer, reps, est_only)
-    run("batched", f"Batched throughput ({n_batch} small systems)", batched, report, device, n_batch, peer)
-    run("md", "MD steps per second", md, report, device, md_sizes, md_steps)
-    run("precision", "Precision: TF32 / bf16 against float32", precision, report, device, prec, args.potential)
-    run("big_cell", "Largest cell: ~100k atoms, EST-small", big_cell, report, device, 2 if args.smoke else 29)
+    run("batched", f"Batched throughput ({n_batch} small systems)", batched,
+        report, device, n_batch, peer)
+    run("md", "MD steps per second", md_speed, report, device, md_sizes, md_steps)
+    run("precision", "Precision: TF32 / bf16 against float32", precision,
+        report, device, prec, args.potential)
+    run("big_cell", "Largest cell: ~100k atoms, EST-small", big_cell,
+        report, device, 2 if args.smoke else 29)
     run("neighbours", "Neighbour lists (Cu fcc, 6 Å)", neighbours, report, device, nl_sizes)
-    run("compile", "torch.compile (compile=True) against eager, Cu fcc bulk, float32", compile_section,
+    run("compile", "torch.compile (compile=True) against eager, Cu fcc bulk, float32", compiled,
         report, device, sizes[:2], "tiny" if args.smoke else "small", reps)
     report.add(f"(all sections: {time.perf_counter() - t_start:.0f} s)")
     write()

@@ -309,14 +309,14 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
                    desc="train", unit="step")
         t0 = time.perf_counter() - self.elapsed_s
-        started, first_step = time.perf_counter(), self.step
+        first_step = self.step
         while self.step < (self.max_steps if stop_at_step is None else min(stop_at_step, self.max_steps)):
             row = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
             self.elapsed_s = time.perf_counter() - t0
             if t.time_budget_s is not None:
-                self._plan_budget(started, first_step)
+                self._plan_budget(first_step)
             if self.step % t.log_every == 0 or self.step == self.max_steps:
                 self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
             if self.step % t.eval_every == 0 or self.step == self.max_steps:
@@ -334,7 +334,7 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    def _plan_budget(self, started: float, first_step: int) -> None:
+    def _plan_budget(self, first_step: int) -> None:
         """Fit the schedule into ``train.time_budget_s`` (see TrainSection); called every step.
 
         After CALIBRATION_WARMUP_STEPS untimed steps, the pace of the next CALIBRATION_STEPS

@@ -144,9 +144,9 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
-    """training_runs/est-emt-small-{stage2,...,stage5,gpu,gpu2}.yaml: the data commands in the headers (run as
-    written, at toy size) produce what the data section reads, and train.init names the committed
-    checkpoint of the stage before, from whose EMA weights the run starts."""
+    """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml: the data commands in the
+    headers (run as written, at toy size) produce what the data section reads, and train.init
+    names the committed checkpoint of the stage before, from whose EMA weights the run starts."""
     import re
     import subprocess
     import sys
