@@ -61,6 +61,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Largest value over all processes, element by element (float64)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_reduce_gradients(module: torch.nn.Module) -> None:
     """Sum gradients over processes (losses are already divided by global counts)."""
     if not is_distributed():

@@ -13,6 +13,7 @@ Design points:
 
 from __future__ import annotations
 
+import collections
 import copy
 import csv
 import math
@@ -311,12 +312,14 @@ class Trainer:
         t0 = time.perf_counter() - self.elapsed_s
         first_step = self.step
         while self.step < (self.max_steps if stop_at_step is None else min(stop_at_step, self.max_steps)):
+            step_t0 = time.perf_counter()
             row = self.train_step()
+            step_s = time.perf_counter() - step_t0
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
             self.elapsed_s = time.perf_counter() - t0
             if t.time_budget_s is not None:
-                self._plan_budget(first_step)
+                self._plan_budget(first_step, step_s)
             if self.step % t.log_every == 0 or self.step == self.max_steps:
                 self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
             if self.step % t.eval_every == 0 or self.step == self.max_steps:
@@ -334,35 +337,55 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    def _plan_budget(self, first_step: int) -> None:
+    def _plan_budget(self, first_step: int, step_s: float) -> None:
         """Fit the schedule into ``train.time_budget_s`` (see TrainSection); called every step.
 
         After CALIBRATION_WARMUP_STEPS untimed steps, the pace of the next CALIBRATION_STEPS
-        steps of this process (wall time per step) sets ``max_steps`` to the steps that fit into
-        90 % of what is left of the budget; later, a run that has used up the whole budget ends at
-        the current step. Ranks agree on both decisions (averaged plan, any-rank stop).
+        steps of this process sets ``max_steps`` to the steps that fit into 90 % of what is left
+        of the budget. The pace is the mean time of the last CALIBRATION_STEPS optimiser steps
+        (``step_s``, this step's) plus the time spent outside them (evaluation, checkpoints,
+        logging) spread over all steps timed so far, so one long evaluation does not look like a
+        slow-down. It is watched every step: a run that slows down (a shared machine) and would
+        overrun the budget shortens its schedule again the same way, so the cosine still decays
+        fully; the schedule never grows back. A run that has used up the whole budget anyway ends
+        at the current step. Ranks agree on every decision (the smallest plan of any rank,
+        any-rank stop).
         """
         t = self.cfg.train
         done_here = self.step - first_step
+        now = time.perf_counter()
         if done_here == CALIBRATION_WARMUP_STEPS:
-            self._pace_started = time.perf_counter()
-        if not self.budget_planned and done_here >= CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS:
-            timed = done_here - CALIBRATION_WARMUP_STEPS
-            pace = (time.perf_counter() - self._pace_started) / timed
-            left = max(t.time_budget_s - self.elapsed_s, 0.0)
-            planned = self.step + int(0.9 * left / pace)
-            planned = dist_utils.all_reduce_sum([float(planned)])[0] / self.world
-            self.max_steps = max(self.step, min(t.max_steps, int(planned)))
-            self.budget_planned = True
-            if self.rank == 0:
-                print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule set "
-                      f"to {self.max_steps} steps (max_steps {t.max_steps})", flush=True)
-        over = dist_utils.all_reduce_sum([1.0 if self.elapsed_s >= t.time_budget_s else 0.0])[0]
-        if over > 0 and self.step < self.max_steps:
+            self._pace = {"since": now, "steps": 0, "step_s": 0.0,
+                          "recent": collections.deque(maxlen=CALIBRATION_STEPS)}
+        elif done_here > CALIBRATION_WARMUP_STEPS:
+            self._pace["steps"] += 1
+            self._pace["step_s"] += step_s
+            self._pace["recent"].append(step_s)
+        left = max(t.time_budget_s - self.elapsed_s, 0.0)
+        plan = float(self.max_steps)
+        pace = float("nan")
+        timed = done_here - CALIBRATION_WARMUP_STEPS
+        if timed >= CALIBRATION_STEPS:
+            p = self._pace
+            outside = max(now - p["since"] - p["step_s"], 0.0) / p["steps"]
+            pace = sum(p["recent"]) / len(p["recent"]) + outside
+            if not self.budget_planned or (self.max_steps - self.step) * pace > left:
+                plan = float(max(self.step, min(self.max_steps, self.step + int(0.9 * left / pace))))
+        over_any, neg_plan = dist_utils.all_reduce_max(
+            [1.0 if self.elapsed_s >= t.time_budget_s else 0.0, -plan])
+        plan = int(-neg_plan)
+        if over_any > 0 and self.step < self.max_steps:
             if self.rank == 0:
                 print(f"time budget {t.time_budget_s:.0f} s used up at step {self.step} of "
                       f"{self.max_steps}: stopping here", flush=True)
             self.max_steps = self.step
+            self.budget_planned = True
+        elif plan < self.max_steps or (timed >= CALIBRATION_STEPS and not self.budget_planned):
+            if self.rank == 0:
+                what = "shortened" if self.budget_planned else "set"
+                print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule {what} "
+                      f"to {plan} steps at step {self.step} (max_steps {t.max_steps})", flush=True)
+            self.max_steps = plan
             self.budget_planned = True
 
     def _evaluate_and_log(self) -> None:

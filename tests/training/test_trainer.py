@@ -226,6 +226,38 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
+def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch, capsys):
+    """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
+    still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+
+    cfg = _config(data_dir, tmp_path / "slow", max_steps=100_000, eval_every=10_000,
+                  checkpoint_every=10_000, log_every=1, time_budget_s=6.0)
+    trainer = Trainer(cfg)
+    plain_step = Trainer.train_step
+    slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 10
+    took = []
+
+    def slowing_step(self):
+        t0 = time.perf_counter()
+        row = plain_step(self)
+        took.append(time.perf_counter() - t0)
+        if self.step > slow_from:
+            time.sleep(sum(took[:slow_from]) / slow_from)  # as long again as a plain step
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", slowing_step)
+    t0 = time.perf_counter()
+    assert trainer.fit() is not None
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert "schedule shortened" in out and "used up" not in out
+    assert trainer.step == trainer.max_steps
+    lrs = [h["lr"] for h in trainer.history if "lr" in h]
+    assert lrs[-1] < 0.05 * max(lrs)
+    assert wall < 6.0 * 1.1
+
+
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
     """A budget already spent when the run resumes: it stops at once, exports, and says so."""
     from est_calc.training import trainer as trainer_mod
