@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from est_calc.nn.gather import gather_rows
 from est_calc.nn.radial import RadialMLP
 
 __all__ = ["AtomEmbedding", "EdgeDegreeEmbedding", "N_ELEMENTS", "degree_of_index"]
@@ -109,7 +110,7 @@ class EdgeDegreeEmbedding(nn.Module):
         if n_edges == 0:
             return x
         i, j = edge_index[0], edge_index[1]
-        radial_in = torch.cat([edge_rbf, atom_emb.index_select(0, i), atom_emb.index_select(0, j)],
+        radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.channels)
         # c_l broadcast over the 2l+1 orders of each degree, times u Y^l_m, as one batched

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from est_calc.nn.embedding import degree_of_index
+from est_calc.nn.gather import gather_rows
 from est_calc.nn.radial import RadialMLP
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,7 +163,7 @@ class ESTMessageBlock(nn.Module):
         q = (q[..., :self.fourier_channels].contiguous(),
              q[..., self.fourier_channels:].contiguous())
 
-        radial_in = torch.cat([edge_rbf, atom_emb.index_select(0, i), atom_emb.index_select(0, j)],
+        radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1)
         coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.fourier_channels)
         # (K, S (L+1)) matrix taking Y(r_hat) to its per-degree grid values.

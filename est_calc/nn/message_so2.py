@@ -39,6 +39,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
+from est_calc.nn.gather import gather_rows
 from est_calc.nn.radial import RadialMLP
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
 from est_calc.nn.wigner import WignerD, edge_frame, so2_index
@@ -165,12 +166,15 @@ class SO2Linear(nn.Module):
         parts = [out0.view(n_edges, n0, self.out_channels)]
         for m, (fc, pair) in enumerate(zip(self.fcm, groups[1:]), start=1):
             n = self.l_max - m + 1
-            # One (2E, n Cin) matrix: a strided 3-D input would make F.linear fall back to a
-            # batched product with one small matrix per edge.
-            out = fc(pair.reshape(2 * n_edges, n * self.in_channels))
-            out = out.view(n_edges, 2, 2, n, self.out_channels)         # (E, +-m in, r/i, n, Cout)
-            (pr, pi), (nr, ni) = (o.unbind(1) for o in out.unbind(1))
-            parts += [pr - ni, pi + nr]                                 # W_r x+ - W_i x-, W_i x+ + W_r x-
+            # fc.weight stacks W_r (first n Cout rows) over W_i. Both halves of the pair map in
+            # one product with the block matrix [[W_r, -W_i], [W_i, W_r]] on (x+ || x-), which
+            # gives (y+ || y-) = (W_r x+ - W_i x-, W_i x+ + W_r x-) in the K_M row order directly:
+            # the same multiply-adds as mapping x+ and x- separately, without the four (E, n,
+            # Cout) partial results and the subtraction and addition that combined them.
+            w_r, w_i = fc.weight.chunk(2, dim=0)
+            block = torch.cat([torch.cat([w_r, -w_i], dim=1), torch.cat([w_i, w_r], dim=1)], dim=0)
+            out = torch.mm(pair.reshape(n_edges, 2 * n * self.in_channels), block.t())
+            parts.append(out.view(n_edges, 2 * n, self.out_channels))
         return torch.cat(parts, dim=1), extra
 
 
@@ -293,10 +297,11 @@ class SO2MessageBlock(nn.Module):
                 raise ValueError(f"SO2MessageBlock: edge_rot must be (E, {self.conv1.n_rows}, "
                                  f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
-        # index_select (not h[i]): its backward is an index_add, not a serial accumulating put.
-        z = torch.bmm(rot, torch.cat([h.index_select(0, i), h.index_select(0, j)], dim=-1))
-        radial = self.radial(torch.cat([edge_rbf, atom_emb.index_select(0, i),
-                                        atom_emb.index_select(0, j)], dim=-1).to(x.dtype))
+        # gather_rows (not h[i]): its backward is an index_add of a contiguous gradient, not a
+        # serial accumulating put or the strided scatter the concatenation would cause.
+        z = torch.bmm(rot, torch.cat([gather_rows(h, i), gather_rows(h, j)], dim=-1))
+        radial = self.radial(torch.cat([edge_rbf, gather_rows(atom_emb, i),
+                                        gather_rows(atom_emb, j)], dim=-1).to(x.dtype))
 
         y, scalars = self.conv1(z, radial)
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)

@@ -432,3 +432,26 @@ def test_so2linear_radial_modulation_equals_row_indexed_product():
         want, want_extra = lin(x * rows, None)
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(got_extra, want_extra, rtol=1e-14, atol=1e-14)
+
+
+def test_so2linear_m_pairs_follow_the_complex_rule_with_the_stored_weight_layout():
+    """For m > 0 the stored fc.weight is W_r stacked over W_i, and the pair maps as
+    y+ = W_r x+ - W_i x-, y- = W_i x+ + W_r x- (what checkpoints were trained with)."""
+    from est_calc.nn.message_so2 import SO2Linear
+
+    gen = torch.Generator().manual_seed(8)
+    l_max, m_max, cin, cout = 3, 2, 4, 5
+    lin = SO2Linear(l_max, m_max, cin, cout).double()
+    x = torch.randn(6, lin.n_rows, cin, dtype=torch.float64, generator=gen)
+    y, _ = lin(x, None)
+    offset = l_max + 1
+    for m, fc in enumerate(lin.fcm, start=1):
+        n = l_max - m + 1
+        w_r, w_i = fc.weight.chunk(2, dim=0)
+        x_pos = x[:, offset:offset + n].reshape(6, -1)
+        x_neg = x[:, offset + n:offset + 2 * n].reshape(6, -1)
+        want_pos = (x_pos @ w_r.t() - x_neg @ w_i.t()).view(6, n, cout)
+        want_neg = (x_pos @ w_i.t() + x_neg @ w_r.t()).view(6, n, cout)
+        torch.testing.assert_close(y[:, offset:offset + n], want_pos, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(y[:, offset + n:offset + 2 * n], want_neg, rtol=1e-13, atol=1e-13)
+        offset += 2 * n
