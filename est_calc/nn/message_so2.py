@@ -145,13 +145,27 @@ class SO2Linear(nn.Module):
         Returns:
             (E, K_M, Cout) coefficients and (E, extra_scalars) invariant scalars.
         """
-        n_edges = x.shape[0]
         if x.dim() != 3 or x.shape[1:] != (self.n_rows, self.in_channels):
             raise ValueError(f"SO2Linear: expected x (E, {self.n_rows}, {self.in_channels}), "
                              f"got {tuple(x.shape)}")
-        # split (not slicing) so that backward concatenates gradients instead of zero-filling.
+        parts, extra = self.map_groups(self.split_groups(x), radial)
+        return torch.cat(parts, dim=1), extra
+
+    def split_groups(self, x: Tensor) -> list[Tensor]:
+        """(E, K_M, C) -> the m-groups of :meth:`map_groups` (views; split, not slicing, so that
+        backward concatenates gradients instead of zero-filling)."""
+        return list(x.split(self._group_sizes, dim=1))
+
+    def map_groups(self, groups: list[Tensor], radial: Tensor | None = None
+                   ) -> tuple[list[Tensor], Tensor]:
+        """:meth:`forward` on rows already split by m, returning them split the same way.
+
+        ``groups[0]`` (E, L+1, Cin) holds the m = 0 rows, ``groups[m]`` (E, 2 (L-m+1), Cin) the
+        +m rows then the -m rows. Chained maps stay in this form, which saves the
+        concatenation after one map and the split (and copies) before the next.
+        """
+        n_edges = groups[0].shape[0]
         n0 = self.l_max + 1
-        groups = x.split(self._group_sizes, dim=1)
         if radial is not None:
             # Modulate each group by its radial rows, broadcasting over +-m: the same product as
             # indexing the rows out to (E, K_M, Cin), without materialising that gather (whose
@@ -175,7 +189,7 @@ class SO2Linear(nn.Module):
             block = torch.cat([torch.cat([w_r, -w_i], dim=1), torch.cat([w_i, w_r], dim=1)], dim=0)
             out = torch.mm(pair.reshape(n_edges, 2 * n * self.in_channels), block.t())
             parts.append(out.view(n_edges, 2 * n, self.out_channels))
-        return torch.cat(parts, dim=1), extra
+        return parts, extra
 
 
 @lru_cache(maxsize=None)
@@ -227,9 +241,6 @@ class SO2MessageBlock(nn.Module):
         self.alpha_norm = nn.LayerNorm(d_alpha)
         self.alpha_dot = nn.Parameter(torch.randn(H, d_alpha) / d_alpha**0.5)
         self.proj = DWLinear(L, H * d_value, C, bias=False)
-        # Degree of each K_M row; only row 0 has l = 0 (so2_index puts m = 0, l = 0 first).
-        deg = torch.tensor([int(k**0.5) for k in so2_index(L, M).tolist()], dtype=torch.long)
-        self.register_buffer("_gate_row", deg[1:] - 1, persistent=False)
         # Direction from the l = 1 SH block (only the direction matters; edge_frame normalises).
         self.register_buffer("_sh1_to_dir", _sh1_to_direction().to(torch.get_default_dtype()),
                              persistent=False)
@@ -243,13 +254,22 @@ class SO2MessageBlock(nn.Module):
         model computes it once and passes it to every block (``edge_rot``)."""
         return self.wigner(self._edge_frames(edge_vec))
 
-    def _gate(self, y: Tensor, gates: Tensor) -> Tensor:
-        """SiLU on the l = 0 row (row 0), sigmoid(invariant gate) on l > 0 rows; y (E, K_M, C_h)."""
+    def _gate(self, parts: list[Tensor], gates: Tensor) -> list[Tensor]:
+        """SiLU on the l = 0 row, sigmoid(invariant gate of degree l) on the rows of degree l > 0;
+        ``parts`` are the m-groups of :meth:`SO2Linear.map_groups` (E, rows, C_h), gated group by
+        group (no concatenation, no gather of the gates to every row)."""
         if self.l_max == 0:
-            return torch.nn.functional.silu(y)
-        y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
-        g = torch.sigmoid(gates.view(-1, self.l_max, self.c_hidden)).index_select(1, self._gate_row)
-        return torch.cat([torch.nn.functional.silu(y0), y_rest * g], dim=1)
+            return [torch.nn.functional.silu(parts[0])]
+        n_edges, c_h = gates.shape[0], self.c_hidden
+        g = torch.sigmoid(gates.view(n_edges, self.l_max, c_h))            # (E, L, C_h), l = 1..L
+        y0 = parts[0]
+        # m = 0 rows are l = 0..L: SiLU(y) = y sigmoid(y) on l = 0, the gates on l >= 1.
+        gated = [y0 * torch.cat([torch.sigmoid(y0[:, :1]), g], dim=1)]
+        for m, part in enumerate(parts[1:], start=1):
+            n = self.l_max - m + 1                                          # rows l = m..L per sign
+            gated.append((part.view(n_edges, 2, n, c_h) * g[:, m - 1:].unsqueeze(1))
+                         .view(n_edges, 2 * n, c_h))
+        return gated
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
                 envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None,
@@ -303,9 +323,11 @@ class SO2MessageBlock(nn.Module):
         radial = self.radial(torch.cat([edge_rbf, gather_rows(atom_emb, i),
                                         gather_rows(atom_emb, j)], dim=-1).to(x.dtype))
 
-        y, scalars = self.conv1(z, radial)
+        # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
+        y, scalars = self.conv1.map_groups(self.conv1.split_groups(z), radial)
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
-        v, _ = self.conv2(self._gate(y, gates))                         # (E, K_M, H d_v)
+        v, _ = self.conv2.map_groups(self._gate(y, gates))
+        v = torch.cat(v, dim=1)                                         # (E, K_M, H d_v)
 
         a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)
