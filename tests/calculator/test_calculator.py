@@ -313,3 +313,30 @@ def test_results_survive_file_round_trip(calc, tmp_path, fmt):
     np.testing.assert_allclose(back.get_forces(), forces, rtol=0, atol=atol)
     np.testing.assert_allclose(back.get_stress(), stress, rtol=0, atol=atol)
     assert set(back.calc.results) <= {"energy", "free_energy", "forces", "stress", "energies"}
+
+
+def test_callers_potential_keeps_trainable_parameters_and_gets_no_gradients(pot):
+    """The calculator freezes a caller's parameters only for the duration of a call: the results
+    equal those of a frozen copy, and afterwards the parameters still require gradients and have
+    none accumulated (a potential can be trained further and evaluated in turn)."""
+    import copy
+
+    frozen = copy.deepcopy(pot)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    assert all(p.requires_grad for p in pot.parameters())
+    atoms = _slab_o()
+    calc = ESTCalculator(pot, device="cpu", dtype="float64")
+    want = ESTCalculator(frozen, device="cpu", dtype="float64")
+    for c in (calc, want):
+        c.calculate(atoms, ["energy", "forces", "stress"])
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_array_equal(calc.results[key], want.results[key])
+    assert all(p.requires_grad and p.grad is None for p in pot.parameters())
+    # a training step on the same object still reaches every parameter used by the energy
+    from est_calc.batch import AtomsBatch
+    from est_calc.neighbors import build_graph
+
+    batch = AtomsBatch.from_atoms(atoms, dtype=torch.float64)
+    pot(batch, build_graph(batch, pot.cutoff_A)).energy.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pot.parameters())
