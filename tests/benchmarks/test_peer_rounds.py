@@ -4,7 +4,6 @@ each ratio is taken within its own round."""
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -90,9 +89,12 @@ def test_inference_ratios_are_taken_within_rounds(fake_peer, monkeypatch):
     args = inference.base_parser("x").parse_args(["--quick", "--device", "cpu"])
     args.repeats, args.rounds, args.compile = 1, 3, False
     text = inference.run(args)
-    # 2 presets x 2 systems per round; the peer's round k takes k ms per atom.
+    # 2 presets x 2 systems per round, system by system: in round r the EST calls are water
+    # (tiny, small), then Cu (tiny, small), and the peer answers water as its request 2r - 1
+    # (k ms per atom for its k-th request) right after EST's water calls.
     assert len(est_calls) == 12
-    small_water = [1e-3 * 3 * k / (1e-3 * (4 * (k - 1) + 3)) for k in (1, 2, 3)]
+    assert est_calls[:4] == [3, 3, 4, 4]
+    small_water = [1e-3 * 3 * (2 * r - 1) / (1e-3 * (4 * (r - 1) + 2)) for r in (1, 2, 3)]
     expected = sorted(small_water)[1]
     row = next(line for line in text.splitlines() if "| water |" in line and "EST-small" in line)
     assert f"{expected:.2f}x" in row
