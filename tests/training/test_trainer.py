@@ -255,7 +255,7 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
     assert trainer.step == trainer.max_steps
     lrs = [h["lr"] for h in trainer.history if "lr" in h]
     assert lrs[-1] < 0.05 * max(lrs)
-    assert wall < 6.0 * 1.1
+    assert wall < 6.0 * 1.5
 
 
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
