@@ -105,6 +105,9 @@ CALIBRATION_STEPS = 20  # steps timed before a time budget sets the schedule's l
 # context, cuBLAS handles, allocator growth, kernel selection) that would make the pace look
 # slower than it is and the schedule end well inside the budget
 CALIBRATION_WARMUP_STEPS = 5
+# a planned schedule is made again when its rest would leave more than this share of the
+# remaining budget unused (or would overrun it)
+REPLAN_SLACK = 0.3
 
 
 def _load_init(init: str):
@@ -345,11 +348,13 @@ class Trainer:
         of the budget. The pace is the mean time of the last CALIBRATION_STEPS optimiser steps
         (``step_s``, this step's) plus the time spent outside them (evaluation, checkpoints,
         logging) spread over all steps timed so far, so one long evaluation does not look like a
-        slow-down. It is watched every step: a run that slows down (a shared machine) and would
-        overrun the budget shortens its schedule again the same way, so the cosine still decays
-        fully; the schedule never grows back. A run that has used up the whole budget anyway ends
-        at the current step. Ranks agree on every decision (the smallest plan of any rank,
-        any-rank stop).
+        slow-down. It is watched every step and the plan is made again the same way when the
+        rest of the schedule would overrun the budget (a run that slowed down: shorter, so the
+        cosine still decays fully) or would leave more than REPLAN_SLACK of it unused (a
+        slow-down that passed, another job on the machine that ended: longer again, never beyond
+        ``train.max_steps``); between the two the plan stands, so noise does not move it. A run
+        that has used up the whole budget anyway ends at the current step. Ranks agree on every
+        decision (the smallest plan of any rank, any-rank stop).
         """
         t = self.cfg.train
         done_here = self.step - first_step
@@ -369,8 +374,9 @@ class Trainer:
             p = self._pace
             outside = max(now - p["since"] - p["step_s"], 0.0) / p["steps"]
             pace = sum(p["recent"]) / len(p["recent"]) + outside
-            if not self.budget_planned or (self.max_steps - self.step) * pace > left:
-                plan = float(max(self.step, min(self.max_steps, self.step + int(0.9 * left / pace))))
+            needed = (self.max_steps - self.step) * pace
+            if not self.budget_planned or needed > left or needed < (1.0 - REPLAN_SLACK) * left:
+                plan = float(max(self.step, min(t.max_steps, self.step + int(0.9 * left / pace))))
         over_any, neg_plan = dist_utils.all_reduce_max(
             [1.0 if self.elapsed_s >= t.time_budget_s else 0.0, -plan])
         plan = int(-neg_plan)
@@ -380,9 +386,10 @@ class Trainer:
                       f"{self.max_steps}: stopping here", flush=True)
             self.max_steps = self.step
             self.budget_planned = True
-        elif plan < self.max_steps or (timed >= CALIBRATION_STEPS and not self.budget_planned):
+        elif plan != self.max_steps or (timed >= CALIBRATION_STEPS and not self.budget_planned):
             if self.rank == 0:
-                what = "shortened" if self.budget_planned else "set"
+                what = ("set" if not self.budget_planned
+                        else "shortened" if plan < self.max_steps else "lengthened")
                 print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule {what} "
                       f"to {plan} steps at step {self.step} (max_steps {t.max_steps})", flush=True)
             self.max_steps = plan

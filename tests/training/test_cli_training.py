@@ -133,6 +133,29 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     assert (tmp_path / "run" / "potential.pt").is_file()
 
 
+def _generate_recipe_data(raw: dict, headers: list[str], where) -> None:
+    """Run the data commands in the headers of training_runs/est-emt-small-{headers}.yaml at toy
+    size in ``where``, and check they write every file the config ``raw`` reads."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    commands = []
+    for name in headers:  # the header's shell commands: "#   cmd" lines
+        text = (root / "training_runs" / f"est-emt-small-{name}.yaml").read_text()
+        commands += [m.group(1) for m in re.finditer(r"^#   (est generate .*)$", text, re.M)]
+    tiny = " --n-systems 1 --frames-per-system 2 --no-bulk --no-gas --quiet"
+    est = f"{sys.executable} -m est_calc.cli"
+    for cmd in commands:
+        subprocess.run(["bash", "-ec", cmd.replace("est generate", f"{est} generate", 1) + tiny],
+                       cwd=where, check=True, timeout=300)
+    assert len(raw["data"]["train"]) == len(commands) - 1  # all but the validation seed
+    assert all((where / p).is_file() for p in raw["data"]["train"])
+    assert (where / raw["data"]["val"]).is_file()
+
+
 @pytest.mark.parametrize("stage,headers,init_steps", [
     ("stage2", ["stage2"], 7000),
     ("stage3", ["stage2", "stage3"], 4000),
@@ -147,26 +170,12 @@ def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, 
     """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml: the data commands in the
     headers (run as written, at toy size) produce what the data section reads, and train.init
     names the committed checkpoint of the stage before, from whose EMA weights the run starts."""
-    import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     config = root / "training_runs" / f"est-emt-small-{stage}.yaml"
     raw = yaml.safe_load(config.read_text())
-    commands = []
-    for name in headers:  # the header's shell commands: "#   cmd" lines
-        text = (root / "training_runs" / f"est-emt-small-{name}.yaml").read_text()
-        commands += [m.group(1) for m in re.finditer(r"^#   (est generate .*)$", text, re.M)]
-    tiny = " --n-systems 1 --frames-per-system 2 --no-bulk --no-gas --quiet"
-    est = f"{sys.executable} -m est_calc.cli"
-    for cmd in commands:
-        subprocess.run(["bash", "-ec", cmd.replace("est generate", f"{est} generate", 1) + tiny],
-                       cwd=tmp_path, check=True, timeout=300)
-    assert len(raw["data"]["train"]) == len(commands) - 1  # all but the validation seed
-    assert all((tmp_path / p).is_file() for p in raw["data"]["train"])
-    assert (tmp_path / raw["data"]["val"]).is_file()
+    _generate_recipe_data(raw, headers, tmp_path)
 
     init = root / raw["train"]["init"]
     assert init.is_file(), f"checkpoint {raw['train']['init']} is not committed"
@@ -179,3 +188,26 @@ def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, 
     for k, v in out.state_dict().items():  # lr = 0: the earlier stage's EMA weights, unchanged
         torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=1e-6, atol=1e-7)
     assert out.metadata["training"]["init_training"]["steps"] == init_steps
+
+
+def test_fast_candidate_recipe_runs_as_written(tmp_path, monkeypatch):
+    """training_runs/est-emt-fast.yaml (stage 1 of a faster candidate architecture, from
+    scratch): its data are the default potential's eleven seeds, and its overrides build the
+    smaller model the benchmark README describes."""
+    from pathlib import Path
+
+
+    root = Path(__file__).resolve().parents[2]
+    config = root / "training_runs" / "est-emt-fast.yaml"
+    raw = yaml.safe_load(config.read_text())
+    assert "init" not in raw["train"]
+    _generate_recipe_data(raw, ["stage2", "stage3", "stage4", "stage5"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    overrides = ["train.max_steps=1", "train.eval_every=1", "train.checkpoint_every=1",
+                 "train.device=cpu", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", str(config)] + [x for o in overrides for x in ("--set", o)]) == 0
+    out = load_potential(tmp_path / "run" / "potential.pt")
+    c = out.config
+    assert (c.channels, c.n_points, c.so2_m_max, c.message) == (24, 32, 1, "so2")
+    small = Potential.from_config("small", species=out.species).model.num_parameters()
+    assert out.model.num_parameters() < 0.6 * small

@@ -258,6 +258,38 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
     assert wall < 6.0 * 1.5
 
 
+def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Steps twice as slow while the plan is made, then plain (another job on the machine that
+    ended): the run plans again for the time left instead of finishing far inside its budget,
+    and still ends with a fully decayed schedule."""
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+
+    cfg = _config(data_dir, tmp_path / "fast", max_steps=100_000, eval_every=10_000,
+                  checkpoint_every=10_000, log_every=1, time_budget_s=6.0)
+    trainer = Trainer(cfg)
+    plain_step = Trainer.train_step
+    slow_until = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 5
+
+    def speeding_step(self):
+        t0 = time.perf_counter()
+        row = plain_step(self)
+        if self.step <= slow_until:
+            time.sleep(time.perf_counter() - t0)  # as long again as a plain step
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", speeding_step)
+    t0 = time.perf_counter()
+    assert trainer.fit() is not None
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
+    assert trainer.step == trainer.max_steps
+    lrs = [h["lr"] for h in trainer.history if "lr" in h]
+    assert lrs[-1] < 0.05 * max(lrs)
+    assert 6.0 * 0.7 < wall < 6.0 * 1.5
+
+
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
     """A budget already spent when the run resumes: it stops at once, exports, and says so."""
     from est_calc.training import trainer as trainer_mod
