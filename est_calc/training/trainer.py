@@ -13,7 +13,6 @@ Design points:
 
 from __future__ import annotations
 
-import collections
 import copy
 import csv
 import math
@@ -105,9 +104,9 @@ CALIBRATION_STEPS = 20  # steps timed before a time budget sets the schedule's l
 # context, cuBLAS handles, allocator growth, kernel selection) that would make the pace look
 # slower than it is and the schedule end well inside the budget
 CALIBRATION_WARMUP_STEPS = 5
-# a planned schedule is made again when its rest would leave more than this share of the
-# remaining budget unused (or would overrun it)
-REPLAN_SLACK = 0.3
+# a planned schedule is made again when its rest would leave more than this share of the whole
+# time budget unused (or would overrun it)
+REPLAN_SLACK = 0.2
 
 
 def _load_init(init: str):
@@ -345,37 +344,45 @@ class Trainer:
 
         After CALIBRATION_WARMUP_STEPS untimed steps, the pace of the next CALIBRATION_STEPS
         steps of this process sets ``max_steps`` to the steps that fit into 90 % of what is left
-        of the budget. The pace is the mean time of the last CALIBRATION_STEPS optimiser steps
-        (``step_s``, this step's) plus the time spent outside them (evaluation, checkpoints,
-        logging) spread over all steps timed so far, so one long evaluation does not look like a
-        slow-down. It is watched every step and the plan is made again the same way when the
-        rest of the schedule would overrun the budget (a run that slowed down: shorter, so the
-        cosine still decays fully) or would leave more than REPLAN_SLACK of it unused (a
-        slow-down that passed, another job on the machine that ended: longer again, never beyond
-        ``train.max_steps``); between the two the plan stands, so noise does not move it. A run
-        that has used up the whole budget anyway ends at the current step. Ranks agree on every
-        decision (the smallest plan of any rank, any-rank stop).
+        of the budget. The pace is the mean time of the last quarter of the optimiser steps
+        timed so far (at least CALIBRATION_STEPS; ``step_s`` is this step's) plus the time spent
+        outside them (evaluation, checkpoints, logging) spread over all of them, so neither one
+        long evaluation nor a run of large batches looks like a slow-down. It is watched every
+        step, and the plan is made again the same way when the rest of the schedule would
+        overrun the budget (a run that slowed down: shorter, so the cosine still decays fully)
+        or would leave more than REPLAN_SLACK of the budget unused (a slow-down that passed,
+        another job on the machine that ended: longer again, never beyond ``train.max_steps``);
+        between the two the plan stands, so noise does not move it. A run that has used up the
+        whole budget anyway ends at the current step. Ranks agree on every decision (the
+        smallest plan of any rank, any-rank stop).
         """
         t = self.cfg.train
         done_here = self.step - first_step
         now = time.perf_counter()
         if done_here == CALIBRATION_WARMUP_STEPS:
-            self._pace = {"since": now, "steps": 0, "step_s": 0.0,
-                          "recent": collections.deque(maxlen=CALIBRATION_STEPS)}
+            self._pace = {"since": now, "prefix": [0.0]}  # running sums of the step times
         elif done_here > CALIBRATION_WARMUP_STEPS:
-            self._pace["steps"] += 1
-            self._pace["step_s"] += step_s
-            self._pace["recent"].append(step_s)
+            prefix = self._pace["prefix"]
+            prefix.append(prefix[-1] + step_s)
         left = max(t.time_budget_s - self.elapsed_s, 0.0)
         plan = float(self.max_steps)
         pace = float("nan")
         timed = done_here - CALIBRATION_WARMUP_STEPS
         if timed >= CALIBRATION_STEPS:
-            p = self._pace
-            outside = max(now - p["since"] - p["step_s"], 0.0) / p["steps"]
-            pace = sum(p["recent"]) / len(p["recent"]) + outside
+            prefix = self._pace["prefix"]
+            n = len(prefix) - 1
+            outside = max(now - self._pace["since"] - prefix[-1], 0.0) / n
+            # The last quarter of the steps timed (at least CALIBRATION_STEPS): long enough that
+            # batches of different sizes average out, short enough to follow a lasting change.
+            w = min(n, max(CALIBRATION_STEPS, n // 4))
+            pace = (prefix[-1] - prefix[-1 - w]) / w + outside
             needed = (self.max_steps - self.step) * pace
-            if not self.budget_planned or needed > left or needed < (1.0 - REPLAN_SLACK) * left:
+            # A plan leaves 10 % of what was left unused (final evaluation, export, noise); it is
+            # made again when the rest would overrun, or would leave REPLAN_SLACK of the whole
+            # budget unused (measured against the whole budget, not against what is left, which
+            # tends to zero at the end of any run).
+            unused = left - needed
+            if not self.budget_planned or unused < 0 or unused > REPLAN_SLACK * t.time_budget_s:
                 plan = float(max(self.step, min(t.max_steps, self.step + int(0.9 * left / pace))))
         over_any, neg_plan = dist_utils.all_reduce_max(
             [1.0 if self.elapsed_s >= t.time_budget_s else 0.0, -plan])

@@ -266,7 +266,7 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
 
     cfg = _config(data_dir, tmp_path / "fast", max_steps=100_000, eval_every=10_000,
-                  checkpoint_every=10_000, log_every=1, time_budget_s=6.0)
+                  checkpoint_every=10_000, log_every=1, time_budget_s=12.0)
     trainer = Trainer(cfg)
     plain_step = Trainer.train_step
     slow_until = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 5
@@ -287,7 +287,7 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
     assert trainer.step == trainer.max_steps
     lrs = [h["lr"] for h in trainer.history if "lr" in h]
     assert lrs[-1] < 0.05 * max(lrs)
-    assert 6.0 * 0.7 < wall < 6.0 * 1.5
+    assert 12.0 * 0.7 < wall < 12.0 * 1.5
 
 
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
