@@ -157,23 +157,25 @@ def _generate_recipe_data(raw: dict, headers: list[str], where) -> None:
 
 
 @pytest.mark.parametrize("stage,headers,init_steps", [
-    ("stage2", ["stage2"], 7000),
-    ("stage3", ["stage2", "stage3"], 4000),
-    ("stage4", ["stage2", "stage3", "stage4"], 1650),
-    ("stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
-    ("gpu", ["stage2", "stage3"], 2944),  # the GPU stages read five of the seeds
-    ("gpu2", ["stage2", "stage3"], 1049),
-    ("stage6", ["stage2", "stage3", "stage4", "stage5"], 724),  # from GPU stage 2
+    ("est-emt-small-stage2", ["stage2"], 7000),
+    ("est-emt-small-stage3", ["stage2", "stage3"], 4000),
+    ("est-emt-small-stage4", ["stage2", "stage3", "stage4"], 1650),
+    ("est-emt-small-stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
+    ("est-emt-small-gpu", ["stage2", "stage3"], 2944),  # the GPU stages read five of the seeds
+    ("est-emt-small-gpu2", ["stage2", "stage3"], 1049),
+    ("est-emt-small-stage6", ["stage2", "stage3", "stage4", "stage5"], 724),  # from GPU stage 2
+    ("est-emt-fast-gpu", ["stage2", "stage3"], 6230),  # the faster candidate's stage 2
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
-    """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml: the data commands in the
-    headers (run as written, at toy size) produce what the data section reads, and train.init
-    names the committed checkpoint of the stage before, from whose EMA weights the run starts."""
+    """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml and est-emt-fast-gpu.yaml:
+    the data commands in the headers (run as written, at toy size) produce what the data section
+    reads, and train.init names the committed checkpoint of the stage before, from whose EMA
+    weights the run starts."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    config = root / "training_runs" / f"est-emt-small-{stage}.yaml"
+    config = root / "training_runs" / f"{stage}.yaml"
     raw = yaml.safe_load(config.read_text())
     _generate_recipe_data(raw, headers, tmp_path)
 
