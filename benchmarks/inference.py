@@ -4,9 +4,9 @@ Systems: a 66-atom CO/Cu(111) slab and an 864-atom Cu fcc bulk cell. Each call i
 ``ESTCalculator.calculate(atoms, ["energy", "forces", "stress"])`` (the peer: the same call on
 ``MACECalculator``), median of N repeats after one warm-up call. EST and MACE (one long-lived
 peer process) alternate in rounds, system by system, so a change of machine load during the
-run hits both; the throughput ratio t_MACE / t_EST (> 1: EST is faster) is taken within each round and reported as
-the median over rounds, with its range. Target of the Performance issue: "small" >= 5x MACE-small
-on both systems.
+run hits both; the throughput ratio t_MACE / t_EST (> 1: EST is faster) is taken within each
+round and reported as the median over rounds, with its range. Target of the Performance issue:
+"small" >= 5x MACE-small on both systems.
 
 The second table splits one "small" call into: batch building, neighbour list, forward pass
 (message blocks, update blocks, the rest) and backward pass (forces and stress by autograd).

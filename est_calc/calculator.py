@@ -277,7 +277,8 @@ class ESTCalculator(Calculator):
         from est_calc.nn.attention import attention_precision
 
         with self.potential.model.checkpoint_layers(self.low_memory), \
-                attention_precision(self.attention_precision), _frozen_parameters(self._model_parameters):
+                attention_precision(self.attention_precision), \
+                _frozen_parameters(self._model_parameters):
             pred = energy_forces_stress(
                 self.potential, work, graph, compute_stress=want_stress, create_graph=False
             )

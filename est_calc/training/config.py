@@ -93,7 +93,8 @@ class TrainSection:
     untimed warm-up steps, ``CALIBRATION_STEPS`` steps measure the run's pace and it shortens its
     schedule to the steps that fit (never beyond ``max_steps``), so the cosine decays fully
     within the budget. The pace is watched to the end: a run that slows down shortens its
-    schedule again; should the budget run out anyway, it stops there and exports.
+    schedule again, one that speeds up lengthens it again; should the budget run out anyway, it
+    stops there and exports.
 
     ``init`` starts the run from trained weights instead of a fresh model (fine-tuning, or a
     second stage on more data): a potential (registry name or ``.pt`` path) or a training

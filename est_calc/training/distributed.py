@@ -11,8 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "cleanup", "local_rank", "all_reduce_sum", "all_reduce_gradients",
-           "broadcast_parameters", "barrier", "is_distributed"]
+__all__ = ["setup", "cleanup", "local_rank", "all_reduce_sum", "all_reduce_max",
+           "all_reduce_gradients", "broadcast_parameters", "barrier", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -52,22 +52,23 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum plain numbers over all processes (float64)."""
+def _all_reduce_numbers(values: list[float], op) -> list[float]:
+    """Reduce plain numbers over all processes with ``op``, element by element (float64)."""
     if not is_distributed():
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum plain numbers over all processes (float64)."""
+    return _all_reduce_numbers(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """Largest value over all processes, element by element (float64)."""
-    if not is_distributed():
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce_numbers(values, dist.ReduceOp.MAX)
 
 
 def all_reduce_gradients(module: torch.nn.Module) -> None:

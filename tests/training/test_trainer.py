@@ -226,19 +226,35 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
-def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch, capsys):
-    """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
-    still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
-    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, capsys):
+    """Train with a time budget and ``Trainer.train_step`` replaced by ``step(self, plain_step)``;
+    check the run ended on its schedule with the learning rate decayed and return (wall, stdout)."""
+    from est_calc.training.trainer import Trainer
 
-    cfg = _config(data_dir, tmp_path / "slow", max_steps=100_000, eval_every=10_000,
-                  checkpoint_every=10_000, log_every=1, time_budget_s=6.0)
+    cfg = _config(data_dir, out, max_steps=100_000, eval_every=10_000, checkpoint_every=10_000,
+                  log_every=1, time_budget_s=budget_s)
     trainer = Trainer(cfg)
     plain_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: step(self, plain_step))
+    t0 = time.perf_counter()
+    assert trainer.fit() is not None
+    wall = time.perf_counter() - t0
+    assert trainer.step == trainer.max_steps
+    lrs = [h["lr"] for h in trainer.history if "lr" in h]
+    assert lrs[-1] < 0.05 * max(lrs)
+    return wall, capsys.readouterr().out
+
+
+def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
+    still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
+
     slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 10
     took = []
 
-    def slowing_step(self):
+    def slowing_step(self, plain_step):
         t0 = time.perf_counter()
         row = plain_step(self)
         took.append(time.perf_counter() - t0)
@@ -246,15 +262,8 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
             time.sleep(sum(took[:slow_from]) / slow_from)  # as long again as a plain step
         return row
 
-    monkeypatch.setattr(Trainer, "train_step", slowing_step)
-    t0 = time.perf_counter()
-    assert trainer.fit() is not None
-    wall = time.perf_counter() - t0
-    out = capsys.readouterr().out
+    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, capsys)
     assert "schedule shortened" in out and "used up" not in out
-    assert trainer.step == trainer.max_steps
-    lrs = [h["lr"] for h in trainer.history if "lr" in h]
-    assert lrs[-1] < 0.05 * max(lrs)
     assert wall < 6.0 * 1.5
 
 
@@ -263,30 +272,20 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
     """Steps twice as slow while the plan is made, then plain (another job on the machine that
     ended): the run plans again for the time left instead of finishing far inside its budget,
     and still ends with a fully decayed schedule."""
-    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
-    cfg = _config(data_dir, tmp_path / "fast", max_steps=100_000, eval_every=10_000,
-                  checkpoint_every=10_000, log_every=1, time_budget_s=12.0)
-    trainer = Trainer(cfg)
-    plain_step = Trainer.train_step
     slow_until = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 5
 
-    def speeding_step(self):
+    def speeding_step(self, plain_step):
         t0 = time.perf_counter()
         row = plain_step(self)
         if self.step <= slow_until:
             time.sleep(time.perf_counter() - t0)  # as long again as a plain step
         return row
 
-    monkeypatch.setattr(Trainer, "train_step", speeding_step)
-    t0 = time.perf_counter()
-    assert trainer.fit() is not None
-    wall = time.perf_counter() - t0
-    out = capsys.readouterr().out
+    wall, out = _fit_with_step(data_dir, tmp_path / "fast", 12.0, speeding_step, monkeypatch,
+                               capsys)
     assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
-    assert trainer.step == trainer.max_steps
-    lrs = [h["lr"] for h in trainer.history if "lr" in h]
-    assert lrs[-1] < 0.05 * max(lrs)
     assert 12.0 * 0.7 < wall < 12.0 * 1.5
 
 
