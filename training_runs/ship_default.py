@@ -4,7 +4,10 @@ Adds the metadata a user of the registry needs (name, teacher, data recipe, mode
 EMA weights the trainer exported, writes ``potentials/<name>.pt`` atomically and names it in
 ``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``.
 
-Usage: python training_runs/ship_default.py training_runs/est-emt-small-stage6/potential.pt est-emt-small
+Usage: python training_runs/ship_default.py RUN/potential.pt NAME [CHAIN]
+CHAIN names the data recipe recorded in the file: "fast" (default; est-emt-small version 7, the
+C = 24, S = 32, M = 1 architecture: est-emt-fast*.yaml) or "small48" (version 6 and earlier:
+est-emt-small*.yaml).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DATA_RECIPE = (
+_DATA = ("est generate data/generated/train --n-systems 160 --seed 11 --formats hdf5 (1,769 "
+         "frames) plus --n-systems 320 with --seed 16 ... 25 (36,872 frames in all)")
+FAST_DATA_RECIPE = (
+    f"stage 1 (CPU, from scratch, training_runs/est-emt-fast.yaml): {_DATA}; two GPU stages "
+    "then continued it on seeds 11 and 16-19 (15,797 frames; training_runs/est-emt-fast-gpu.yaml, "
+    "-gpu2.yaml), and stage 3 continued those on the CPU on all 36,872 frames "
+    "(training_runs/est-emt-fast-stage3.yaml); validation: --n-systems 24 --seed 12"
+)
+SMALL48_DATA_RECIPE = (
     "stage 1: est generate data/generated/train --n-systems 160 --seed 11 --formats hdf5 "
     "(1,769 frames); stage 2 adds --n-systems 320 with --seed 16 and --seed 17, stage 3 with --seed 18 "
     "and --seed 19, stage 4 with --seed 20, 21 and 22 (26,338 frames), stage 5 with --seed 23, 24 "
@@ -30,16 +41,18 @@ def main(argv: list[str]) -> int:
 
     from est_calc.potential import load_potential, save_potential
 
-    if len(argv) != 2:
+    recipes = {"fast": FAST_DATA_RECIPE, "small48": SMALL48_DATA_RECIPE}
+    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in recipes):
         print(__doc__)
         return 2
     src, name = Path(argv[0]), argv[1]
+    recipe = recipes[argv[2] if len(argv) == 3 else "fast"]
     pot = load_potential(str(src), dtype=torch.float32)
     meta = dict(pot.metadata)
     meta.update({
         "name": name,
         "teacher": "ASE EMT (demonstration and testing; not DFT chemistry)",
-        "data_recipe": DATA_RECIPE,
+        "data_recipe": recipe,
         "model_card": f"potentials/{name}.md",
     })
     pot.metadata = meta

@@ -165,10 +165,12 @@ def _generate_recipe_data(raw: dict, headers: list[str], where) -> None:
     ("est-emt-small-gpu2", ["stage2", "stage3"], 1049),
     ("est-emt-small-stage6", ["stage2", "stage3", "stage4", "stage5"], 724),  # from GPU stage 2
     ("est-emt-fast-gpu", ["stage2", "stage3"], 6230),  # the faster candidate's stage 2
+    ("est-emt-fast-gpu2", ["stage2", "stage3"], 1503),
+    ("est-emt-fast-stage3", ["stage2", "stage3", "stage4", "stage5"], 251),
 ])
 def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
                                                                  monkeypatch):
-    """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml and est-emt-fast-gpu.yaml:
+    """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml and est-emt-fast-{gpu,gpu2,stage3}.yaml:
     the data commands in the headers (run as written, at toy size) produce what the data section
     reads, and train.init names the committed checkpoint of the stage before, from whose EMA
     weights the run starts."""
