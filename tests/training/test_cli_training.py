@@ -10,6 +10,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from est_calc.cli import main
+from est_calc.model import ModelConfig
 from est_calc.potential import Potential, load_potential, save_potential
 from est_calc.training.datasets import frame_from_atoms, open_dataset, write_extxyz_with_sidecar
 
@@ -213,5 +214,6 @@ def test_fast_candidate_recipe_runs_as_written(tmp_path, monkeypatch):
     out = load_potential(tmp_path / "run" / "potential.pt")
     c = out.config
     assert (c.channels, c.n_points, c.so2_m_max, c.message) == (24, 32, 1, "so2")
-    small = Potential.from_config("small", species=out.species).model.num_parameters()
-    assert out.model.num_parameters() < 0.6 * small
+    assert c == Potential.from_config("small", species=out.species).config  # the preset since v7
+    old = ModelConfig.preset("small", channels=32, radial_hidden=32, n_points=48, so2_m_max=2)
+    assert out.model.num_parameters() < 0.6 * Potential.from_config(old, out.species).model.num_parameters()
