@@ -196,11 +196,10 @@ def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, 
 
 
 def test_fast_candidate_recipe_runs_as_written(tmp_path, monkeypatch):
-    """training_runs/est-emt-fast.yaml (stage 1 of a faster candidate architecture, from
-    scratch): its data are the default potential's eleven seeds, and its overrides build the
-    smaller model the benchmark README describes."""
+    """training_runs/est-emt-fast.yaml (stage 1 of version 7 of the default, from scratch): its
+    data are the eleven seeds, and it builds the "small" preset, under 0.6x the parameters of
+    the "small" of versions 1-6."""
     from pathlib import Path
-
 
     root = Path(__file__).resolve().parents[2]
     config = root / "training_runs" / "est-emt-fast.yaml"
