@@ -352,14 +352,16 @@ class ESTModel(nn.Module):
         x = self.atom_embedding(z)
         if edge_index.shape[1] > 0:
             r = vec.norm(dim=-1)
-            edge_sh = self.edge_sh(vec)
+            # The per-edge Wigner rotations (SO(2) blocks) depend on the edges only: computed
+            # once here for every layer instead of once per layer. Their m = 0 rows are the edge
+            # SH up to a constant per degree, which saves evaluating the harmonics.
+            edge_rot = (self.messages[0].edge_rotation(vec)
+                        if self.messages and hasattr(self.messages[0], "edge_rotation") else None)
+            edge_sh = (self.messages[0].edge_sh_from_rotation(edge_rot) if edge_rot is not None
+                       else self.edge_sh(vec))
             edge_rbf = self.rbf(r)
             env = self.envelope(r)
             x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
-            # The per-edge Wigner rotations (SO(2) blocks) depend on the edges only: computed
-            # once here for every layer instead of once per layer.
-            edge_rot = (self.messages[0].edge_rotation(vec)
-                        if self.messages and hasattr(self.messages[0], "edge_rotation") else None)
         else:
             edge_sh = edge_rbf = env = edge_rot = None
         checkpoint = self._checkpoint_layers and torch.is_grad_enabled()

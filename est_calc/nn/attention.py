@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from est_calc.nn.derived import derived
 from est_calc.sphere import ExactBufferModule, SphericalGrid
 
 __all__ = ["SphericalAttention", "fused_attention", "fused_attention_enabled", "legendre_matrices",
@@ -183,6 +184,10 @@ class SphericalAttention(ExactBufferModule):
             bias = log_w.expand(self.n_heads, self.grid.n_points, -1) if bias is None else bias + log_w
         return bias
 
+    def _bias_in(self, dtype: torch.dtype) -> Tensor | None:
+        bias = self.orientation_bias()
+        return None if bias is None else bias.to(dtype)
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """softmax(q k^T + bias) v for q already scaled by 1/sqrt(d); q, k, v: [B, h, S, d]."""
         low = getattr(_STATE, "precision", None)
@@ -244,19 +249,25 @@ class SphericalAttention(ExactBufferModule):
         # 1/sqrt(d) is folded into the (small) query weights instead of scaling the scores, and
         # the key and value projections run as one matrix product (fewer per-signal passes).
         scale = 1.0 / math.sqrt(self.head_dim)
-        q_w, q_b = self.query.weight * scale, self.query.bias * scale
+        params = [self.query.weight, self.query.bias, self.key.weight, self.key.bias,
+                  self.value.weight, self.value.bias]
         if kv is None:  # self-attention: q, k and v in one product
-            qkv = F.linear(h, torch.cat([q_w, self.key.weight, self.value.weight], dim=0),
-                           torch.cat([q_b, self.key.bias, self.value.bias], dim=0))
+            qkv_w, qkv_b = derived(self, "qkv", params, lambda: (
+                torch.cat([self.query.weight * scale, self.key.weight, self.value.weight], dim=0),
+                torch.cat([self.query.bias * scale, self.key.bias, self.value.bias], dim=0)))
+            qkv = F.linear(h, qkv_w, qkv_b)
             q, k, v = heads(qkv[..., :c]), heads(qkv[..., c:2 * c]), heads(qkv[..., 2 * c:])
         else:
+            q_w, q_b, kv_w, kv_b = derived(self, "q_kv", params, lambda: (
+                self.query.weight * scale, self.query.bias * scale,
+                torch.cat([self.key.weight, self.value.weight], dim=0),
+                torch.cat([self.key.bias, self.value.bias], dim=0)))
             q = heads(F.linear(h, q_w, q_b))
-            kvp = F.linear(src, torch.cat([self.key.weight, self.value.weight], dim=0),
-                           torch.cat([self.key.bias, self.value.bias], dim=0))
+            kvp = F.linear(src, kv_w, kv_b)
             k, v = heads(kvp[..., :c]), heads(kvp[..., c:])
-        bias = self.orientation_bias()
-        if bias is not None:
-            bias = bias.to(q.dtype)
+        bias = derived(self, f"bias_{q.dtype}",
+                       [self.roe_weight, self.legendre, self.grid.log_weights],
+                       lambda: self._bias_in(q.dtype))
         if b <= self.chunk_size:
             o = self._attend(q, k, v, bias)
         else:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from est_calc.nn.attention import SphericalAttention
+from est_calc.nn.derived import derived
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm, Gate
 from est_calc.sphere import SphericalGrid
 
@@ -100,9 +101,12 @@ class MixtureOfHybridExperts(nn.Module):
         c = self.channels
         if self.spherical is not None:
             # The gate's first layer and scalar_out read the same x0: one matrix product.
-            both = torch.nn.functional.linear(
-                x0, torch.cat([self.gate[0].weight, self.scalar_out.weight], dim=0),
-                torch.cat([self.gate[0].bias, self.scalar_out.bias], dim=0))
+            w, b = derived(self, "gate_scalar",
+                           [self.gate[0].weight, self.gate[0].bias, self.scalar_out.weight,
+                            self.scalar_out.bias],
+                           lambda: (torch.cat([self.gate[0].weight, self.scalar_out.weight], dim=0),
+                                    torch.cat([self.gate[0].bias, self.scalar_out.bias], dim=0)))
+            both = torch.nn.functional.linear(x0, w, b)
             gate_hidden, scalar_pre = both[:, :c], both[:, c:]
         else:
             gate_hidden, scalar_pre = self.gate[0](x0), None
@@ -114,8 +118,10 @@ class MixtureOfHybridExperts(nn.Module):
             y = term if y is None else y + term
         if self.spherical is not None:
             o = self.attention(self.grid.to_grid(x))  # (N, S, C)
-            mix = sum(g[:, self.n_steerable + e, None, None] * expert(o)
-                      for e, expert in enumerate(self.spherical))
+            mix = None
+            for e, expert in enumerate(self.spherical):
+                term = g[:, self.n_steerable + e, None, None] * expert(o)
+                mix = term if mix is None else mix + term
             y_sp = self.grid.from_grid(mix)
             scalars = torch.nn.functional.silu(scalar_pre)[:, None]
             sp = torch.cat([scalars, y_sp[:, 1:]], dim=1)

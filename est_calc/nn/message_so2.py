@@ -39,10 +39,11 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
+from est_calc.nn.derived import derived
 from est_calc.nn.gather import gather_rows
 from est_calc.nn.radial import RadialMLP
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
-from est_calc.nn.wigner import WignerD, edge_frame, so2_index
+from est_calc.nn.wigner import WignerD, edge_axis, edge_frame, so2_index
 
 if TYPE_CHECKING:  # pragma: no cover
     from est_calc.model import ModelConfig
@@ -55,7 +56,13 @@ def smooth_leaky_relu(x: Tensor, slope: float = 0.2) -> Tensor:
     return 0.5 * (1.0 + slope) * x + 0.5 * (1.0 - slope) * x * (2.0 * torch.sigmoid(x) - 1.0)
 
 
-def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments: int) -> Tensor:
+#: Largest logit magnitude for which segment_softmax may skip the per-segment max shift: exp(+-30)
+#: stays far inside the float32 (and bfloat16) range.
+SHIFT_FREE_BOUND = 30.0
+
+
+def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments: int,
+                    bound: float | None = None) -> Tensor:
     """Weighted softmax over the edges of each segment (centre atom).
 
     alpha_e = w_e exp(a_e) / sum_{e' in seg(e)} w_e' exp(a_e'), i.e. a softmax of a_e + log w_e,
@@ -67,11 +74,19 @@ def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments:
         weight: (E,) non-negative weights w (the envelope).
         segment: (E,) int64 segment index of each edge.
         n_segments: number of segments N.
+        bound: optional guaranteed bound on |a|. When it is at most ``SHIFT_FREE_BOUND`` the
+            overflow guard (subtracting each segment's maximum, which cancels exactly) is
+            skipped: a dozen small operations fewer, the same values up to round-off.
 
     Returns:
         (E, H) attention weights.
     """
     valid = (weight > 0).unsqueeze(-1)
+    if bound is not None and bound <= SHIFT_FREE_BOUND:
+        w = torch.where(valid, weight.unsqueeze(-1) * torch.exp(logits), torch.zeros_like(logits))
+        denom = w.new_zeros(n_segments, w.shape[1]).index_add(0, segment, w)
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        return w / denom.index_select(0, segment)
     # The shift only guards exp() against overflow: it cancels exactly between numerator and
     # denominator, so it carries no gradient (detaching it is exact, and avoids differentiating
     # through a max).
@@ -175,8 +190,11 @@ class SO2Linear(nn.Module):
             groups = [groups[0] * rad[0]] + [
                 (g.view(n_edges, 2, -1, self.in_channels) * r.unsqueeze(1)).view(g.shape)
                 for g, r in zip(groups[1:], rad[1:])]
-        out0, extra = self.fc0(groups[0].reshape(n_edges, -1)).split(
-            [n0 * self.out_channels, self.extra_scalars], dim=-1)
+        out0 = self.fc0(groups[0].reshape(n_edges, -1))
+        if self.extra_scalars:
+            out0, extra = out0.split([n0 * self.out_channels, self.extra_scalars], dim=-1)
+        else:  # no split: its backward would concatenate an empty gradient
+            extra = out0.new_zeros(n_edges, 0)
         parts = [out0.view(n_edges, n0, self.out_channels)]
         for m, (fc, pair) in enumerate(zip(self.fcm, groups[1:]), start=1):
             n = self.l_max - m + 1
@@ -185,11 +203,16 @@ class SO2Linear(nn.Module):
             # gives (y+ || y-) = (W_r x+ - W_i x-, W_i x+ + W_r x-) in the K_M row order directly:
             # the same multiply-adds as mapping x+ and x- separately, without the four (E, n,
             # Cout) partial results and the subtraction and addition that combined them.
-            w_r, w_i = fc.weight.chunk(2, dim=0)
-            block = torch.cat([torch.cat([w_r, -w_i], dim=1), torch.cat([w_i, w_r], dim=1)], dim=0)
-            out = torch.mm(pair.reshape(n_edges, 2 * n * self.in_channels), block.t())
+            block_t = derived(self, f"block{m}", [fc.weight], lambda fc=fc: _pair_block(fc.weight).t())
+            out = torch.mm(pair.reshape(n_edges, 2 * n * self.in_channels), block_t)
             parts.append(out.view(n_edges, 2 * n, self.out_channels))
         return parts, extra
+
+
+def _pair_block(weight: Tensor) -> Tensor:
+    """[[W_r, -W_i], [W_i, W_r]] from a weight that stacks W_r over W_i."""
+    w_r, w_i = weight.chunk(2, dim=0)
+    return torch.cat([torch.cat([w_r, -w_i], dim=1), torch.cat([w_i, w_r], dim=1)], dim=0)
 
 
 @lru_cache(maxsize=None)
@@ -244,6 +267,11 @@ class SO2MessageBlock(nn.Module):
         # Direction from the l = 1 SH block (only the direction matters; edge_frame normalises).
         self.register_buffer("_sh1_to_dir", _sh1_to_direction().to(torch.get_default_dtype()),
                              persistent=False)
+        # Y^l_0(a) for l = 0..L (sqrt(2l + 1) for component normalisation), from e3nn in float64
+        # and kept as Python floats, so every dtype gets them rounded once.
+        y_axis = o3.spherical_harmonics(list(range(L + 1)), edge_axis(), normalize=True,
+                                        normalization="component")
+        self._sh_axis = tuple(float(y_axis[l * l + l]) for l in range(L + 1))
 
     def _edge_frames(self, edge_dir: Tensor) -> Tensor:
         """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
@@ -253,6 +281,37 @@ class SO2MessageBlock(nn.Module):
         """Wigner-D rows (E, K_M, K) into each edge's frame: depends on the edges only, so a
         model computes it once and passes it to every block (``edge_rot``)."""
         return self.wigner(self._edge_frames(edge_vec))
+
+    def edge_sh_from_rotation(self, edge_rot: Tensor) -> Tensor:
+        """The edge SH Y(r_hat) (E, K), component-normalised, read off ``edge_rot``.
+
+        R_e r_hat = a and Y(a) has only its m = 0 entries Y^l_0(a), so Y^l(r_hat) =
+        D^l(R_e)^T Y^l(a) = Y^l_0(a) D^l_{0,:}(R_e): the first L + 1 rows of edge_rot (m = 0,
+        l = 0..L) scaled per degree. Two cheap operations instead of evaluating the harmonics
+        again (and their backward).
+        """
+        n_m0 = self.l_max + 1
+        scale = edge_rot.new_tensor(self._sh_axis)
+        return (edge_rot[:, :n_m0, :] * scale[:, None]).sum(dim=1)
+
+    def _logit_bound(self) -> float | None:
+        """A bound on |attention logit| from the weights alone, or None while they train.
+
+        LayerNorm output k is w_k n_k + b_k with |n_k| <= sqrt(d - 1), the smooth leaky ReLU
+        never increases a magnitude, so |a_h| <= sum_k |alpha_dot_hk| (|w_k| sqrt(d - 1) + |b_k|).
+        Computed once per set of weights in inference (it needs a host sync); training and
+        torch.compile keep the max-shifted softmax.
+        """
+        params = [self.alpha_norm.weight, self.alpha_norm.bias, self.alpha_dot]
+        if torch.compiler.is_compiling() or any(p.requires_grad for p in params):
+            return None
+
+        def bound() -> float:
+            d = self.d_alpha
+            per_k = self.alpha_norm.weight.abs() * (d - 1) ** 0.5 + self.alpha_norm.bias.abs()
+            return float((self.alpha_dot.abs() * per_k).sum(-1).max())
+
+        return derived(self, "logit_bound", params, bound)
 
     def _gate(self, parts: list[Tensor], gates: Tensor) -> list[Tensor]:
         """SiLU on the l = 0 row, sigmoid(invariant gate of degree l) on the rows of degree l > 0;
@@ -332,9 +391,13 @@ class SO2MessageBlock(nn.Module):
         a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)
         u = envelope.to(x.dtype)
-        alpha = segment_softmax(logits, u, i, n_nodes) * u.unsqueeze(-1)
-        v = v.view(n_edges, -1, self.n_heads, self.d_value) * alpha[:, None, :, None]
-        msg = torch.bmm(rot.transpose(1, 2), v.flatten(2))              # D^T back to global frame
+        alpha = segment_softmax(logits, u, i, n_nodes, bound=self._logit_bound()) * u.unsqueeze(-1)
+        # alpha per value channel (head-major, as v's channels), then one broadcast over rows: a
+        # broadcast over the innermost d_v channels of (E, K_M, H, d_v) is several times slower
+        # on the CPU, forward and backward (the gradient of alpha becomes a strided reduction).
+        alpha = alpha.unsqueeze(-1).expand(n_edges, self.n_heads, self.d_value).reshape(n_edges, -1)
+        v = v * alpha.unsqueeze(1)
+        msg = torch.bmm(rot.transpose(1, 2), v)                         # D^T back to global frame
         agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
         return x + self.proj(agg)
 

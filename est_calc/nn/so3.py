@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from est_calc.nn.derived import derived
+
 __all__ = ["degree_index", "DWLinear", "EquivariantLayerNorm", "Gate"]
 
 
@@ -58,7 +60,9 @@ class DWLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, Cin] -> [N, K, Cout]."""
         _check_features(x, (self.l_max + 1) ** 2, self.in_channels, "DWLinear")
-        y = torch.einsum("nki,kio->nko", x, self.weight.index_select(0, self._degree))
+        weight = derived(self, "weight", [self.weight, self._degree],
+                         lambda: self.weight.index_select(0, self._degree))
+        y = torch.einsum("nki,kio->nko", x, weight)
         if self.bias is not None and self.l_max > 0:
             # split rather than slices: the backward of two slices zero-fills two full tensors.
             y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
@@ -106,11 +110,14 @@ class EquivariantLayerNorm(nn.Module):
             return self.scalar_norm(x)
         x0, vec = x.split([1, x.shape[1] - 1], dim=1)
         scalars = self.scalar_norm(x0)
-        # 1 / ((2l + 1) L) per component, built in the input dtype (exact in float64).
-        balance = 1.0 / ((2.0 * self._degree.to(x.dtype) + 3.0) * self.l_max)
-        mean_sq = torch.einsum("nkc,k->n", vec * vec, balance) / self.channels
+        # 1 / ((2l + 1) L C) per component, built in the input dtype (exact in float64).
+        balance = derived(self, f"balance_{x.dtype}", [self._degree], lambda: 1.0 / (
+            (2.0 * self._degree.to(x.dtype) + 3.0) * (self.l_max * self.channels)))
+        mean_sq = torch.mv((vec * vec).sum(dim=-1), balance)
         inv = torch.rsqrt(mean_sq + self.eps)[:, None, None]
-        return torch.cat([scalars, vec * inv * self.weight.index_select(0, self._degree)], dim=1)
+        weight = derived(self, "weight", [self.weight, self._degree],
+                         lambda: self.weight.index_select(0, self._degree))
+        return torch.cat([scalars, vec * inv * weight], dim=1)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}"

@@ -15,6 +15,12 @@ rotated sample points P and solving against Y(P) gives D exactly (to round-off):
 with pinv computed once in float64 and stored as a buffer. This is a polynomial in the entries of
 R, so it is smooth and twice differentiable everywhere (no Euler-angle singularity at the poles).
 
+For L <= 2 (the presets' degree) the same polynomial is applied directly: D^1 is linear and D^2
+quadratic in the entries of R, so D(R) = c + A_1 vec(R) + A_2 vec(R (x) R) with constant
+coefficients. They are fitted once, in float64, to the sampled construction above on random
+rotations (the fit is exact to round-off, checked at construction), which replaces the SH
+evaluation at E x S rotated points and its backward by two matrix products per call.
+
 Frame choice. Any rotation R_e with R_e r_hat = a will do, because the SO(2) convolution commutes
 with the roll about a. :func:`edge_frame` builds R_e from the helper vector e_k, the coordinate
 axis least aligned with r_hat (|r_hat . e_k| <= 1/sqrt(3), so the frame is never degenerate). The
@@ -176,17 +182,74 @@ class WignerD(ExactBufferModule):
         self.register_exact_buffer("points", points)
         self.register_exact_buffer("a_cat", a_cat)
         self.register_exact_buffer("mask", (deg[rows_np][:, None] == deg[None, :]).astype(np.float64))
+        self.polynomial = l_max <= 2
+        coeffs = self._fit_polynomial() if self.polynomial else (None, None, None)
+        for name, value in zip(("poly_const", "poly_lin", "poly_quad"), coeffs):
+            self.register_exact_buffer(name, value)
+
+    def _fit_polynomial(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Constant (R*K,), linear (9, R*K) and quadratic (81, R*K) float64 coefficients with
+        D(R).flatten() = c + vec(R) A_1 + vec(R (x) R) A_2 for every rotation R (L <= 2)."""
+        gen = torch.Generator().manual_seed(12345)
+        q = torch.randn(256, 4, dtype=torch.float64, generator=gen)
+        q = q / q.norm(dim=1, keepdim=True)
+        w, x, y, z = q.unbind(1)
+        rot = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+                           2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+                           2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+                          dim=1).view(-1, 3, 3)
+        target = self._sampled(rot, torch.float64).flatten(1).numpy()       # (n, R*K)
+        feats = self._features(rot).numpy()                                  # (n, 1 + 9 [+ 81])
+        coef, *_ = np.linalg.lstsq(feats, target, rcond=None)
+        residual = np.abs(feats @ coef - target).max()
+        if residual > 1e-10:
+            raise RuntimeError(f"WignerD: polynomial fit of D(R) failed (residual {residual:.1e})")
+        coef[np.abs(coef) < 1e-13] = 0.0
+        quad = coef[10:] if self.l_max == 2 else None
+        return coef[0], coef[1:10], quad
+
+    def _features(self, rot: Tensor) -> Tensor:
+        """(E, 1 + 9 [+ 81]) monomials of degree <= min(L, 2) in the entries of rot."""
+        parts = [rot.new_ones(rot.shape[0], 1), rot.flatten(1)]
+        if self.l_max == 2:
+            parts.append(self._kron(rot))
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _kron(rot: Tensor) -> Tensor:
+        """(E, 81) products R_ac R_bd of all pairs of entries (the entries of R (x) R, in the order
+        of the outer product of vec(R) with itself: a broadcast of two contiguous rows, which is
+        several times faster than building the Kronecker layout)."""
+        r9 = rot.reshape(-1, 9)
+        return (r9.unsqueeze(2) * r9.unsqueeze(1)).flatten(1)
+
+    def _sampled(self, rot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The general construction (any L): SH at the rotated sample points."""
+        dtype = rot.dtype if dtype is None else dtype
+        if dtype == torch.float64:
+            points, a_cat, mask = (self.master(n) for n in ("points", "a_cat", "mask"))
+            points, a_cat, mask = (t.to(rot.device) for t in (points, a_cat, mask))
+        else:
+            points, a_cat, mask = (t.to(dtype) for t in (self.points, self.a_cat, self.mask))
+        pts = torch.einsum("eij,sj->esi", rot, points)
+        # Rotated unit vectors stay unit, so no renormalisation is needed.
+        y = self.sh(pts)                                                # (E, S, K)
+        y = y.index_select(2, self.rows)
+        d = torch.einsum("esr,sk->erk", y, a_cat)
+        return d * mask
 
     def forward(self, rot: Tensor) -> Tensor:
         """rot (E, 3, 3) -> D (E, R, K) in rot's dtype."""
         if rot.dim() != 3 or rot.shape[1:] != (3, 3):
             raise ValueError(f"WignerD: rot must have shape (E, 3, 3), got {tuple(rot.shape)}")
-        pts = torch.einsum("eij,sj->esi", rot, self.points.to(rot.dtype))
-        # Rotated unit vectors stay unit, so no renormalisation is needed.
-        y = self.sh(pts)                                                # (E, S, K)
-        y = y.index_select(2, self.rows)
-        d = torch.einsum("esr,sk->erk", y, self.a_cat.to(rot.dtype))
-        return d * self.mask.to(rot.dtype)
+        if not self.polynomial:
+            return self._sampled(rot)
+        n_rows, k = self.rows.numel(), (self.l_max + 1) ** 2
+        const, lin = self.poly_const.to(rot.dtype), self.poly_lin.to(rot.dtype)
+        d = torch.addmm(const, rot.reshape(-1, 9), lin)
+        if self.poly_quad is not None:
+            d = torch.addmm(d, self._kron(rot), self.poly_quad.to(rot.dtype))
+        return d.view(-1, n_rows, k)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, rows={self.rows.numel()}, n_points={self.points.shape[0]}"

@@ -1,0 +1,159 @@
+"""The inference fast paths give the same numbers as the general constructions they replace.
+
+* WignerD for L <= 2 applies a fitted polynomial in the entries of R instead of evaluating the
+  harmonics at rotated points;
+* the SO(2) block reads the edge SH off the m = 0 rows of the Wigner rotations;
+* parameter-only tensors (block matrices, gathered weights) are cached while the parameters are
+  frozen (est_calc.nn.derived), and rebuilt whenever they change;
+* segment_softmax skips its max shift when the logits have a small known bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e3nn import o3
+
+from est_calc.model import ModelConfig
+from est_calc.nn.derived import derived
+from est_calc.nn.message_so2 import SO2MessageBlock, segment_softmax, smooth_leaky_relu
+from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
+from est_calc.nn.wigner import WignerD, edge_frame, so2_index
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("l_max,m_max", [(0, 0), (1, 1), (2, 1), (2, 2), (2, None)])
+def test_polynomial_wigner_equals_sampled_construction(l_max, m_max):
+    rows = None if m_max is None else so2_index(l_max, m_max)
+    w = WignerD(l_max, rows=rows).to(F64)
+    assert w.polynomial
+    rot = o3.rand_matrix(40, dtype=F64)
+    d = w(rot)
+    assert (d - w._sampled(rot)).abs().max() < 1e-12
+    # ... and it is a representation: D(R1 R2) = D(R1) D(R2) on the full matrix.
+    if rows is None:
+        assert (w(rot[:20] @ rot[20:]) - d[:20] @ d[20:]).abs().max() < 1e-12
+    # float32 rounds the float64 coefficients once.
+    assert (WignerD(l_max, rows=rows)(rot.float()).double() - d).abs().max() < 1e-6
+
+
+def test_wigner_above_degree_two_keeps_the_sampled_construction():
+    w = WignerD(3).to(F64)
+    assert not w.polynomial and w.poly_lin is None
+    rot = o3.rand_matrix(5, dtype=F64)
+    assert torch.equal(w(rot), w._sampled(rot))
+
+
+def test_polynomial_wigner_gradients_match_sampled():
+    w = WignerD(2, rows=so2_index(2, 1)).to(F64)
+    vec = torch.randn(12, 3, dtype=F64, requires_grad=True)
+    coeff = torch.randn(12, 7, 9, dtype=F64)
+    (g_poly,) = torch.autograd.grad((w(edge_frame(vec)) * coeff).sum(), vec)
+    (g_samp,) = torch.autograd.grad((w._sampled(edge_frame(vec)) * coeff).sum(), vec)
+    assert (g_poly - g_samp).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("l_max,m_max", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_edge_sh_read_off_the_wigner_rotation(l_max, m_max):
+    cfg = ModelConfig.preset("small", l_max=l_max, so2_m_max=m_max)
+    block = SO2MessageBlock(cfg).to(F64)
+    vec = torch.randn(30, 3, dtype=F64) * 3.0
+    vec[0] = torch.tensor([1.0, 1.0, 1.0], dtype=F64)          # helper-axis tie of the frame
+    vec[1] = torch.tensor([0.0, 2.0, 0.0], dtype=F64)          # along the edge axis
+    ref = o3.spherical_harmonics(list(range(l_max + 1)), vec, normalize=True,
+                                 normalization="component")
+    assert (block.edge_sh_from_rotation(block.edge_rotation(vec)) - ref).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- derived
+
+
+def test_derived_caches_only_frozen_sources_and_sees_every_change():
+    lin = torch.nn.Linear(3, 4)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return lin.weight * 2.0
+
+    # Trainable: rebuilt on every call and part of the autograd graph.
+    a = derived(lin, "w2", [lin.weight], build)
+    b = derived(lin, "w2", [lin.weight], build)
+    assert len(calls) == 2 and a.requires_grad
+    lin.weight.requires_grad_(False)
+    c = derived(lin, "w2", [lin.weight], build)
+    assert derived(lin, "w2", [lin.weight], build) is c and len(calls) == 3
+    with torch.no_grad():
+        lin.weight.add_(1.0)                                    # in-place update (optimizer step)
+    d = derived(lin, "w2", [lin.weight], build)
+    assert len(calls) == 4 and torch.equal(d, lin.weight * 2.0)
+    lin.load_state_dict({"weight": torch.zeros(4, 3), "bias": torch.zeros(4)})
+    assert torch.equal(derived(lin, "w2", [lin.weight], build), torch.zeros(4, 3))
+    lin.double()                                                # new tensors
+    assert derived(lin, "w2", [lin.weight], build).dtype == F64
+    assert len(calls) == 6
+
+
+def test_frozen_blocks_equal_trainable_blocks_after_weight_changes():
+    """A cached block gives what the same block computes with trainable weights, also after its
+    weights change in place between calls."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("small")
+    layers = [DWLinear(2, 6, 5).to(F64), EquivariantLayerNorm(2, 6).to(F64)]
+    x = torch.randn(4, 9, 6, dtype=F64)
+    for layer in layers:
+        for step in range(2):
+            ref = layer(x)
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            assert torch.equal(layer(x), ref) and torch.equal(layer(x), ref)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.mul_(1.5).add_(0.1)
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            assert not torch.equal(layer(x), ref)
+    del cfg
+
+
+# ----------------------------------------------------------------------------- softmax bound
+
+
+def test_segment_softmax_without_shift_matches_shifted():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.rand(50, 3, generator=g, dtype=F64) * 40 - 20).requires_grad_(True)
+    u = torch.rand(50, generator=g, dtype=F64)
+    u[::7] = 0.0
+    seg = torch.randint(0, 12, (50,), generator=g)
+    seg[seg == 11] = 10                                          # segment 11 stays empty
+    ref = segment_softmax(logits, u, seg, 12)
+    fast = segment_softmax(logits, u, seg, 12, bound=20.0)
+    assert (fast - ref).abs().max() < 1e-12
+    (g_ref,) = torch.autograd.grad((ref * torch.arange(3.0, dtype=F64)).sum(), logits)
+    (g_fast,) = torch.autograd.grad((fast * torch.arange(3.0, dtype=F64)).sum(), logits)
+    assert (g_fast - g_ref).abs().max() < 1e-12
+    # A bound above the safe range keeps the shifted path (here: it must, exp(700) overflows).
+    big = torch.tensor([[700.0], [690.0]], dtype=torch.float32)
+    out = segment_softmax(big, torch.ones(2), torch.zeros(2, dtype=torch.long), 1, bound=700.0)
+    assert torch.isfinite(out).all() and abs(float(out.sum()) - 1.0) < 1e-6
+
+
+def test_logit_bound_bounds_the_attention_logits():
+    torch.manual_seed(1)
+    block = SO2MessageBlock(ModelConfig.preset("small"))
+    with torch.no_grad():                                        # larger, varied weights
+        block.alpha_norm.weight.normal_(0.0, 2.0)
+        block.alpha_norm.bias.normal_(0.0, 1.0)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    bound = block._logit_bound()
+    s = torch.randn(5000, block.n_heads, block.d_alpha) * torch.logspace(-3, 3, 5000)[:, None, None]
+    s[:10] = 0.0
+    s[10:20, :, 0] = 1e4                                         # one dominant entry: |n_k| -> sqrt(d-1)
+    logits = (smooth_leaky_relu(block.alpha_norm(s)) * block.alpha_dot).sum(-1)
+    assert float(logits.abs().max()) <= bound * (1 + 1e-6)
+    assert float(logits.abs().max()) > 0.3 * bound               # and the bound is not loose
+    for p in block.parameters():
+        p.requires_grad_(True)
+    assert block._logit_bound() is None                          # training keeps the shift
