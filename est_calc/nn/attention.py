@@ -128,6 +128,57 @@ def legendre_matrices(points: np.ndarray | Tensor, l_roe: int) -> np.ndarray:
     return out
 
 
+def _scores(q: Tensor, k: Tensor, bias: Tensor | None, n_heads: int) -> Tensor:
+    """q k^T (+ the per-head bias) for q, k of shape (B h, S, d) -> (B h, S, S)."""
+    s = q.shape[1]
+    if bias is not None and n_heads == 1:
+        # One head: the bias broadcasts over the batch, so scores + bias is one fused op.
+        return torch.baddbmm(bias.reshape(s, s), q, k.transpose(1, 2))
+    scores = torch.bmm(q, k.transpose(1, 2))
+    if bias is None:
+        return scores
+    return (scores.view(-1, n_heads, s, s) + bias).view(-1, s, s)
+
+
+class _AttentionCore(torch.autograd.Function):
+    """softmax(q k^T + bias) v for (B h, S, d) tensors, every product in its fast orientation.
+
+    With d (6 for the small preset) much smaller than S (32), a batched product whose output has
+    d columns is several times slower on the CPU (MKL) than the transposed product with d rows.
+    Autograd's own backward of P V and q k^T needs three such products (P^T G, G_S k and G_S^T q);
+    here each is computed transposed: P V = (V^T P^T)^T, P^T G = (G^T P)^T, G_S k = (k^T G_S^T)^T,
+    G_S^T q = (q^T G_S)^T. The backward is written in differentiable operations and recomputes P
+    from q and k when a graph is requested, so double backward (training on forces) is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, n_heads):
+        p = torch.softmax(_scores(q, k, bias, n_heads), dim=-1)
+        ctx.save_for_backward(q, k, v, bias, p)
+        ctx.n_heads = n_heads
+        return torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, bias, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: P as a function of q and k
+            p = torch.softmax(_scores(q, k, bias, ctx.n_heads), dim=-1)
+        grad_t = grad.transpose(1, 2)                                   # (B h, d, S)
+        grad_v = torch.bmm(grad_t, p).transpose(1, 2)                   # P^T G
+        grad_p = torch.bmm(grad, v.transpose(1, 2))                     # G V^T
+        if torch.is_grad_enabled():  # softmax backward in differentiable operations
+            grad_s = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
+        else:  # the fused kernel of softmax's own backward
+            grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+        grad_q = torch.bmm(k.transpose(1, 2), grad_s.transpose(1, 2)).transpose(1, 2)
+        grad_k = torch.bmm(q.transpose(1, 2), grad_s).transpose(1, 2)
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            s = q.shape[1]
+            grad_bias = grad_s.view(-1, ctx.n_heads, s, s).sum(dim=0).view(bias.shape)
+        return grad_q, grad_k, grad_v, grad_bias, None
+
+
 class SphericalAttention(ExactBufferModule):
     """Multi-head pre-LN attention among the S grid points of each signal, with residual.
 
@@ -203,17 +254,8 @@ class SphericalAttention(ExactBufferModule):
         if fused_attention_enabled() and q.is_cuda:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         b, n_heads, s, d = q.shape
-        q3, k3 = q.reshape(b * n_heads, s, d), k.reshape(b * n_heads, s, d)
-        if bias is not None and n_heads == 1:
-            # One head: the bias broadcasts over the batch, so scores + bias is one fused op
-            # (measured faster than SDPA's math path on CPU, which rescales q and k separately).
-            scores = torch.baddbmm(bias, q3, k3.transpose(-1, -2))
-        else:
-            scores = torch.bmm(q3, k3.transpose(-1, -2)).view(b, n_heads, s, s)
-            if bias is not None:
-                scores = scores + bias
-            scores = scores.view(b * n_heads, s, s)
-        out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * n_heads, s, d))
+        out = _AttentionCore.apply(q.reshape(b * n_heads, s, d), k.reshape(b * n_heads, s, d),
+                                   v.reshape(b * n_heads, s, d), bias, n_heads)
         return out.view(b, n_heads, s, d)
 
     def forward(self, f: Tensor, kv: Tensor | None = None) -> Tensor:

@@ -177,3 +177,23 @@ def test_attention_precision_casts_only_the_core():
     with pytest.raises(ValueError, match="attention precision"):
         with attention_precision("int8"):
             pass
+
+
+@pytest.mark.parametrize("n_heads,with_bias", [(1, True), (3, True), (2, False)])
+def test_attention_core_equals_softmax_product_with_first_and_second_derivatives(n_heads,
+                                                                                with_bias):
+    """The core computes every product transposed (for speed) with its own backward: values,
+    gradients (including the bias, a trainable function of roe_weight) and second derivatives
+    equal those of the plain softmax(q k^T + B) V."""
+    from est_calc.nn.attention import _AttentionCore, _scores
+
+    torch.manual_seed(0)
+    b, s, d = 2, 5, 3
+    q, k, v = (torch.randn(b * n_heads, s, d, dtype=F64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(n_heads, s, s, dtype=F64, requires_grad=True) if with_bias else None
+    inputs = (q, k, v, bias, n_heads)
+    ref = torch.softmax(_scores(q, k, bias, n_heads), -1) @ v
+    out = _AttentionCore.apply(*inputs)
+    assert (out - ref).abs().max() < 1e-14
+    assert torch.autograd.gradcheck(_AttentionCore.apply, inputs)
+    assert torch.autograd.gradgradcheck(_AttentionCore.apply, inputs)
