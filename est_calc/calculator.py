@@ -142,6 +142,11 @@ class ESTCalculator(Calculator):
         attention_precision: "float32" (default: the model's dtype), "bfloat16" or "float16"
             for the spherical-attention core only (tensor cores on GPUs); everything else keeps
             ``dtype``. Check the force change against the potential's validation error first.
+        tune_malloc: on CPU, raise glibc's malloc thresholds once for this process so that each
+            call's temporaries reuse memory instead of page-faulting fresh pages in (about 5 % of
+            a 66-atom call; the process keeps up to 256 MiB of freed memory). Never overrides
+            ``MALLOC_*`` variables or a preloaded allocator; ``EST_CALC_TUNE_MALLOC=0`` turns it
+            off everywhere (:mod:`est_calc.allocator`).
         compile: run the network through ``torch.compile`` (one graph, dynamic atom and edge
             counts; see :meth:`est_calc.model.ESTModel.enable_compile`). Energies, forces and
             stress agree with the eager model to rounding (tested in float64). The first call
@@ -187,6 +192,7 @@ class ESTCalculator(Calculator):
         skin: float = 0.0,
         low_memory: bool = False,
         attention_precision: str = "float32",
+        tune_malloc: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -195,6 +201,10 @@ class ESTCalculator(Calculator):
         resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        if tune_malloc and self.device.type == "cpu":
+            from est_calc.allocator import tune_malloc as _tune_malloc
+
+            _tune_malloc()
         if isinstance(model, Potential):
             potential = model
             if potential.dtype != self.dtype or potential.device != self.device:
