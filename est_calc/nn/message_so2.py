@@ -52,8 +52,12 @@ __all__ = ["SO2Linear", "SO2MessageBlock", "segment_softmax", "smooth_leaky_relu
 
 
 def smooth_leaky_relu(x: Tensor, slope: float = 0.2) -> Tensor:
-    """C^inf leaky ReLU: ((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)."""
-    return 0.5 * (1.0 + slope) * x + 0.5 * (1.0 - slope) * x * (2.0 * torch.sigmoid(x) - 1.0)
+    """C^inf leaky ReLU: ((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1) = a x + (1-a) SiLU(x).
+
+    The second form is the same function in three operations instead of seven (and as many
+    fewer autograd nodes).
+    """
+    return torch.add(x * slope, torch.nn.functional.silu(x), alpha=1.0 - slope)
 
 
 #: Largest logit magnitude for which segment_softmax may skip the per-segment max shift: exp(+-30)

@@ -155,3 +155,17 @@ def test_logit_bound_bounds_the_attention_logits():
     for p in block.parameters():
         p.requires_grad_(True)
     assert block._logit_bound() is None                          # training keeps the shift
+
+
+def test_smooth_leaky_relu_is_the_defining_formula():
+    x = torch.linspace(-30, 30, 2001, dtype=F64, requires_grad=True)
+    for slope in (0.2, 0.0, 0.5):
+        ref = 0.5 * (1 + slope) * x + 0.5 * (1 - slope) * x * (2 * torch.sigmoid(x) - 1)
+        out = smooth_leaky_relu(x, slope)
+        assert (out - ref).abs().max() < 1e-12
+        g_ref, = torch.autograd.grad(ref.sum(), x, create_graph=True)
+        g_out, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        assert (g_out - g_ref).abs().max() < 1e-12
+        gg_ref, = torch.autograd.grad(g_ref.sum(), x)
+        gg_out, = torch.autograd.grad(g_out.sum(), x)
+        assert (gg_out - gg_ref).abs().max() < 1e-12
