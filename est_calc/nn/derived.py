@@ -11,7 +11,9 @@ calls, and for a 66-atom slab these small operations are a few per cent of the c
 source tensors themselves, their version counters and their data pointers: any in-place update
 (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.to(dtype/device)`` misses the
 cache, and holding the tensors (and their data) means their memory cannot be reused by another
-tensor that would then look identical.
+tensor that would then look identical. Writes that bypass the version counter (through
+``param.data``, or collectives such as ``torch.distributed.broadcast``) must be followed by
+:func:`clear_derived` on the module.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["derived"]
+__all__ = ["clear_derived", "derived"]
 
 T = TypeVar("T")
 
@@ -58,3 +60,9 @@ def _same(key: list, sources: Sequence[Tensor | None]) -> bool:
                 or data.dtype != t.dtype or data.device != t.device or data.shape != t.shape):
             return False
     return True
+
+
+def clear_derived(module: nn.Module) -> None:
+    """Drop the cached derived tensors of ``module`` and all its submodules."""
+    for m in module.modules():
+        m.__dict__.pop("_derived_cache", None)

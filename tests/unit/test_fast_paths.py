@@ -15,7 +15,7 @@ import torch
 from e3nn import o3
 
 from est_calc.model import ModelConfig
-from est_calc.nn.derived import derived
+from est_calc.nn.derived import clear_derived, derived
 from est_calc.nn.message_so2 import SO2MessageBlock, segment_softmax, smooth_leaky_relu
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
 from est_calc.nn.wigner import WignerD, edge_frame, so2_index
@@ -93,6 +93,11 @@ def test_derived_caches_only_frozen_sources_and_sees_every_change():
     lin.double()                                                # new tensors
     assert derived(lin, "w2", [lin.weight], build).dtype == F64
     assert len(calls) == 6
+    # A write through .data passes the version counter by: clear_derived is the way out.
+    lin.weight.data.fill_(3.0)
+    assert not torch.equal(derived(lin, "w2", [lin.weight], build), lin.weight * 2.0)
+    clear_derived(torch.nn.Sequential(lin))
+    assert torch.equal(derived(lin, "w2", [lin.weight], build), lin.weight * 2.0)
 
 
 def test_frozen_blocks_equal_trainable_blocks_after_weight_changes():
