@@ -298,6 +298,14 @@ class SO2MessageBlock(nn.Module):
         scale = edge_rot.new_tensor(self._sh_axis)
         return (edge_rot[:, :n_m0, :] * scale[:, None]).sum(dim=1)
 
+    def _radial_rows(self, last: nn.Linear) -> tuple[Tensor, Tensor]:
+        """Weight (K_M 2C, hidden) and bias of ``last`` with the rows of each (m, l) slot repeated
+        for every coefficient row of the K_M layout that it modulates."""
+        rows, c_in = self.conv1._radial_row, self.conv1.in_channels
+        w = last.weight.view(-1, c_in, last.weight.shape[1]).index_select(0, rows)
+        b = last.bias.view(-1, c_in).index_select(0, rows)
+        return w.reshape(-1, last.weight.shape[1]), b.reshape(-1)
+
     def _logit_bound(self) -> float | None:
         """A bound on |attention logit| from the weights alone, or None while they train.
 
@@ -383,11 +391,22 @@ class SO2MessageBlock(nn.Module):
         # gather_rows (not h[i]): its backward is an index_add of a contiguous gradient, not a
         # serial accumulating put or the strided scatter the concatenation would cause.
         z = torch.bmm(rot, torch.cat([gather_rows(h, i), gather_rows(h, j)], dim=-1))
-        radial = self.radial(torch.cat([edge_rbf, gather_rows(atom_emb, i),
-                                        gather_rows(atom_emb, j)], dim=-1).to(x.dtype))
-
+        radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
+                              dim=-1).to(x.dtype)
+        # The radial MLP's last layer with its rows repeated for +m and -m, so that one product
+        # of equal shapes modulates all K_M rows: the same numbers as SO2Linear's per-m-group
+        # broadcast (map_groups(..., radial)), without the broadcasts and the concatenation of
+        # their gradients (1.04x on a 64-structure batch, neutral on a 66-atom slab).
+        net = self.radial.net
+        hidden = radial_in
+        for stage in range(len(net) - 1):
+            hidden = net[stage](hidden)
+        last = net[-1]
+        w, b = derived(self, "radial_rows", [last.weight, last.bias, self.conv1._radial_row],
+                       lambda: self._radial_rows(last))
+        z = z * torch.nn.functional.linear(hidden, w, b).view(z.shape)
         # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
-        y, scalars = self.conv1.map_groups(self.conv1.split_groups(z), radial)
+        y, scalars = self.conv1.map_groups(self.conv1.split_groups(z))
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
         v, _ = self.conv2.map_groups(self._gate(y, gates))
         v = torch.cat(v, dim=1)                                         # (E, K_M, H d_v)

@@ -174,3 +174,23 @@ def test_smooth_leaky_relu_is_the_defining_formula():
         gg_ref, = torch.autograd.grad(g_ref.sum(), x)
         gg_out, = torch.autograd.grad(g_out.sum(), x)
         assert (gg_out - gg_ref).abs().max() < 1e-12
+
+
+def test_row_repeated_radial_equals_per_group_modulation():
+    """The block modulates all K_M rows with the radial MLP's last layer repeated per +-m row;
+    SO2Linear's own per-m-group broadcast of the unrepeated output gives the same numbers."""
+    torch.manual_seed(3)
+    block = SO2MessageBlock(ModelConfig.preset("small", so2_m_max=2)).to(F64)
+    e = 11
+    z = torch.randn(e, block.conv1.n_rows, block.conv1.in_channels, dtype=F64)
+    radial_in = torch.randn(e, block.radial.in_features, dtype=F64)
+    ref = block.conv1.map_groups(block.conv1.split_groups(z), block.radial(radial_in))
+    net = block.radial.net
+    hidden = radial_in
+    for k in range(len(net) - 1):
+        hidden = net[k](hidden)
+    w, b = block._radial_rows(net[-1])
+    zm = z * torch.nn.functional.linear(hidden, w, b).view(z.shape)
+    out = block.conv1.map_groups(block.conv1.split_groups(zm))
+    for a, c in zip(out[0] + [out[1]], ref[0] + [ref[1]]):
+        assert (a - c).abs().max() < 1e-12
