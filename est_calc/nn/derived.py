@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["clear_derived", "derived"]
+__all__ = ["clear_derived", "constant", "derived"]
 
 T = TypeVar("T")
 
@@ -66,3 +66,20 @@ def clear_derived(module: nn.Module) -> None:
     """Drop the cached derived tensors of ``module`` and all its submodules."""
     for m in module.modules():
         m.__dict__.pop("_derived_cache", None)
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(values, like: Tensor) -> Tensor:
+    """``torch.tensor(values)`` in ``like``'s dtype and device, built once per (values, dtype,
+    device): a tensor made from Python numbers on a GPU is a host-to-device copy that waits for
+    the stream, once per call otherwise. ``values`` must be hashable (nested tuples of floats).
+    Under torch.compile the plain constructor is traced (and folded) instead."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    key = (values, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return t

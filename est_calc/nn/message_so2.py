@@ -39,7 +39,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from est_calc.nn.derived import derived
+from est_calc.nn.derived import constant, derived
 from est_calc.nn.gather import gather_rows
 from est_calc.nn.radial import RadialMLP
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
@@ -295,7 +295,7 @@ class SO2MessageBlock(nn.Module):
         again (and their backward).
         """
         n_m0 = self.l_max + 1
-        scale = edge_rot.new_tensor(self._sh_axis)
+        scale = constant(self._sh_axis, edge_rot)
         return (edge_rot[:, :n_m0, :] * scale[:, None]).sum(dim=1)
 
     def _radial_rows(self, last: nn.Linear) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
+from est_calc.nn.derived import constant
 from est_calc.sphere.grid import ExactBufferModule, real_sh
 from est_calc.sphere.points import fibonacci
 
@@ -103,7 +104,7 @@ def edge_frame(edge_vec: Tensor) -> Tensor:
     u = u / u.norm(dim=1, keepdim=True)          # |u| >= sqrt(2/3): never degenerate
     w = torch.linalg.cross(u, r, dim=1)
     frame = torch.stack([u, r, w], dim=1)        # rows (u, r, w): maps r -> e_y, det = +1
-    basis = torch.tensor(_AXIS_BASIS, dtype=r.dtype, device=r.device)
+    basis = constant(_AXIS_BASIS, r)
     return basis @ frame
 
 

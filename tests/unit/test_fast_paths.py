@@ -194,3 +194,14 @@ def test_row_repeated_radial_equals_per_group_modulation():
     out = block.conv1.map_groups(block.conv1.split_groups(zm))
     for a, c in zip(out[0] + [out[1]], ref[0] + [ref[1]]):
         assert (a - c).abs().max() < 1e-12
+
+
+def test_constant_is_built_once_per_dtype_and_device():
+    from est_calc.nn.derived import constant
+
+    like32, like64 = torch.zeros(1), torch.zeros(1, dtype=F64)
+    a = constant((1.0, 2.0), like32)
+    assert a is constant((1.0, 2.0), like32) and a.dtype == torch.float32
+    b = constant((1.0, 2.0), like64)
+    assert b is not a and b.dtype == F64 and torch.equal(b, torch.tensor([1.0, 2.0], dtype=F64))
+    assert constant(((1.0, 0.0), (0.0, 1.0)), like64).shape == (2, 2)
