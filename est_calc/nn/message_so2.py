@@ -87,22 +87,20 @@ def segment_softmax(logits: Tensor, weight: Tensor, segment: Tensor, n_segments:
     """
     valid = (weight > 0).unsqueeze(-1)
     if bound is not None and bound <= SHIFT_FREE_BOUND:
-        w = torch.where(valid, weight.unsqueeze(-1) * torch.exp(logits), torch.zeros_like(logits))
-        denom = w.new_zeros(n_segments, w.shape[1]).index_add(0, segment, w)
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        return w / denom.index_select(0, segment)
-    # The shift only guards exp() against overflow: it cancels exactly between numerator and
-    # denominator, so it carries no gradient (detaching it is exact, and avoids differentiating
-    # through a max).
-    masked = torch.where(valid, logits, torch.full_like(logits, -torch.inf)).detach()
-    shift = logits.new_full((n_segments, logits.shape[1]), -torch.inf)
-    shift = shift.scatter_reduce(0, segment[:, None].expand_as(masked), masked, "amax")
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    expo = torch.exp(torch.where(valid, logits - shift.index_select(0, segment),
-                                 torch.zeros_like(logits)))
+        expo = torch.exp(logits)
+    else:
+        # The shift only guards exp() against overflow: it cancels exactly between numerator
+        # and denominator, so it carries no gradient (detaching it is exact, and avoids
+        # differentiating through a max).
+        masked = torch.where(valid, logits, torch.full_like(logits, -torch.inf)).detach()
+        shift = logits.new_full((n_segments, logits.shape[1]), -torch.inf)
+        shift = shift.scatter_reduce(0, segment[:, None].expand_as(masked), masked, "amax")
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        expo = torch.exp(torch.where(valid, logits - shift.index_select(0, segment),
+                                     torch.zeros_like(logits)))
     w = torch.where(valid, weight.unsqueeze(-1) * expo, torch.zeros_like(expo))
     denom = w.new_zeros(n_segments, w.shape[1]).index_add(0, segment, w)
-    # denom >= exp(0) * min positive weight on segments with a valid edge; 0 only on empty ones.
+    # denom > 0 on segments with a valid edge (exp(a) * min positive weight); 0 only on empty ones.
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     return w / denom.index_select(0, segment)
 
@@ -169,6 +167,16 @@ class SO2Linear(nn.Module):
                              f"got {tuple(x.shape)}")
         parts, extra = self.map_groups(self.split_groups(x), radial)
         return torch.cat(parts, dim=1), extra
+
+    def radial_rows(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """A linear layer producing the ``radial`` of :meth:`forward` ((radial_size, hidden)
+        weight and bias) with the rows of each (m, l) slot repeated for every one of the K_M
+        rows it modulates (+m and -m): its output, viewed as (E, K_M, Cin), multiplies the input
+        rows directly, the same numbers as ``map_groups(groups, radial)``."""
+        hidden = weight.shape[1]
+        w = weight.view(-1, self.in_channels, hidden).index_select(0, self._radial_row)
+        b = bias.view(-1, self.in_channels).index_select(0, self._radial_row)
+        return w.reshape(-1, hidden), b.reshape(-1)
 
     def split_groups(self, x: Tensor) -> list[Tensor]:
         """(E, K_M, C) -> the m-groups of :meth:`map_groups` (views; split, not slicing, so that
@@ -298,14 +306,6 @@ class SO2MessageBlock(nn.Module):
         scale = constant(self._sh_axis, edge_rot)
         return (edge_rot[:, :n_m0, :] * scale[:, None]).sum(dim=1)
 
-    def _radial_rows(self, last: nn.Linear) -> tuple[Tensor, Tensor]:
-        """Weight (K_M 2C, hidden) and bias of ``last`` with the rows of each (m, l) slot repeated
-        for every coefficient row of the K_M layout that it modulates."""
-        rows, c_in = self.conv1._radial_row, self.conv1.in_channels
-        w = last.weight.view(-1, c_in, last.weight.shape[1]).index_select(0, rows)
-        b = last.bias.view(-1, c_in).index_select(0, rows)
-        return w.reshape(-1, last.weight.shape[1]), b.reshape(-1)
-
     def _logit_bound(self) -> float | None:
         """A bound on |attention logit| from the weights alone, or None while they train.
 
@@ -397,14 +397,10 @@ class SO2MessageBlock(nn.Module):
         # of equal shapes modulates all K_M rows: the same numbers as SO2Linear's per-m-group
         # broadcast (map_groups(..., radial)), without the broadcasts and the concatenation of
         # their gradients (1.04x on a 64-structure batch, neutral on a 66-atom slab).
-        net = self.radial.net
-        hidden = radial_in
-        for stage in range(len(net) - 1):
-            hidden = net[stage](hidden)
-        last = net[-1]
+        last = self.radial.last
         w, b = derived(self, "radial_rows", [last.weight, last.bias, self.conv1._radial_row],
-                       lambda: self._radial_rows(last))
-        z = z * torch.nn.functional.linear(hidden, w, b).view(z.shape)
+                       lambda: self.conv1.radial_rows(last.weight, last.bias))
+        z = z * torch.nn.functional.linear(self.radial.hidden(radial_in), w, b).view(z.shape)
         # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
         y, scalars = self.conv1.map_groups(self.conv1.split_groups(z))
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)

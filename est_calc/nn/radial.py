@@ -174,6 +174,17 @@ class RadialMLP(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
 
+    @property
+    def last(self) -> nn.Linear:
+        """The final Linear layer."""
+        return self.net[-1]
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """Every stage but the final Linear: (..., in_features) -> (..., hidden)."""
+        for stage in range(len(self.net) - 1):
+            x = self.net[stage](x)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         """Args: x (..., in_features). Returns (..., out_features)."""
         return self.net(x)

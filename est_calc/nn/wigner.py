@@ -191,14 +191,9 @@ class WignerD(ExactBufferModule):
     def _fit_polynomial(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Constant (R*K,), linear (9, R*K) and quadratic (81, R*K) float64 coefficients with
         D(R).flatten() = c + vec(R) A_1 + vec(R (x) R) A_2 for every rotation R (L <= 2)."""
-        gen = torch.Generator().manual_seed(12345)
-        q = torch.randn(256, 4, dtype=torch.float64, generator=gen)
-        q = q / q.norm(dim=1, keepdim=True)
-        w, x, y, z = q.unbind(1)
-        rot = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-                           2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-                           2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-                          dim=1).view(-1, 3, 3)
+        from est_calc.model import random_rotations  # the model imports this module
+
+        rot = random_rotations(256, torch.float64, generator=torch.Generator().manual_seed(12345))
         target = self._sampled(rot, torch.float64).flatten(1).numpy()       # (n, R*K)
         feats = self._features(rot).numpy()                                  # (n, 1 + 9 [+ 81])
         coef, *_ = np.linalg.lstsq(feats, target, rcond=None)

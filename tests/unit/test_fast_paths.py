@@ -185,12 +185,8 @@ def test_row_repeated_radial_equals_per_group_modulation():
     z = torch.randn(e, block.conv1.n_rows, block.conv1.in_channels, dtype=F64)
     radial_in = torch.randn(e, block.radial.in_features, dtype=F64)
     ref = block.conv1.map_groups(block.conv1.split_groups(z), block.radial(radial_in))
-    net = block.radial.net
-    hidden = radial_in
-    for k in range(len(net) - 1):
-        hidden = net[k](hidden)
-    w, b = block._radial_rows(net[-1])
-    zm = z * torch.nn.functional.linear(hidden, w, b).view(z.shape)
+    w, b = block.conv1.radial_rows(block.radial.last.weight, block.radial.last.bias)
+    zm = z * torch.nn.functional.linear(block.radial.hidden(radial_in), w, b).view(z.shape)
     out = block.conv1.map_groups(block.conv1.split_groups(zm))
     for a, c in zip(out[0] + [out[1]], ref[0] + [ref[1]]):
         assert (a - c).abs().max() < 1e-12
