@@ -119,6 +119,55 @@ def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
         raise ValueError(f"{err}{where}") from None
 
 
+def _checked_batch(atoms_list: Sequence, potential: Potential, device, dtype) -> AtomsBatch:
+    """The batch of ``atoms_list``, checked as :func:`_check_atoms` checks one structure.
+
+    The checks run once on the stacked arrays (a per-structure loop cost ~50 us a structure,
+    3 ms for 64 small slabs); a structure that fails is handed to :func:`_check_atoms`, so the
+    error message is the same and names its index.
+    """
+    pos, numbers, cells, pbcs = [], [], [], []
+    for k, atoms in enumerate(atoms_list):
+        if len(atoms) == 0:
+            _check_atoms(atoms, potential, where=f" (structure {k})")
+        pos.append(atoms.arrays["positions"])
+        numbers.append(atoms.arrays["numbers"])
+        cells.append(atoms.cell.array)
+        pbcs.append(atoms.pbc)
+    counts = np.array([len(p) for p in pos])
+    cell, pbc = np.stack(cells), np.stack(pbcs)
+
+    def fail(bad_atoms: np.ndarray | None = None, bad_systems: np.ndarray | None = None):
+        k = (int(np.searchsorted(np.cumsum(counts), np.flatnonzero(bad_atoms)[0], side="right"))
+             if bad_atoms is not None else int(np.flatnonzero(bad_systems)[0]))
+        _check_atoms(atoms_list[k], potential, where=f" (structure {k})")
+        raise ValueError(f"structure {k} cannot be evaluated")  # not reached: _check_atoms raised
+
+    flat = np.concatenate(pos)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        fail(bad_atoms=~finite)
+    if not np.isfinite(cell).all():
+        fail(bad_systems=~np.isfinite(cell).all(axis=(1, 2)))
+    if pbc.any():
+        # _check_atoms' lattice test for every structure at once: the Gram determinant of the
+        # periodic rows equals det(G) with the rows and columns of non-periodic axes set to
+        # those of the identity.
+        lengths = np.linalg.norm(cell, axis=2)
+        both = pbc[:, :, None] & pbc[:, None, :]
+        gram = np.linalg.det(np.where(both, cell @ cell.transpose(0, 2, 1), np.eye(3)))
+        scale = np.prod(np.where(pbc, lengths**2, 1.0), axis=1)
+        degenerate = (np.where(pbc, lengths, np.inf) < 1e-8).any(axis=1) | (gram <= 1e-12 * scale)
+        bad = pbc.any(axis=1) & degenerate
+        if bad.any():
+            fail(bad_systems=bad)
+    z = np.concatenate(numbers)
+    known = np.isin(z, np.asarray(potential.species))
+    if not known.all():
+        fail(bad_atoms=~known)
+    return AtomsBatch.from_arrays(pos, numbers, cells, pbcs, device=device, dtype=dtype)
+
+
 class ESTCalculator(Calculator):
     """ASE calculator for EST potentials.
 
@@ -258,18 +307,17 @@ class ESTCalculator(Calculator):
         return [chemical_symbols[z] for z in self.potential.species]
 
     # ------------------------------------------------------------------ core
-    def _predict(self, atoms_list: Sequence, stress_mask: Sequence[bool] | None,
+    def _predict(self, batch: AtomsBatch, stress_mask: Sequence[bool] | None,
                  use_skin: bool = False):
-        """One forward (and backward) pass over ``atoms_list``.
+        """One forward (and backward) pass over a batch of checked structures.
 
         Args:
-            atoms_list: checked structures.
+            batch: the structures, on the calculator's device and dtype.
             stress_mask: per structure, whether its stress is wanted; None for no stress.
 
         Returns:
-            (batch, Prediction); ``stress`` is meaningful only where ``stress_mask`` is True.
+            Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
         """
-        batch = AtomsBatch.from_atoms(list(atoms_list), device=self.device, dtype=self.dtype)
         if use_skin and self.neighbor_list is not None:
             graph = self.neighbor_list(batch)
         else:
@@ -292,27 +340,37 @@ class ESTCalculator(Calculator):
             pred = energy_forces_stress(
                 self.potential, work, graph, compute_stress=want_stress, create_graph=False
             )
-        return batch, pred
+        return pred
 
     @staticmethod
-    def _results_for(pred, batch: AtomsBatch, k: int, with_stress: bool) -> dict:
-        """ASE results (numpy float64) of structure ``k`` of the batch."""
-        mask = (batch.system_idx == k).cpu().numpy()
-        energy = float(pred.energy[k].detach().cpu().double())
-        res = {
-            "energy": energy,
-            "free_energy": energy,
-            "energies": pred.energies.detach().cpu().double().numpy()[mask],
-            "forces": pred.forces.detach().cpu().double().numpy()[mask],
-        }
-        if with_stress:
-            res["stress"] = _voigt(pred.stress[k].detach().cpu().double().numpy())
-        for key, value in res.items():
-            if not np.all(np.isfinite(value)):
+    def _results(pred, batch: AtomsBatch, stress_mask: Sequence[bool] | None) -> list[dict]:
+        """ASE results (numpy float64), one dict per structure of the batch.
+
+        Every array leaves the device once and is checked once (FloatingPointError naming the
+        quantity when the model produced a non-finite value), then split per structure.
+        """
+        arrays = {"energy": pred.energy, "energies": pred.energies, "forces": pred.forces}
+        if stress_mask is not None and any(stress_mask):
+            arrays["stress"] = pred.stress
+        arrays = {key: value.detach().cpu().double().numpy() for key, value in arrays.items()}
+        for key, value in arrays.items():
+            rows = value if key != "stress" else value[np.asarray(stress_mask, dtype=bool)]
+            if not np.all(np.isfinite(rows)):
                 raise FloatingPointError(
                     f"the model produced a non-finite {key}; refusing to return it"
                 )
-        return res
+        bounds = np.concatenate([[0], np.cumsum(batch.atoms_per_system().cpu().numpy())])
+        out = []
+        for k in range(batch.n_systems):
+            lo, hi = bounds[k], bounds[k + 1]
+            energy = float(arrays["energy"][k])
+            res = {"energy": energy, "free_energy": energy,
+                   "energies": arrays["energies"][lo:hi].copy(),
+                   "forces": arrays["forces"][lo:hi].copy()}
+            if "stress" in arrays and stress_mask[k]:
+                res["stress"] = _voigt(arrays["stress"][k])
+            out.append(res)
+        return out
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         """Standard ASE entry point; see :class:`ase.calculators.calculator.Calculator`.
@@ -328,8 +386,9 @@ class ESTCalculator(Calculator):
             raise PropertyNotImplementedError(
                 "stress is only defined for periodic systems (atoms.pbc is all False)"
             )
-        batch, pred = self._predict([self.atoms], [True] if want_stress else None, use_skin=True)
-        self.results = self._results_for(pred, batch, 0, want_stress)
+        batch = AtomsBatch.from_atoms(self.atoms, device=self.device, dtype=self.dtype)
+        mask = [True] if want_stress else None
+        self.results = self._results(self._predict(batch, mask, use_skin=True), batch, mask)[0]
 
     def calculate_batch(
         self, atoms_list: Sequence, properties: Iterable[str] = ("energy", "forces")
@@ -361,12 +420,7 @@ class ESTCalculator(Calculator):
         atoms_list = list(atoms_list)
         if not atoms_list:
             return []
-        for k, atoms in enumerate(atoms_list):
-            _check_atoms(atoms, self.potential, where=f" (structure {k})")
-        periodic = [bool(a.pbc.any()) for a in atoms_list]
-        want_stress = "stress" in properties and any(periodic)
-        batch, pred = self._predict(atoms_list, periodic if want_stress else None)
-        return [
-            self._results_for(pred, batch, k, want_stress and periodic[k])
-            for k in range(len(atoms_list))
-        ]
+        batch = _checked_batch(atoms_list, self.potential, self.device, self.dtype)
+        periodic = batch.pbc.any(dim=1).tolist()
+        mask = periodic if "stress" in properties and any(periodic) else None
+        return self._results(self._predict(batch, mask), batch, mask)

@@ -285,8 +285,12 @@ class SphericalAttention(ExactBufferModule):
             src = self.norm_kv(kv)
         b, c = f.shape[0], self.channels
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        def heads(t: Tensor, n: int) -> tuple[Tensor, ...]:
+            """(B, S, n C) projections -> n contiguous (B, h, S, d) tensors, in one copy: the
+            per-tensor slices copied separately cost three copies forward and, backward, three
+            zero-filled full-width gradients summed (slice_backward)."""
+            return (t.view(b, s, n, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                    .contiguous().unbind(0))
 
         # 1/sqrt(d) is folded into the (small) query weights instead of scaling the scores, and
         # the key and value projections run as one matrix product (fewer per-signal passes).
@@ -298,15 +302,14 @@ class SphericalAttention(ExactBufferModule):
                 torch.cat([self.query.weight * scale, self.key.weight, self.value.weight], dim=0),
                 torch.cat([self.query.bias * scale, self.key.bias, self.value.bias], dim=0)))
             qkv = F.linear(h, qkv_w, qkv_b)
-            q, k, v = heads(qkv[..., :c]), heads(qkv[..., c:2 * c]), heads(qkv[..., 2 * c:])
+            q, k, v = heads(qkv, 3)
         else:
             q_w, q_b, kv_w, kv_b = derived(self, "q_kv", params, lambda: (
                 self.query.weight * scale, self.query.bias * scale,
                 torch.cat([self.key.weight, self.value.weight], dim=0),
                 torch.cat([self.key.bias, self.value.bias], dim=0)))
-            q = heads(F.linear(h, q_w, q_b))
-            kvp = F.linear(src, kv_w, kv_b)
-            k, v = heads(kvp[..., :c]), heads(kvp[..., c:])
+            (q,) = heads(F.linear(h, q_w, q_b), 1)
+            k, v = heads(F.linear(src, kv_w, kv_b), 2)
         bias = derived(self, f"bias_{q.dtype}",
                        [self.roe_weight, self.legendre, self.grid.log_weights],
                        lambda: self._bias_in(q.dtype))

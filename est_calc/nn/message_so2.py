@@ -40,7 +40,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from est_calc.nn.derived import constant, derived
-from est_calc.nn.gather import gather_rows
+from est_calc.nn.gather import gather_pairs, gather_rows
 from est_calc.nn.radial import RadialMLP
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
 from est_calc.nn.wigner import WignerD, edge_axis, edge_frame, so2_index
@@ -183,6 +183,32 @@ class SO2Linear(nn.Module):
         backward concatenates gradients instead of zero-filling)."""
         return list(x.split(self._group_sizes, dim=1))
 
+    def _fusable(self) -> bool:
+        """Whether :class:`_SO2Map` may run: frozen weights (inference), eager mode."""
+        weights = [self.fc0.weight, self.fc0.bias, *(fc.weight for fc in self.fcm)]
+        return not (torch.compiler.is_compiling() or any(w.requires_grad for w in weights))
+
+    def _map_weights(self) -> list[Tensor]:
+        return [self.fc0.weight, self.fc0.bias] + [
+            derived(self, f"block{m}", [fc.weight], lambda fc=fc: _pair_block(fc.weight).t())
+            for m, fc in enumerate(self.fcm, start=1)]
+
+    def map_whole_input(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """:meth:`map_groups` of ``split_groups(x)``, x (E, K_M, Cin). With frozen weights the
+        gradient of x is written into one tensor (no concatenation of per-group gradients)."""
+        if not self._fusable():
+            return self.map_groups(self.split_groups(x))
+        outs = _SO2Map.apply(self, True, False, x, *self._map_weights())
+        return list(outs[:-1]), outs[-1]
+
+    def map_to_whole(self, groups: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`map_groups` with the output groups concatenated, (E, K_M, Cout). With frozen
+        weights every group's product is written straight into that tensor."""
+        if not self._fusable():
+            parts, extra = self.map_groups(groups)
+            return torch.cat(parts, dim=1), extra
+        return _SO2Map.apply(self, False, True, *groups, *self._map_weights())
+
     def map_groups(self, groups: list[Tensor], radial: Tensor | None = None
                    ) -> tuple[list[Tensor], Tensor]:
         """:meth:`forward` on rows already split by m, returning them split the same way.
@@ -219,6 +245,82 @@ class SO2Linear(nn.Module):
             out = torch.mm(pair.reshape(n_edges, 2 * n * self.in_channels), block_t)
             parts.append(out.view(n_edges, 2 * n, self.out_channels))
         return parts, extra
+
+
+class _SO2Map(torch.autograd.Function):
+    """SO2Linear.map_groups on frozen weights, with whole (E, K_M, C) tensors where the message
+    block has them: input groups read as row blocks of one tensor (their gradient written into
+    one tensor) and/or output groups written into one tensor, by matrix products with ``out=``
+    into row-block views (BLAS takes the row stride). Replaces the concatenations that split and
+    cat cost forward or backward; the same multiply-adds, the same values.
+
+    Inputs: (linear, whole_in, whole_out, *xs, fc0.weight, fc0.bias, *block_t) with xs either the
+    whole input or its m-groups. Outputs: the m-groups then the extra scalars, or the whole
+    output then the extra scalars. Weights get no gradient (frozen); the input gradient is
+    computed with differentiable operations when a graph of the backward is requested.
+    """
+
+    @staticmethod
+    def forward(ctx, linear, whole_in, whole_out, *tensors):
+        n_groups = len(linear._group_sizes)
+        n_x = 1 if whole_in else n_groups
+        xs, (w0, b0, *blocks_t) = tensors[:n_x], tensors[n_x:]
+        groups = linear.split_groups(xs[0]) if whole_in else list(xs)
+        n_edges, c_out = groups[0].shape[0], linear.out_channels
+        n0 = linear.l_max + 1
+        ctx.linear, ctx.whole_in, ctx.whole_out = linear, whole_in, whole_out
+        ctx.save_for_backward(w0, *blocks_t)
+        flat = [g.reshape(n_edges, -1) for g in groups]  # views: rows of a group are contiguous
+        if whole_out:
+            y = flat[0].new_empty(n_edges, linear.n_rows, c_out)
+            parts = linear.split_groups(y)
+            torch.addmm(b0[: n0 * c_out], flat[0], w0[: n0 * c_out].t(),
+                        out=parts[0].view(n_edges, -1))
+            for xm, bt, part in zip(flat[1:], blocks_t, parts[1:]):
+                torch.mm(xm, bt, out=part.view(n_edges, -1))
+            extra = torch.addmm(b0[n0 * c_out:], flat[0], w0[n0 * c_out:].t())
+            return y, extra
+        out0 = torch.addmm(b0, flat[0], w0.t())
+        outs = [out0[:, : n0 * c_out].view(n_edges, n0, c_out)]
+        outs += [torch.mm(xm, bt).view(n_edges, -1, c_out) for xm, bt in zip(flat[1:], blocks_t)]
+        return (*outs, out0[:, n0 * c_out:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        linear = ctx.linear
+        w0, *blocks_t = ctx.saved_tensors
+        c_out, n0, sizes = linear.out_channels, linear.l_max + 1, linear._group_sizes
+        if ctx.whole_out:
+            g_y, g_extra = grads
+            g_groups = linear.split_groups(g_y) if g_y is not None else [None] * len(sizes)
+        else:
+            g_groups, g_extra = list(grads[:-1]), grads[-1]
+        ref = next(g for g in [*g_groups, g_extra] if g is not None)
+        n_edges = ref.shape[0]
+        weights = [w0[: n0 * c_out]] + [bt.t() for bt in blocks_t]
+        n_extra = w0.shape[0] - n0 * c_out
+
+        def flat(g, rows):
+            return (ref.new_zeros(n_edges, rows * c_out) if g is None
+                    else g.reshape(n_edges, rows * c_out))
+
+        if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiable ops
+            gx = [flat(g, r) @ w for g, r, w in zip(g_groups, sizes, weights)]
+            if n_extra and g_extra is not None:
+                gx[0] = gx[0] + g_extra @ w0[n0 * c_out:]
+            gx = [g.view(n_edges, r, -1) for g, r in zip(gx, sizes)]
+            gx = [torch.cat(gx, dim=1)] if ctx.whole_in else gx
+        else:
+            c_in = linear.in_channels
+            whole = ref.new_empty(n_edges, linear.n_rows, c_in) if ctx.whole_in else None
+            targets = (linear.split_groups(whole) if ctx.whole_in
+                       else [ref.new_empty(n_edges, r, c_in) for r in sizes])
+            for g, r, w, t in zip(g_groups, sizes, weights, targets):
+                torch.mm(flat(g, r), w, out=t.view(n_edges, -1))
+            if n_extra and g_extra is not None:
+                targets[0].view(n_edges, -1).addmm_(g_extra, w0[n0 * c_out:])
+            gx = [whole] if ctx.whole_in else targets
+        return (None, None, None, *gx, *([None] * (1 + 1 + len(blocks_t))))
 
 
 def _pair_block(weight: Tensor) -> Tensor:
@@ -388,9 +490,8 @@ class SO2MessageBlock(nn.Module):
                 raise ValueError(f"SO2MessageBlock: edge_rot must be (E, {self.conv1.n_rows}, "
                                  f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
-        # gather_rows (not h[i]): its backward is an index_add of a contiguous gradient, not a
-        # serial accumulating put or the strided scatter the concatenation would cause.
-        z = torch.bmm(rot, torch.cat([gather_rows(h, i), gather_rows(h, j)], dim=-1))
+        # [h_i || h_j] in one row gather (backward: index_adds of contiguous gradients).
+        z = torch.bmm(rot, gather_pairs(h, i, j))
         radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1).to(x.dtype)
         # The radial MLP's last layer with its rows repeated for +m and -m, so that one product
@@ -402,10 +503,9 @@ class SO2MessageBlock(nn.Module):
                        lambda: self.conv1.radial_rows(last.weight, last.bias))
         z = z * torch.nn.functional.linear(self.radial.hidden(radial_in), w, b).view(z.shape)
         # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
-        y, scalars = self.conv1.map_groups(self.conv1.split_groups(z))
+        y, scalars = self.conv1.map_whole_input(z)
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
-        v, _ = self.conv2.map_groups(self._gate(y, gates))
-        v = torch.cat(v, dim=1)                                         # (E, K_M, H d_v)
+        v, _ = self.conv2.map_to_whole(self._gate(y, gates))            # (E, K_M, H d_v)
 
         a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)

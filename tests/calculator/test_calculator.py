@@ -235,6 +235,35 @@ def test_bad_input_raises_clear_errors(calc):
         calc.calculate_batch([_co(), gold], ["energy"])
 
 
+
+def test_batch_checks_name_the_failing_structure_with_the_single_call_message(calc):
+    """calculate_batch checks all structures at once; a bad one is reported by index with the
+    message a single call gives, whichever check fails and wherever it sits in the batch."""
+    good = [_co(), _slab_o(), _co()]
+    nan_pos = _co()
+    nan_pos.positions[0, 1] = np.inf
+    nan_cell = _slab_o()
+    nan_cell.cell[2, 2] = np.nan
+    flat = Atoms("Cu2", positions=[[0, 0, 0], [1.2, 1.2, 0]],
+                 cell=[[3, 0, 0], [0, 3, 0], [1, 1, 0]], pbc=True)
+    # degenerate only along the periodic axes: a zero third vector with pbc (T, T, F) is fine
+    slab2d = Atoms("Cu2", positions=[[0, 0, 0], [1.3, 1.3, 1.0]],
+                   cell=[[2.6, 0, 0], [0, 2.6, 0], [0, 0, 0]], pbc=[True, True, False])
+    line = Atoms("Cu2", positions=[[0, 0, 0], [1.3, 0, 0]], cell=[[2.6, 0, 0], [2.6, 0, 0],
+                                                                  [0, 0, 5]], pbc=[True, True, False])
+    gold = Atoms("AuCu", positions=[[0, 0, 0], [0, 0, 2.5]])
+    cases = [(nan_pos, "NaN or infinite"), (nan_cell, "cell.*NaN or infinite"),
+             (flat, "zero-volume"), (line, "zero-volume"), (gold, r"Au.*supports H, C, O, Cu"),
+             (Atoms(), "empty")]
+    for bad, message in cases:
+        for k in (0, 2):
+            structures = good[:k] + [bad] + good[k:]
+            with pytest.raises(ValueError, match=message) as err:
+                calc.calculate_batch(structures, ["energy"])
+            assert f"(structure {k})" in str(err.value)
+    results = calc.calculate_batch(good + [slab2d], ["energy", "forces"])
+    assert len(results) == 4 and all(np.isfinite(r["energy"]) for r in results)
+
 def test_isolated_atom_gets_reference_energy(pot):
     calc = ESTCalculator(pot, device="cpu", dtype="float64")
     model = calc.potential.model

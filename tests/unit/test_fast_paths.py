@@ -201,3 +201,65 @@ def test_constant_is_built_once_per_dtype_and_device():
     b = constant((1.0, 2.0), like64)
     assert b is not a and b.dtype == F64 and torch.equal(b, torch.tensor([1.0, 2.0], dtype=F64))
     assert constant(((1.0, 0.0), (0.0, 1.0)), like64).shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------- fused SO(2) maps
+
+
+def _frozen(module):
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@pytest.mark.parametrize("l_max,m_max,extra", [(2, 1, 5), (2, 2, 0), (1, 1, 3), (0, 0, 2)])
+def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_max, extra):
+    """With frozen weights SO2Linear reads a whole input / writes a whole output through _SO2Map;
+    values, gradients and gradients of gradients equal those of map_groups."""
+    from est_calc.nn.message_so2 import SO2Linear
+
+    torch.manual_seed(4)
+    lin = _frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra).to(F64))
+    e = 7
+    x = torch.randn(e, lin.n_rows, 3, dtype=F64, requires_grad=True)
+    w_out = torch.randn(e, lin.n_rows, 4, dtype=F64)
+    w_extra = torch.randn(e, extra, dtype=F64)
+
+    def loss(parts, extra_out):
+        y = parts if torch.is_tensor(parts) else torch.cat(parts, dim=1)
+        return (torch.tanh(y) * w_out).sum() + (torch.tanh(extra_out) * w_extra).sum()
+
+    ref = loss(*lin.map_groups(lin.split_groups(x)))
+    (g_ref,) = torch.autograd.grad(ref, x, create_graph=True)
+    (gg_ref,) = torch.autograd.grad((g_ref**2).sum(), x)
+    groups = [g.detach().clone().requires_grad_(True) for g in lin.split_groups(x)]
+    ref_groups = torch.autograd.grad(loss(*lin.map_groups(groups)), groups)
+    for fused in ("whole_input", "to_whole"):
+        if fused == "whole_input":
+            parts, extra_out = lin.map_whole_input(x)
+            inputs = x
+        else:
+            parts, extra_out = lin.map_to_whole(groups)
+            inputs = groups
+        assert "_SO2Map" in type(extra_out.grad_fn).__name__
+        out = loss(parts, extra_out)
+        assert (out - ref).abs() < 1e-12
+        grads = torch.autograd.grad(out, inputs, retain_graph=True)
+        if fused == "whole_input":
+            assert (grads[0] - g_ref).abs().max() < 1e-12
+            (g,) = torch.autograd.grad(out, x, create_graph=True)
+            (gg,) = torch.autograd.grad((g**2).sum(), x)
+            assert (gg - gg_ref).abs().max() < 1e-11
+        else:
+            for a, b in zip(grads, ref_groups):
+                assert (a - b).abs().max() < 1e-12
+
+
+def test_so2_maps_with_trainable_weights_stay_on_autograd():
+    from est_calc.nn.message_so2 import SO2Linear
+
+    lin = SO2Linear(2, 1, 3, 4, extra_scalars=2).to(F64)
+    x = torch.randn(5, lin.n_rows, 3, dtype=F64, requires_grad=True)
+    parts, extra_out = lin.map_whole_input(x)
+    assert "_SO2Map" not in type(extra_out.grad_fn).__name__
+    torch.autograd.grad(extra_out.sum() + sum(p.sum() for p in parts), lin.fc0.weight)
