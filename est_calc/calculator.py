@@ -185,7 +185,9 @@ class ESTCalculator(Calculator):
             are stored and filtered by distance each call; the list is rebuilt only when an atom
             moved by more than skin / 2 or the cell, pbc or atoms changed. The pairs the model
             sees are exactly those of a fresh build (only their order differs). 0 (default)
-            rebuilds on every call; ``calculate_batch`` always builds afresh.
+            rebuilds on every call. ``calculate_batch`` keeps its own list (batched
+            relaxations: rebuilt when any atom of the batch moved by more than skin / 2 or
+            the set of structures changed).
         low_memory: recompute each layer's activations during the backward pass instead of
             storing them (same results; less peak memory for large cells, ~1.3x the time).
         attention_precision: "float32" (default: the model's dtype), "bfloat16" or "float16"
@@ -214,8 +216,9 @@ class ESTCalculator(Calculator):
         potential: the :class:`Potential` that runs.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
-        neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` when
-            ``skin > 0`` (its ``n_builds`` counts the rebuilds), else None.
+        neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` of
+            ``calculate`` when ``skin > 0`` (its ``n_builds`` counts the rebuilds), else None.
+        batch_neighbor_list: the same for ``calculate_batch``.
 
     Evaluation raises ValueError, naming the problem, for an empty Atoms, NaN or infinite
     positions or cell, a zero-volume periodic cell and elements the potential does not know.
@@ -296,6 +299,9 @@ class ESTCalculator(Calculator):
         # VerletNeighborList validates the skin (negative or NaN values raise there).
         self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend)
                               if skin != 0 else None)
+        self.batch_neighbor_list = (VerletNeighborList(self.cutoff_A, skin,
+                                                       backend=neighbor_backend)
+                                    if skin != 0 else None)
 
     @property
     def cutoff_A(self) -> float:
@@ -308,18 +314,19 @@ class ESTCalculator(Calculator):
 
     # ------------------------------------------------------------------ core
     def _predict(self, batch: AtomsBatch, stress_mask: Sequence[bool] | None,
-                 use_skin: bool = False):
+                 neighbor_list=None):
         """One forward (and backward) pass over a batch of checked structures.
 
         Args:
             batch: the structures, on the calculator's device and dtype.
             stress_mask: per structure, whether its stress is wanted; None for no stress.
+            neighbor_list: a VerletNeighborList to take the graph from; None builds it.
 
         Returns:
             Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
         """
-        if use_skin and self.neighbor_list is not None:
-            graph = self.neighbor_list(batch)
+        if neighbor_list is not None:
+            graph = neighbor_list(batch)
         else:
             graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend)
         work = batch
@@ -388,7 +395,7 @@ class ESTCalculator(Calculator):
             )
         batch = AtomsBatch.from_atoms(self.atoms, device=self.device, dtype=self.dtype)
         mask = [True] if want_stress else None
-        self.results = self._results(self._predict(batch, mask, use_skin=True), batch, mask)[0]
+        self.results = self._results(self._predict(batch, mask, self.neighbor_list), batch, mask)[0]
 
     def calculate_batch(
         self, atoms_list: Sequence, properties: Iterable[str] = ("energy", "forces")
@@ -423,4 +430,4 @@ class ESTCalculator(Calculator):
         batch = _checked_batch(atoms_list, self.potential, self.device, self.dtype)
         periodic = batch.pbc.any(dim=1).tolist()
         mask = periodic if "stress" in properties and any(periodic) else None
-        return self._results(self._predict(batch, mask), batch, mask)
+        return self._results(self._predict(batch, mask, self.batch_neighbor_list), batch, mask)

@@ -1,7 +1,7 @@
 """Workflow recipes over ASE: relaxation, molecular dynamics and adsorption energies.
 
-Every function takes an ASE calculator (``calc=None`` means ``est_calc``'s ``ESTCalculator()``),
-so the same recipe runs with EST, EMT or any other ASE calculator.
+Every function takes an ASE calculator (``calc=None`` means ``est_calc``'s
+``ESTCalculator(skin=1.0)``), so the same recipe runs with EST, EMT or any other ASE calculator.
 
     >>> from md_recipes import relax, run_md, adsorption_energy   # doctest: +SKIP
     >>> res = relax(atoms, calc, fmax_eV_per_A=0.02, relax_cell=True)   # doctest: +SKIP

@@ -226,7 +226,7 @@ def adsorption_energy(
     Args:
         slab: Atoms (with ASE site info for named sites) or a name for :func:`build_slab`.
         adsorbate: Atoms (atom 0 binds) or a name (see :func:`build_adsorbate`).
-        calc: ASE calculator; None means ``ESTCalculator()``.
+        calc: ASE calculator; None means ``ESTCalculator(skin=1.0)``.
         sites: "all" (every named site of the slab), or a list of site names and/or
             Cartesian (x, y) positions in Å.
         gas_references: {element: mu_eV}; None computes the OC20 references with ``calc``.

@@ -194,7 +194,7 @@ def run_md(
     Args:
         atoms: starting structure (not modified). Zero momenta are replaced by a
             Maxwell-Boltzmann draw at ``temperature_K`` (seeded), non-zero momenta are kept.
-        calc: ASE calculator; None means ``ESTCalculator()``.
+        calc: ASE calculator; None means ``ESTCalculator(skin=1.0)``.
         ensemble: one of :data:`ENSEMBLES`.
         temperature_K: thermostat target and initial temperature (K).
         pressure_GPa: barostat target (GPa), "npt" only.

@@ -45,11 +45,17 @@ class RelaxResult:
     fmax_eV_per_A: float = float("nan")
 
 
+#: Verlet skin (Å) of the recipes' default calculator, as the command line's ``--skin``.
+DEFAULT_SKIN_A = 1.0
+
+
 def default_calculator():
-    """The project's calculator, ``ESTCalculator()``, imported lazily."""
+    """The project's calculator with the shipped potential and a 1 Å Verlet skin (as ``est
+    relax`` / ``est md``), ``ESTCalculator(skin=DEFAULT_SKIN_A)``, imported lazily. The pairs are
+    those of a fresh build at every step; the skin only saves rebuilding them."""
     from est_calc.calculator import ESTCalculator
 
-    return ESTCalculator()
+    return ESTCalculator(skin=DEFAULT_SKIN_A)
 
 
 def _check_common(fmax_eV_per_A: float, max_steps: int, optimizer: str) -> str:
@@ -100,7 +106,7 @@ def relax(
 
     Args:
         atoms: structure to relax.
-        calc: ASE calculator; None means ``ESTCalculator()``.
+        calc: ASE calculator; None means ``ESTCalculator(skin=1.0)``.
         fmax_eV_per_A: force criterion (eV/Å) on the largest per-atom force norm.
         max_steps: most optimiser steps.
         optimizer: "FIRE", "BFGS" or "LBFGS" (ASE implementations, ASE defaults).
@@ -200,7 +206,7 @@ def relax_many(
     Args:
         atoms_list: structures (any sizes); not modified.
         calc: ASE calculator, optionally with ``calculate_batch(atoms_list, properties) ->
-            list[dict]`` (keys "energy", "forces"); None means ``ESTCalculator()``.
+            list[dict]`` (keys "energy", "forces"); None means ``ESTCalculator(skin=1.0)``.
         fmax_eV_per_A: force criterion (eV/Å) per structure.
         max_steps: most FIRE steps per structure.
         optimizer: as in :func:`relax`; batching is only done for "FIRE".

@@ -93,3 +93,41 @@ def test_md_with_skin_follows_the_rebuild_every_step_trajectory(make_potential):
     np.testing.assert_allclose(pos1, pos0, rtol=0, atol=1e-9)
     np.testing.assert_allclose(f1, f0, rtol=0, atol=1e-8)
     assert calc1.neighbor_list.n_builds < calc1.neighbor_list.n_calls / 5
+
+
+def test_batched_relaxation_with_skin_follows_the_rebuild_every_step_path():
+    """relax_many through calculate_batch's own Verlet list: the same FIRE path (steps, energies,
+    positions to float64 round-off) as rebuilding the batch graph every step, with fewer builds,
+    also when structures leave the active set (converged at step 0 and 16, the last at 25)."""
+    import warnings
+
+    from est_calc.model import ModelConfig
+    from est_calc.potential import Potential
+    from md_recipes import relax_many
+
+    torch.manual_seed(5)
+    pot = Potential.from_config(ModelConfig.preset("tiny"), species=[1, 6, 8, 29]).double().eval()
+    pot.model.energy_scale.fill_(20.0)  # forces of order 0.3 eV/Å: the relaxations move
+    starts = []
+    for k, ads in enumerate(("O", "CO", "H")):
+        slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+        add_adsorbate(slab, molecule(ads) if len(ads) > 1 else ads, 1.8, "ontop")
+        slab.pbc = True
+        slab.rattle(0.05, seed=k)
+        starts.append(slab)
+    runs = {}
+    for skin in (0.0, 1.0):
+        calc = ESTCalculator(pot, dtype="float64", skin=skin)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the third structure stops at the step limit
+            runs[skin] = (relax_many(starts, calc, fmax_eV_per_A=0.3, max_steps=25), calc)
+    (ref, _), (got, calc) = runs[0.0], runs[1.0]
+    assert len({r.steps for r in ref}) == 3  # the active set shrinks twice
+    for a, b in zip(ref, got):
+        assert a.steps == b.steps and a.converged == b.converged
+        np.testing.assert_allclose(b.energies, a.energies, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(b.atoms.positions, a.atoms.positions, rtol=0, atol=1e-9)
+    nl = calc.batch_neighbor_list
+    assert nl.n_calls == calc.n_model_calls
+    assert 2 < nl.n_builds < nl.n_calls / 2
+    assert calc.neighbor_list.n_calls == 0  # the single-structure list is not involved
