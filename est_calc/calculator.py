@@ -297,10 +297,12 @@ class ESTCalculator(Calculator):
         # Verlet skin for single-structure calls (MD, relaxations): the list is rebuilt only when
         # an atom moved by more than skin/2 or the cell changed; the pair set is always exact.
         # VerletNeighborList validates the skin (negative or NaN values raise there).
-        self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend)
+        # Edges in reversed-pair order (Graph.paired): the SO(2) blocks rotate half of them.
+        self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend,
+                                                 paired=True)
                               if skin != 0 else None)
         self.batch_neighbor_list = (VerletNeighborList(self.cutoff_A, skin,
-                                                       backend=neighbor_backend)
+                                                       backend=neighbor_backend, paired=True)
                                     if skin != 0 else None)
 
     @property
@@ -328,7 +330,7 @@ class ESTCalculator(Calculator):
         if neighbor_list is not None:
             graph = neighbor_list(batch)
         else:
-            graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend)
+            graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend, paired=True)
         work = batch
         if stress_mask is not None and not all(stress_mask):
             # Structures whose stress is not wanted (molecules in a mixed batch) get a unit cell

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from est_calc.geometry import edge_vectors
+from est_calc.neighbors.pairing import is_paired
 from est_calc.nn.embedding import N_ELEMENTS, AtomEmbedding, EdgeDegreeEmbedding, check_atomic_numbers
 from est_calc.nn.radial import PolynomialEnvelope, make_radial_basis
 
@@ -207,7 +208,7 @@ def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) ->
 
 
 def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None,
-           attention=None):
+           attention=None, pair_rot=None):
     """One (message block, update block) layer, as a function for activation checkpointing.
 
     ``attention``: the attention settings of the forward pass (``attention_state()``), restored
@@ -216,13 +217,17 @@ def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edg
     from est_calc.nn.attention import restored_attention_state
 
     with restored_attention_state(attention) if attention is not None else nullcontext():
-        return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot))
+        return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
+                               pair_rot))
 
 
-def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot):
+def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot, pair_rot=None):
     if edge_rot is None:
         return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
-    return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot)
+    if pair_rot is None:
+        return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot)
+    return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot,
+                   pair_rot=pair_rot)
 
 
 def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
@@ -346,17 +351,26 @@ class ESTModel(nn.Module):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor) -> Tensor:
-        """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3)."""
+    def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor, paired: bool = False
+                  ) -> Tensor:
+        """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3);
+        ``paired``: the second half of the edges reverses the first (``Graph.paired``)."""
         atom_emb = self.species_embedding(z)
         x = self.atom_embedding(z)
+        pair_rot = None
         if edge_index.shape[1] > 0:
             r = vec.norm(dim=-1)
             # The per-edge Wigner rotations (SO(2) blocks) depend on the edges only: computed
             # once here for every layer instead of once per layer. Their m = 0 rows are the edge
-            # SH up to a constant per degree, which saves evaluating the harmonics.
-            edge_rot = (self.messages[0].edge_rotation(vec)
-                        if self.messages and hasattr(self.messages[0], "edge_rotation") else None)
+            # SH up to a constant per degree, which saves evaluating the harmonics. With paired
+            # edges, only the first half's are evaluated (the reversed edges' are the same
+            # rows up to fixed signs, see SO2MessageBlock.pair_rotation).
+            so2 = self.messages and hasattr(self.messages[0], "edge_rotation")
+            if so2 and paired:
+                pair_rot = self.messages[0].edge_rotation(vec[: vec.shape[0] // 2])
+                edge_rot = self.messages[0].pair_rotation(pair_rot)
+            else:
+                edge_rot = self.messages[0].edge_rotation(vec) if so2 else None
             edge_sh = (self.messages[0].edge_sh_from_rotation(edge_rot) if edge_rot is not None
                        else self.edge_sh(vec))
             edge_rbf = self.rbf(r)
@@ -373,10 +387,11 @@ class ESTModel(nn.Module):
             if checkpoint and edge_sh is not None:
                 x = torch.utils.checkpoint.checkpoint(
                     _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                    edge_rot, attention, use_reentrant=False)
+                    edge_rot, attention, pair_rot, use_reentrant=False)
                 continue
             if edge_sh is not None:
-                x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot)
+                x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
+                             pair_rot)
             x = update(x)
         return self.final_norm(x)[:, 0, :]
 
@@ -414,7 +429,8 @@ class ESTModel(nn.Module):
         features = self._features
         if self._compiled_features is not None and not self.training and not self._checkpoint_layers:
             features = self._compiled_features
-        e_all = self.head(features(torch.cat([z, species]), edge_index, vec)).squeeze(-1)
+        paired = bool(getattr(graph, "paired", False)) and is_paired(edge_index, graph.shifts)
+        e_all = self.head(features(torch.cat([z, species]), edge_index, vec, paired)).squeeze(-1)
         e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
         if vec.shape[0] > 0:
             has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)

@@ -32,19 +32,22 @@ class VerletNeighborList:
         cutoff_A: the model cutoff (pairs with distance < cutoff_A are returned).
         skin_A: extra radius of the stored list; >= 0.
         backend: neighbour-list backend used for the rebuilds (see ``neighbor_list``).
+        paired: keep the edges in reversed-pair order (``Graph.paired``).
 
     Attributes:
         n_builds: number of full neighbour-list builds so far.
         n_calls: number of graphs returned so far.
     """
 
-    def __init__(self, cutoff_A: float, skin_A: float = 1.0, *, backend: str = "auto"):
+    def __init__(self, cutoff_A: float, skin_A: float = 1.0, *, backend: str = "auto",
+                 paired: bool = False):
         cutoff_A, skin_A = float(cutoff_A), float(skin_A)
         if not (cutoff_A > 0 and cutoff_A < float("inf")):
             raise ValueError(f"VerletNeighborList: cutoff_A must be positive and finite, got {cutoff_A}")
         if not (skin_A >= 0 and skin_A < float("inf")):
             raise ValueError(f"VerletNeighborList: skin_A must be >= 0 and finite, got {skin_A}")
         self.cutoff_A, self.skin_A, self.backend = cutoff_A, skin_A, backend
+        self.paired = bool(paired)
         self.n_builds = 0
         self.n_calls = 0
         self._ref = None  # (positions, cell, pbc, numbers, system_idx) of the last build
@@ -74,7 +77,8 @@ class VerletNeighborList:
 
         self.n_calls += 1
         if self._needs_rebuild(batch):
-            self._graph = build_graph(batch, self.cutoff_A + self.skin_A, backend=self.backend)
+            self._graph = build_graph(batch, self.cutoff_A + self.skin_A, backend=self.backend,
+                                      paired=self.paired)
             self._ref = (batch.positions.detach().clone(), batch.cell.detach().clone(),
                          batch.pbc.clone(), batch.atomic_numbers.clone(), batch.system_idx.clone())
             self.n_builds += 1
@@ -85,7 +89,8 @@ class VerletNeighborList:
             vec = edge_vectors(batch.positions.detach(), batch.cell.detach(), g.edge_index,
                                g.shifts, batch.system_idx)
             keep = (vec * vec).sum(dim=-1) < self.cutoff_A**2
-        return Graph(g.edge_index[:, keep], g.shifts[keep])
+        # Both directions of a pair have the same distance to the bit: a paired list stays paired.
+        return Graph(g.edge_index[:, keep], g.shifts[keep], g.paired)
 
     def __repr__(self) -> str:
         return (f"VerletNeighborList(cutoff_A={self.cutoff_A}, skin_A={self.skin_A}, "

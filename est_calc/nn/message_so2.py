@@ -32,6 +32,7 @@ without edges (or with all u = 0) receive exactly zero message, also in gradient
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -323,6 +324,64 @@ class _SO2Map(torch.autograd.Function):
         return (None, None, None, *gx, *([None] * (1 + 1 + len(blocks_t))))
 
 
+def _pair_signs(wigner: WignerD) -> tuple[float, ...]:
+    """Signs s (K_M,) with D_KM(F R) = s * D_KM(R) for F = diag(-1, -1, 1), from the module's
+    own Wigner rows (so the layout and the e3nn convention are the module's); raises if D(F) is
+    not diagonal +-1 on those rows."""
+    rows = wigner.rows.tolist()
+    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))[None]
+    d_f = copy.deepcopy(wigner).double()(flip)[0]                      # (K_M, K)
+    signs = d_f[torch.arange(len(rows)), rows]
+    expected = torch.zeros_like(d_f)
+    expected[torch.arange(len(rows)), rows] = signs
+    if (d_f - expected).abs().max() > 1e-9 or ((signs.abs() - 1).abs() > 1e-9).any():
+        raise RuntimeError("the reversed-edge rotation is not a sign flip of the K_M rows")
+    return tuple(float(round(float(v))) for v in signs)
+
+
+def _pair_expand(pair: Tensor, sign: Tensor) -> Tensor:
+    """[pair ; sign * pair with its two channel halves swapped] (see _PairExpand)."""
+    if torch.compiler.is_compiling():  # plain operations: no out= writes in a compiled graph
+        half, k, c2 = pair.shape
+        swapped = pair.view(half, k, 2, c2 // 2).flip(2) * sign.view(1, k, 1, 1)
+        return torch.cat([pair, swapped.view(half, k, c2)], dim=0)
+    return _PairExpand.apply(pair, sign)
+
+
+class _PairExpand(torch.autograd.Function):
+    """(P, K_M, 2C) rotated pairs [A || B] of the first half of a paired edge list -> (2P, K_M, 2C)
+    with the reversed edges' s * [B || A] below them, written in place (one pass forward, one
+    backward; differentiable operations when a graph of the backward is wanted)."""
+
+    @staticmethod
+    def forward(ctx, pair: Tensor, sign: Tensor) -> Tensor:
+        half, k, c2 = pair.shape
+        ctx.save_for_backward(sign)
+        out = pair.new_empty(2 * half, k, c2)
+        out[:half] = pair
+        src = pair.view(half, k, 2, c2 // 2)
+        dst = out[half:].view(half, k, 2, c2 // 2)
+        s = sign.view(1, k, 1)
+        torch.mul(src[:, :, 1], s, out=dst[:, :, 0])
+        torch.mul(src[:, :, 0], s, out=dst[:, :, 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (sign,) = ctx.saved_tensors
+        n, k, c2 = grad.shape
+        half, c = n // 2, c2 // 2
+        s = sign.view(1, k, 1, 1)
+        top = grad[:half].view(half, k, 2, c)
+        bottom = grad[half:].view(half, k, 2, c)
+        if torch.is_grad_enabled():
+            return (top + bottom.flip(2) * s).view(half, k, c2), None
+        out = grad.new_empty(half, k, 2, c)
+        torch.addcmul(top[:, :, 0], bottom[:, :, 1], s[..., 0], out=out[:, :, 0])
+        torch.addcmul(top[:, :, 1], bottom[:, :, 0], s[..., 0], out=out[:, :, 1])
+        return out.view(half, k, c2), None
+
+
 def _pair_block(weight: Tensor) -> Tensor:
     """[[W_r, -W_i], [W_i, W_r]] from a weight that stacks W_r over W_i."""
     w_r, w_i = weight.chunk(2, dim=0)
@@ -386,6 +445,9 @@ class SO2MessageBlock(nn.Module):
         y_axis = o3.spherical_harmonics(list(range(L + 1)), edge_axis(), normalize=True,
                                         normalization="component")
         self._sh_axis = tuple(float(y_axis[l * l + l]) for l in range(L + 1))
+        # Reversed edges: edge_frame(-r) = F edge_frame(r) with F = diag(-1, -1, 1) (bitwise), so
+        # their Wigner rows are D(F) D(R); on the K_M rows D(F) is diagonal with entries +-1.
+        self._pair_sign = _pair_signs(self.wigner)
 
     def _edge_frames(self, edge_dir: Tensor) -> Tensor:
         """(E, 3, 3) rotations taking each edge direction onto the edge axis (hook for tests)."""
@@ -395,6 +457,12 @@ class SO2MessageBlock(nn.Module):
         """Wigner-D rows (E, K_M, K) into each edge's frame: depends on the edges only, so a
         model computes it once and passes it to every block (``edge_rot``)."""
         return self.wigner(self._edge_frames(edge_vec))
+
+    def pair_rotation(self, pair_rot: Tensor) -> Tensor:
+        """Wigner rows (E, K_M, K) of a paired edge list (``Graph.paired``) from those of its first
+        half (P, K_M, K): the reversed edges' rows are the same times fixed signs."""
+        sign = constant(self._pair_sign, pair_rot)
+        return torch.cat([pair_rot, pair_rot * sign[:, None]], dim=0)
 
     def edge_sh_from_rotation(self, edge_rot: Tensor) -> Tensor:
         """The edge SH Y(r_hat) (E, K), component-normalised, read off ``edge_rot``.
@@ -446,7 +514,7 @@ class SO2MessageBlock(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
                 envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None,
-                edge_rot: Tensor | None = None) -> Tensor:
+                edge_rot: Tensor | None = None, pair_rot: Tensor | None = None) -> Tensor:
         """Message passing step with residual.
 
         Args:
@@ -460,6 +528,11 @@ class SO2MessageBlock(nn.Module):
             edge_vec: optional (E, 3) edge vectors r_ij in Å (only their direction is used).
             edge_rot: optional (E, K_M, K) :meth:`edge_rotation` of these edges (computed here
                 when None).
+            pair_rot: for a paired edge list (the second half reverses the first, edge for edge;
+                ``Graph.paired``), the first half's rotations (E / 2, K_M, K), with ``edge_rot``
+                their :meth:`pair_rotation`. The rotated pair features [h_i || h_j] are then
+                computed for the first half only: the reversed edge's are
+                s * [D h_j || D h_i] with the fixed row signs s.
 
         Returns:
             (N, K, C) x plus the aggregated messages.
@@ -491,7 +564,15 @@ class SO2MessageBlock(nn.Module):
                                  f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
         # [h_i || h_j] in one row gather (backward: index_adds of contiguous gradients).
-        z = torch.bmm(rot, gather_pairs(h, i, j))
+        if pair_rot is not None:
+            half = n_edges // 2
+            if pair_rot.shape != (half, self.conv1.n_rows, k) or 2 * half != n_edges:
+                raise ValueError(f"SO2MessageBlock: pair_rot must be (E / 2, {self.conv1.n_rows}, "
+                                 f"{k}) for E = {n_edges}, got {tuple(pair_rot.shape)}")
+            pair = torch.bmm(pair_rot.to(x.dtype), gather_pairs(h, i[:half], j[:half]))
+            z = _pair_expand(pair, constant(self._pair_sign, pair))
+        else:
+            z = torch.bmm(rot, gather_pairs(h, i, j))
         radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1).to(x.dtype)
         # The radial MLP's last layer with its rows repeated for +m and -m, so that one product
