@@ -18,6 +18,11 @@ the edge axis (y in e3nn 0.6.0; see :mod:`est_calc.nn.wigner`), keeping only |m|
     alpha_eh = u_e exp(a_eh) / sum_{e' -> i} u_e' exp(a_e'h)      softmax with log u added
     x_i     += DWLinear( sum_j D_e^T (u_e alpha_eh v_eh) )
 
+Paired edge lists (``Graph.paired``: edge P + p is the reverse of edge p): edge_frame(-r) equals
+diag(-1, -1, 1) edge_frame(r) bitwise, so the reversed edge's Wigner rows are the forward rows times
+fixed signs s and its z is s [D h_j || D h_i]: the rotations and the rotation products are
+computed for the first half only (``pair_rot``).
+
 SO2Linear: for m = 0 an ordinary linear map over (l, channel); for m > 0 the pair
 (x_{+m}, x_{-m}) maps as y_{+m} = W_r x_{+m} - W_i x_{-m}, y_{-m} = W_i x_{+m} + W_r x_{-m}, which
 commutes with the roll about the edge axis (a 2-D rotation by m phi of every (+m, -m) pair, with
