@@ -54,7 +54,7 @@ def pair_edges(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> tuple[Tensor
         return None
     # first non-zero shift component positive <=> S > 0 lexicographically
     nz = shifts != 0
-    first = torch.where(nz.any(dim=1), nz.to(torch.int8).argmax(dim=1), torch.zeros_like(i))
+    first = torch.where(nz.any(dim=1), nz.to(torch.int32).argmax(dim=1), torch.zeros_like(i))
     positive = shifts.gather(1, first[:, None]).squeeze(1) > 0
     forward = (i < j) | ((i == j) & positive)
     fwd = forward.nonzero().squeeze(1)
