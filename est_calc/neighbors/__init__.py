@@ -3,7 +3,9 @@
 ``neighbor_list(positions, cell, pbc, cutoff_A)`` returns ``(edge_index, shifts)`` with
 ``r_ij = positions[j] - positions[i] + shifts @ cell[system of i]`` for every pair with
 ``|r_ij| < cutoff_A`` (strict, as ASE), both directions, and the atom itself only through a
-non-zero periodic image. Shifts along non-periodic axes are zero.
+non-zero periodic image. Shifts along non-periodic axes are zero. ``build_graph(...,
+paired=True)`` returns them in reversed-pair order (:mod:`.pairing`), which the SO(2) message
+blocks use to rotate half of the edges.
 
 Backends (picked with the ``backend`` argument only):
 
