@@ -86,6 +86,23 @@ def _frozen_parameters(parameters: Sequence[torch.nn.Parameter]):
             p.requires_grad_(True)
 
 
+def _degenerate_lattices(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """(B,) True where the periodic lattice vectors of a (B, 3, 3) cell with (B, 3) pbc do not
+    span a non-degenerate 1-, 2- or 3-D lattice (False where no axis is periodic).
+
+    Their Gram determinant (squared length / area / volume) is compared with the product of their
+    squared lengths, so the test is scale free. For all structures at once, the Gram matrix has
+    the rows and columns of non-periodic axes set to those of the identity, which leaves the
+    determinant of the periodic block.
+    """
+    lengths = np.linalg.norm(cell, axis=2)
+    both = pbc[:, :, None] & pbc[:, None, :]
+    gram = np.linalg.det(np.where(both, cell @ cell.transpose(0, 2, 1), np.eye(3)))
+    scale = np.prod(np.where(pbc, lengths**2, 1.0), axis=1)
+    degenerate = (np.where(pbc, lengths, np.inf) < 1e-8).any(axis=1) | (gram <= 1e-12 * scale)
+    return pbc.any(axis=1) & degenerate
+
+
 def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     """Raise ValueError for input the model cannot evaluate (see ESTCalculator's Raises)."""
     if len(atoms) == 0:
@@ -100,19 +117,12 @@ def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     if not np.all(np.isfinite(cell)):
         raise ValueError(f"the cell{where} contains NaN or infinite values")
     pbc = atoms.get_pbc()
-    if pbc.any():
-        # The periodic lattice vectors must span a non-degenerate 1-, 2- or 3-D lattice: their
-        # Gram determinant (squared length / area / volume) is compared with the product of
-        # their squared lengths, so the test is scale free.
-        vecs = cell[pbc]
-        lengths = np.linalg.norm(vecs, axis=1)
-        gram = np.linalg.det(vecs @ vecs.T)
-        if np.any(lengths < 1e-8) or gram <= 1e-12 * np.prod(lengths**2):
-            raise ValueError(
-                f"zero-volume periodic cell{where}: the lattice vectors along the periodic axes "
-                f"(pbc={pbc.tolist()}) are zero or linearly dependent "
-                f"(cell lengths {np.linalg.norm(cell, axis=1).round(6).tolist()} Å)"
-            )
+    if _degenerate_lattices(cell[None], pbc[None])[0]:
+        raise ValueError(
+            f"zero-volume periodic cell{where}: the lattice vectors along the periodic axes "
+            f"(pbc={pbc.tolist()}) are zero or linearly dependent "
+            f"(cell lengths {np.linalg.norm(cell, axis=1).round(6).tolist()} Å)"
+        )
     try:
         potential.check_species(atoms.get_atomic_numbers())
     except ValueError as err:
@@ -149,18 +159,9 @@ def _checked_batch(atoms_list: Sequence, potential: Potential, device, dtype) ->
         fail(bad_atoms=~finite)
     if not np.isfinite(cell).all():
         fail(bad_systems=~np.isfinite(cell).all(axis=(1, 2)))
-    if pbc.any():
-        # _check_atoms' lattice test for every structure at once: the Gram determinant of the
-        # periodic rows equals det(G) with the rows and columns of non-periodic axes set to
-        # those of the identity.
-        lengths = np.linalg.norm(cell, axis=2)
-        both = pbc[:, :, None] & pbc[:, None, :]
-        gram = np.linalg.det(np.where(both, cell @ cell.transpose(0, 2, 1), np.eye(3)))
-        scale = np.prod(np.where(pbc, lengths**2, 1.0), axis=1)
-        degenerate = (np.where(pbc, lengths, np.inf) < 1e-8).any(axis=1) | (gram <= 1e-12 * scale)
-        bad = pbc.any(axis=1) & degenerate
-        if bad.any():
-            fail(bad_systems=bad)
+    bad = _degenerate_lattices(cell, pbc)
+    if bad.any():
+        fail(bad_systems=bad)
     z = np.concatenate(numbers)
     known = np.isin(z, np.asarray(potential.species))
     if not known.all():
