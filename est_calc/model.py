@@ -222,10 +222,8 @@ def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edg
 
 
 def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot, pair_rot=None):
-    if edge_rot is None:
+    if edge_rot is None:  # blocks without SO(2) rotations take neither argument
         return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
-    if pair_rot is None:
-        return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot)
     return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot,
                    pair_rot=pair_rot)
 
