@@ -11,7 +11,8 @@
 # With the device tool: carry [".whl"], command
 #   bash benchmarks/gpu_session.sh $OUT 170 200
 # Usage: gpu_session.sh OUT [CHECK_S (default 170)] [TRAIN_S (default 200; 0: no training)]
-# Environment: GPU_ARGS (more gpu.py options, e.g. "--sections inference,big_cell --no-64k"),
+# Environment: GPU_TEST_S (seconds for `pytest -m gpu` first; default 120, 0: none),
+# GPU_ARGS (more gpu.py options, e.g. "--sections inference,big_cell --no-64k"),
 # TRAIN_CONFIG (default training_runs/est-emt-small-gpu.yaml).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [CHECK_S] [TRAIN_S]}
@@ -21,6 +22,18 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 if [ -f .whl/gpu_data.tar.gz ]; then tar xzf .whl/gpu_data.tar.gz; fi
+# The GPU-marked tests first (~20 s): every test that takes the torch_device fixture (the fast
+# paths: fused SO(2) maps, pair gathers, paired edges, relax_many with a skin) runs on CUDA here.
+# GPU_TEST_S=0 leaves them out.
+if [ "${GPU_TEST_S:-120}" -gt 0 ] && [ -d .whl/est ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/est_site .whl/est/*.whl
+    mkdir -p "$OUT"
+    PYTHONPATH="/tmp/est_site:$PWD" timeout --kill-after=10 "${GPU_TEST_S:-120}" \
+        python3 -m pytest -q -m gpu -p no:cacheprovider \
+        $(grep -rlE "torch_device|mark\.gpu" tests --include='test_*.py') >"$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
+fi
 t0=$SECONDS
 timeout --kill-after=10 $((CHECK_S + 60)) \
     python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S" ${GPU_ARGS:-}

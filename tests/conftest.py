@@ -32,6 +32,23 @@ def _randomize_zero_parameters(module: torch.nn.Module, generator: torch.Generat
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu,
+               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def torch_device(request) -> torch.device:
+    """The CPU, and the CUDA device where one is present: a test of a fast path that takes this
+    fixture runs on the GPU in the device session too (``pytest -m gpu``)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(params=MESSAGES)
 def message(request) -> str:
     """Each message block of the model ("est", and "so2" where it exists)."""

@@ -154,6 +154,7 @@ def test_calculate_batch_equals_single_calls(calc):
         calc.calculate_batch([mol], ["magmoms"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(pot):
     atoms = _slab_o()

@@ -95,7 +95,7 @@ def test_md_with_skin_follows_the_rebuild_every_step_trajectory(make_potential):
     assert calc1.neighbor_list.n_builds < calc1.neighbor_list.n_calls / 5
 
 
-def test_batched_relaxation_with_skin_follows_the_rebuild_every_step_path():
+def test_batched_relaxation_with_skin_follows_the_rebuild_every_step_path(torch_device):
     """relax_many through calculate_batch's own Verlet list: the same FIRE path (steps, energies,
     positions to float64 round-off) as rebuilding the batch graph every step, with fewer builds,
     also when structures leave the active set (converged at step 0 and 16, the last at 25)."""
@@ -117,7 +117,7 @@ def test_batched_relaxation_with_skin_follows_the_rebuild_every_step_path():
         starts.append(slab)
     runs = {}
     for skin in (0.0, 1.0):
-        calc = ESTCalculator(pot, dtype="float64", skin=skin)
+        calc = ESTCalculator(pot, device=torch_device, dtype="float64", skin=skin)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the third structure stops at the step limit
             runs[skin] = (relax_many(starts, calc, fmax_eV_per_A=0.3, max_steps=25), calc)

@@ -213,17 +213,20 @@ def _frozen(module):
 
 
 @pytest.mark.parametrize("l_max,m_max,extra", [(2, 1, 5), (2, 2, 0), (1, 1, 3), (0, 0, 2)])
-def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_max, extra):
+def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_max, extra,
+                                                                       torch_device):
     """With frozen weights SO2Linear reads a whole input / writes a whole output through _SO2Map;
-    values, gradients and gradients of gradients equal those of map_groups."""
+    values, gradients and gradients of gradients equal those of map_groups (on the GPU too,
+    whose matrix products write into the same row-block views)."""
     from est_calc.nn.message_so2 import SO2Linear
 
     torch.manual_seed(4)
-    lin = _frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra).to(F64))
+    lin = _frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra).to(torch_device, F64))
     e = 7
-    x = torch.randn(e, lin.n_rows, 3, dtype=F64, requires_grad=True)
-    w_out = torch.randn(e, lin.n_rows, 4, dtype=F64)
-    w_extra = torch.randn(e, extra, dtype=F64)
+    kw = dict(dtype=F64, device=torch_device)
+    x = torch.randn(e, lin.n_rows, 3, **kw).requires_grad_(True)
+    w_out = torch.randn(e, lin.n_rows, 4, **kw)
+    w_extra = torch.randn(e, extra, **kw)
 
     def loss(parts, extra_out):
         y = parts if torch.is_tensor(parts) else torch.cat(parts, dim=1)

@@ -39,17 +39,17 @@ def test_no_autograd_node_without_grad():
     assert gather_rows(x.detach(), index).grad_fn is None
 
 
-def _pair_inputs():
+def _pair_inputs(device="cpu"):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    i = torch.tensor([0, 0, 1, 5, 3, 3, 2, 5, 4])
-    j = torch.tensor([1, 5, 0, 0, 2, 4, 3, 3, 5])
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
+    i = torch.tensor([0, 0, 1, 5, 3, 3, 2, 5, 4], device=device)
+    j = torch.tensor([1, 5, 0, 0, 2, 4, 3, 3, 5], device=device)
     return x, i, j
 
 
-def test_gather_pairs_equals_the_concatenation_of_two_gathers():
-    x, i, j = _pair_inputs()
-    weight = torch.randn(9, 4, 6, dtype=torch.float64)
+def test_gather_pairs_equals_the_concatenation_of_two_gathers(torch_device):
+    x, i, j = _pair_inputs(torch_device)
+    weight = torch.randn(9, 4, 6, dtype=torch.float64, device=torch_device)
     ref = torch.cat([x.index_select(0, i), x.index_select(0, j)], dim=-1)
     got = gather_pairs(x, i, j)
     assert got.shape == (9, 4, 6) and torch.equal(got, ref)
@@ -59,8 +59,8 @@ def test_gather_pairs_equals_the_concatenation_of_two_gathers():
     torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-14)
 
 
-def test_gather_pairs_gradcheck_and_double_backward():
-    x, i, j = _pair_inputs()
+def test_gather_pairs_gradcheck_and_double_backward(torch_device):
+    x, i, j = _pair_inputs(torch_device)
     assert torch.autograd.gradcheck(lambda t: gather_pairs(t, i, j), (x,))
     assert torch.autograd.gradgradcheck(lambda t: gather_pairs(t, i, j) ** 2, (x,))
 

@@ -214,6 +214,7 @@ def test_torch_cluster_missing_names_extra():
         pytest.skip("torch_cluster is installed")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "matscipy"])
 @settings(max_examples=20, deadline=None)

@@ -108,16 +108,17 @@ def test_reversed_edge_wigner_rows_are_signed_forward_rows(l_max, m_max):
     assert (d_rev - sign[:, None] * d_fwd).abs().max() < 1e-12
 
 
-def test_pair_expand_values_gradients_and_double_backward():
-    pair = torch.randn(5, 3, 8, dtype=F64, requires_grad=True)
-    sign = torch.tensor([1.0, -1.0, 1.0], dtype=F64)
+def test_pair_expand_values_gradients_and_double_backward(torch_device):
+    kw = dict(dtype=F64, device=torch_device)
+    pair = torch.randn(5, 3, 8, **kw).requires_grad_(True)
+    sign = torch.tensor([1.0, -1.0, 1.0], **kw)
 
     def plain(p):
         swapped = torch.cat([p[..., 4:], p[..., :4]], dim=-1) * sign[:, None]
         return torch.cat([p, swapped], dim=0)
 
     assert torch.equal(_pair_expand(pair, sign), plain(pair))
-    weight = torch.randn(10, 3, 8, dtype=F64)
+    weight = torch.randn(10, 3, 8, **kw)
     (g_got,) = torch.autograd.grad((_pair_expand(pair, sign) * weight).sum(), pair)
     (g_ref,) = torch.autograd.grad((plain(pair) * weight).sum(), pair)
     assert torch.equal(g_got, g_ref)
@@ -131,16 +132,17 @@ def _so2_potential(seed=0):
 
 
 @pytest.mark.parametrize("frozen", [True, False])
-def test_paired_graph_gives_the_unpaired_energy_forces_and_stress(frozen):
+def test_paired_graph_gives_the_unpaired_energy_forces_and_stress(frozen, torch_device):
     """Same structures, the same edges in the two orders: energies, forces and stress agree to
     float64 round-off, with frozen weights (the calculator's path) and trainable ones."""
-    pot = _so2_potential()
+    pot = _so2_potential().to(torch_device)
     for p in pot.parameters():
         p.requires_grad_(not frozen)
     structures = [a for a in _structures() if a.pbc.all()]
-    batch = AtomsBatch.from_atoms(structures, dtype=F64)
+    batch = AtomsBatch.from_atoms(structures, dtype=F64, device=torch_device)
     plain = build_graph(batch, pot.cutoff_A)
     perm = torch.randperm(plain.n_edges, generator=torch.Generator().manual_seed(0))
+    perm = perm.to(torch_device)
     shuffled = Graph(plain.edge_index[:, perm], plain.shifts[perm])
     paired = build_graph(batch, pot.cutoff_A, paired=True)
     calls = []
