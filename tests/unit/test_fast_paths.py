@@ -223,7 +223,7 @@ def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_
     torch.manual_seed(4)
     lin = _frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra).to(torch_device, F64))
     e = 7
-    kw = dict(dtype=F64, device=torch_device)
+    kw = {"dtype": F64, "device": torch_device}
     x = torch.randn(e, lin.n_rows, 3, **kw).requires_grad_(True)
     w_out = torch.randn(e, lin.n_rows, 4, **kw)
     w_extra = torch.randn(e, extra, **kw)

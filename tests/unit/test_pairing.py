@@ -109,7 +109,7 @@ def test_reversed_edge_wigner_rows_are_signed_forward_rows(l_max, m_max):
 
 
 def test_pair_expand_values_gradients_and_double_backward(torch_device):
-    kw = dict(dtype=F64, device=torch_device)
+    kw = {"dtype": F64, "device": torch_device}
     pair = torch.randn(5, 3, 8, **kw).requires_grad_(True)
     sign = torch.tensor([1.0, -1.0, 1.0], **kw)
 
