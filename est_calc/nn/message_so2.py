@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from est_calc.nn.derived import constant, derived
 from est_calc.nn.gather import gather_pairs, gather_rows
+from est_calc.nn.modulated_map import ModulatedMap, modulated_weights
 from est_calc.nn.radial import RadialMLP
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
 from est_calc.nn.wigner import WignerD, edge_axis, edge_frame, so2_index
@@ -500,6 +501,22 @@ class SO2MessageBlock(nn.Module):
 
         return derived(self, "logit_bound", params, bound)
 
+    def _modulated_fusable(self) -> bool:
+        """Whether the radial modulation and conv1 run as one :class:`ModulatedMap`: frozen
+        weights of both (the calculator), eager mode."""
+        last = self.radial.last
+        return self.conv1._fusable() and not (last.weight.requires_grad or last.bias.requires_grad)
+
+    def _modulated_weights(self, paired: bool) -> tuple[Tensor, ...]:
+        """:func:`modulated_weights` of conv1 and the radial last layer, cached while frozen."""
+        conv1, last = self.conv1, self.radial.last
+        sources = [last.weight, last.bias, conv1.fc0.weight, conv1.fc0.bias,
+                   *(fc.weight for fc in conv1.fcm)]
+        return derived(self, f"modulated_{'paired' if paired else 'plain'}", sources,
+                       lambda: modulated_weights(conv1, last.weight, last.bias,
+                                                 conv1._map_weights()[2:],
+                                                 self._pair_sign if paired else None))
+
     def _gate(self, parts: list[Tensor], gates: Tensor) -> list[Tensor]:
         """SiLU on the l = 0 row, sigmoid(invariant gate of degree l) on the rows of degree l > 0;
         ``parts`` are the m-groups of :meth:`SO2Linear.map_groups` (E, rows, C_h), gated group by
@@ -569,27 +586,36 @@ class SO2MessageBlock(nn.Module):
                                  f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
         # [h_i || h_j] in one row gather (backward: index_adds of contiguous gradients).
-        if pair_rot is not None:
+        paired = pair_rot is not None
+        if paired:
             half = n_edges // 2
             if pair_rot.shape != (half, self.conv1.n_rows, k) or 2 * half != n_edges:
                 raise ValueError(f"SO2MessageBlock: pair_rot must be (E / 2, {self.conv1.n_rows}, "
                                  f"{k}) for E = {n_edges}, got {tuple(pair_rot.shape)}")
-            pair = torch.bmm(pair_rot.to(x.dtype), gather_pairs(h, i[:half], j[:half]))
-            z = _pair_expand(pair, constant(self._pair_sign, pair))
+            z = torch.bmm(pair_rot.to(x.dtype), gather_pairs(h, i[:half], j[:half]))
         else:
             z = torch.bmm(rot, gather_pairs(h, i, j))
         radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1).to(x.dtype)
-        # The radial MLP's last layer with its rows repeated for +m and -m, so that one product
-        # of equal shapes modulates all K_M rows: the same numbers as SO2Linear's per-m-group
-        # broadcast (map_groups(..., radial)), without the broadcasts and the concatenation of
-        # their gradients (1.04x on a 64-structure batch, neutral on a 66-atom slab).
-        last = self.radial.last
-        w, b = derived(self, "radial_rows", [last.weight, last.bias, self.conv1._radial_row],
-                       lambda: self.conv1.radial_rows(last.weight, last.bias))
-        z = z * torch.nn.functional.linear(self.radial.hidden(radial_in), w, b).view(z.shape)
+        hid = self.radial.hidden(radial_in)
         # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
-        y, scalars = self.conv1.map_whole_input(z)
+        if self._modulated_fusable():
+            # Frozen weights: modulation and conv1 in cache-sized blocks, both halves of a paired
+            # list from the first half's z (est_calc.nn.modulated_map).
+            outs = ModulatedMap.apply(self.conv1, paired, z, hid, *self._modulated_weights(paired))
+            y, scalars = list(outs[:-1]), outs[-1]
+        else:
+            if paired:
+                z = _pair_expand(z, constant(self._pair_sign, z))
+            # The radial MLP's last layer with its rows repeated for +m and -m, so that one
+            # product of equal shapes modulates all K_M rows: the same numbers as SO2Linear's
+            # per-m-group broadcast (map_groups(..., radial)), without the broadcasts and the
+            # concatenation of their gradients.
+            last = self.radial.last
+            w, b = derived(self, "radial_rows", [last.weight, last.bias, self.conv1._radial_row],
+                           lambda: self.conv1.radial_rows(last.weight, last.bias))
+            z = z * torch.nn.functional.linear(hid, w, b).view(z.shape)
+            y, scalars = self.conv1.map_whole_input(z)
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
         v, _ = self.conv2.map_to_whole(self._gate(y, gates))            # (E, K_M, H d_v)
 
