@@ -21,7 +21,9 @@ the edge axis (y in e3nn 0.6.0; see :mod:`est_calc.nn.wigner`), keeping only |m|
 Paired edge lists (``Graph.paired``: edge P + p is the reverse of edge p): edge_frame(-r) equals
 diag(-1, -1, 1) edge_frame(r) bitwise, so the reversed edge's Wigner rows are the forward rows times
 fixed signs s and its z is s [D h_j || D h_i]: the rotations and the rotation products are
-computed for the first half only (``pair_rot``).
+computed for the first half only (``pair_rot``). With frozen weights (the calculator) the radial
+modulation and conv1 run as one :class:`est_calc.nn.modulated_map.ModulatedMap` in cache-sized
+blocks of edges, which reads the reversed half from the first half's z through permuted weights.
 
 SO2Linear: for m = 0 an ordinary linear map over (l, channel); for m > 0 the pair
 (x_{+m}, x_{-m}) maps as y_{+m} = W_r x_{+m} - W_i x_{-m}, y_{-m} = W_i x_{+m} + W_r x_{-m}, which
