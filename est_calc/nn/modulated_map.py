@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["CHUNK", "ModulatedMap", "modulated_weights", "swap_halves"]
 
-#: Rows (edges, or pairs of a paired list) per block. The block's temporaries are a few
+#: Rows (edges, or pairs of a paired list) per block on a CPU. The block's temporaries are a few
 #: (CHUNK, K_M 2C) tensors (1.4 MB each for the "small" preset): in cache. 512 to 2,048 measured
 #: alike on 64 small slabs (2 CPU cores); smaller blocks cost more Python per call.
 CHUNK = 1024
@@ -86,8 +86,11 @@ def modulated_weights(linear: SO2Linear, radial_weight: Tensor, radial_bias: Ten
     return tuple(t.contiguous() for t in out)
 
 
-def _blocks(n: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of about equal blocks of at most CHUNK rows covering range(n)."""
+def _blocks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    """[(start, stop)] of about equal blocks of at most CHUNK rows covering range(n); one block
+    off the CPU (a GPU gains nothing from cache-sized blocks and pays a launch per kernel)."""
+    if device.type != "cpu":
+        return [(0, n)]
     count = max(1, -(-n // CHUNK))
     step = -(-n // count)
     return [(start, min(start + step, n)) for start in range(0, n, step)]
@@ -142,7 +145,7 @@ class ModulatedMap(torch.autograd.Function):
         b0 = weights[3]
         out0 = x.new_empty(n_edges, b0.shape[0])
         outs = [x.new_empty(n_edges, rows * c_out) for rows in sizes[1:]]
-        blocks_of_rows = _blocks(n)
+        blocks_of_rows = _blocks(n, x.device)
         step = blocks_of_rows[0][1]
         sets = [(first, a.t(), b, w0.t(), blocks)
                 for first, a, b, w0, blocks in _weight_sets(linear, paired, weights, n)]
@@ -190,7 +193,7 @@ class ModulatedMap(torch.autograd.Function):
         g_groups, g_extra = grads[:-1], grads[-1]
         flat = [None if g is None else g.reshape(n_edges, -1) for g in g_groups]
         gx, ghid = torch.empty_like(x), torch.empty_like(hid)
-        blocks_of_rows = _blocks(n)
+        blocks_of_rows = _blocks(n, x.device)
         step = blocks_of_rows[0][1]
         radial = x.new_empty(step, k * c_in) if ctx.radials is None else None
         g_in = x.new_empty(step, k, c_in)
