@@ -10,10 +10,11 @@ Written as whole-tensor operations, z, the radial weights A hid + b, their produ
 backward, the gradient of that product are (E, K_M, 2C) tensors (17 MB each for 64 small slabs)
 that go to memory and come back: on a CPU the modulation's products ran at memory speed, several
 times slower than the same products on data in cache. :class:`ModulatedMap` runs the whole chain
-per block of :data:`CHUNK` rows, so these tensors exist one block at a time, and keeps only z and
-hid (E, hidden) for the backward, which recomputes a block's radial weights (a (rows, hidden) x
-(hidden, K_M 2C) product) instead of reading them back. The same multiply-adds in the same order
-within each row: values equal the whole-tensor form to rounding.
+per block of :data:`CHUNK` rows on a CPU (one block on a GPU), so these tensors exist one block at
+a time, and keeps only z and hid (E, hidden) for the backward, which recomputes a block's radial
+weights (a (rows, hidden) x (hidden, K_M 2C) product) instead of reading them back (a single
+block keeps them). The same multiply-adds in the same order within each row: values equal the
+whole-tensor form to rounding.
 
 Paired edge lists (``Graph.paired``: edge P + p reverses edge p) pass z of the first half only,
 (P, K_M, 2C). The reversed edge's input is s [D h_j || D h_i] (fixed row signs s, channel halves
