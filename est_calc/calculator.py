@@ -295,16 +295,17 @@ class ESTCalculator(Calculator):
         self.n_model_calls = 0
         from est_calc.neighbors.verlet import VerletNeighborList
 
-        # Verlet skin for single-structure calls (MD, relaxations): the list is rebuilt only when
-        # an atom moved by more than skin/2 or the cell changed; the pair set is always exact.
-        # VerletNeighborList validates the skin (negative or NaN values raise there).
-        # Edges in reversed-pair order (Graph.paired): the SO(2) blocks rotate half of them.
-        self.neighbor_list = (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend,
-                                                 paired=True)
-                              if skin != 0 else None)
-        self.batch_neighbor_list = (VerletNeighborList(self.cutoff_A, skin,
-                                                       backend=neighbor_backend, paired=True)
-                                    if skin != 0 else None)
+        # Verlet skin, one list for single-structure calls (MD, relaxations) and one for
+        # calculate_batch (batched relaxations): rebuilt only when an atom moved by more than
+        # skin/2 or the cell or the structures changed; the pair set is always exact.
+        # VerletNeighborList validates the skin (negative or NaN values raise there). Edges in
+        # reversed-pair order (Graph.paired): the SO(2) blocks rotate half of them.
+        def verlet_list():
+            return (VerletNeighborList(self.cutoff_A, skin, backend=neighbor_backend, paired=True)
+                    if skin != 0 else None)
+
+        self.neighbor_list = verlet_list()
+        self.batch_neighbor_list = verlet_list()
 
     @property
     def cutoff_A(self) -> float:
