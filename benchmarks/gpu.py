@@ -50,11 +50,12 @@ from _common import cu_bulk, median_time, run_peer, sync, write_structures  # no
 
 
 # ------------------------------------------------------------------------------ wheels
-def install_wheels(wheels: Path) -> dict:
-    """pip-install .whl/est/*.whl and .whl/mace/*.whl into /tmp targets (no index, no deps)."""
+def install_wheels(wheels: Path, names: tuple[str, ...] = ("est", "mace")) -> dict:
+    """pip-install .whl/est/*.whl and .whl/mace/*.whl (or those of ``names``) into /tmp targets
+    (no index, no deps); returns {name: target folder} of what was installed."""
     targets = {"est": Path("/tmp/est_site"), "mace": Path("/tmp/mace_site")}
     done = {}
-    for name, target in targets.items():
+    for name, target in ((n, targets[n]) for n in names):
         files = sorted(str(f) for f in (wheels / name).glob("*.whl"))
         if not files:
             continue

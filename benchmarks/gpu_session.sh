@@ -26,10 +26,10 @@ if [ -f .whl/gpu_data.tar.gz ]; then tar xzf .whl/gpu_data.tar.gz; fi
 # paths: fused SO(2) maps, pair gathers, paired edges, relax_many with a skin) runs on CUDA here.
 # GPU_TEST_S=0 leaves them out.
 if [ "${GPU_TEST_S:-120}" -gt 0 ] && [ -d .whl/est ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/est_site .whl/est/*.whl
+    EST_SITE=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from gpu import install_wheels; print(install_wheels(Path('.whl'), ('est',)).get('est', ''))")
     mkdir -p "$OUT"
-    PYTHONPATH="/tmp/est_site:$PWD" timeout --kill-after=10 "${GPU_TEST_S:-120}" \
+    PYTHONPATH="$EST_SITE:$PWD" timeout --kill-after=10 "${GPU_TEST_S:-120}" \
         python3 -m pytest -q -m gpu -p no:cacheprovider \
         $(grep -rlE "torch_device|mark\.gpu" tests --include='test_*.py') >"$OUT/gpu_tests.log" 2>&1
     echo "GPU tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
