@@ -11,6 +11,9 @@ ESTModel(batch, graph) computes
     energy_b    = sum_{i in b} energies_i
 
 so an isolated atom has energy element_reference[Z] + energy_shift exactly and zero force.
+Only the l = 0 row of the last layer's output reaches the energy, so the last layer computes that
+row alone (``forward_scalars``: no spherical attention or experts there, only the m = 0 rows of
+its SO(2) messages); the numbers are those of the full layer.
 Rotating the edge vectors by R is equivalent to rotating the sphere lattice by R^T (stochastic
 frame averaging of the lattice discretisation error, EST_SPEC 5); eval mode is deterministic.
 """
@@ -208,24 +211,29 @@ def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) ->
 
 
 def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None,
-           attention=None, pair_rot=None):
+           attention=None, pair_rot=None, scalars=False):
     """One (message block, update block) layer, as a function for activation checkpointing.
 
     ``attention``: the attention settings of the forward pass (``attention_state()``), restored
-    for the recomputation, which for CUDA tensors runs in autograd's own thread.
+    for the recomputation, which for CUDA tensors runs in autograd's own thread. ``scalars``:
+    return the l = 0 row (N, C) only (the last layer, see ``ESTModel._features``).
     """
     from est_calc.nn.attention import restored_attention_state
 
     with restored_attention_state(attention) if attention is not None else nullcontext():
-        return update(_message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
-                               pair_rot))
+        x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
+                     pair_rot, scalars)
+        return update.forward_scalars(x) if scalars else update(x)
 
 
-def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot, pair_rot=None):
-    if edge_rot is None:  # blocks without SO(2) rotations take neither argument
-        return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot, pair_rot=None,
+             scalars=False):
+    """The message block's result, or only its l = 0 row (N, C) with ``scalars``."""
+    if edge_rot is None:  # blocks without SO(2) rotations take none of the extra arguments
+        x = message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
+        return x[:, 0] if scalars else x
     return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot,
-                   pair_rot=pair_rot)
+                   pair_rot=pair_rot, scalars_only=scalars)
 
 
 def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
@@ -292,6 +300,7 @@ class ESTModel(nn.Module):
         self._rotate_grid = True
         self._checkpoint_layers = False
         self._compiled_features = None
+        self._scalar_readout = True
 
     def enable_compile(self, *, mode: str | None = None, dynamic: bool = True):
         """Run the network (everything between edge vectors and per-atom scalars) through
@@ -381,16 +390,27 @@ class ESTModel(nn.Module):
             from est_calc.nn.attention import attention_state
 
             attention = attention_state()
-        for message, update in zip(self.messages, self.updates):
+        # The energy reads only the l = 0 row of the last layer's output, and that row depends
+        # on the l = 0 row of the last message block's result only (every operation of the
+        # update block maps l = 0 to l = 0, the spherical branch's l = 0 row is replaced by
+        # scalar_out): the last layer computes that row alone (``forward_scalars``, and
+        # ``scalars_only`` of the SO(2) message block), skipping its spherical attention and
+        # experts and the m > 0 rows of its messages. Same numbers (tests/unit/
+        # test_scalar_readout.py); ``_scalar_readout = False`` computes every row.
+        n_layers = len(self.messages)
+        for k, (message, update) in enumerate(zip(self.messages, self.updates)):
+            scalars = self._scalar_readout and k == n_layers - 1
             if checkpoint and edge_sh is not None:
                 x = torch.utils.checkpoint.checkpoint(
                     _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                    edge_rot, attention, pair_rot, use_reentrant=False)
-                continue
-            if edge_sh is not None:
-                x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
-                             pair_rot)
-            x = update(x)
+                    edge_rot, attention, pair_rot, scalars, use_reentrant=False)
+            elif edge_sh is not None:
+                x = _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
+                           edge_rot, None, pair_rot, scalars)
+            else:
+                x = update.forward_scalars(x[:, 0]) if scalars else update(x)
+        if self._scalar_readout:
+            return self.final_norm.forward_scalars(x)
         return self.final_norm(x)[:, 0, :]
 
     def forward(self, batch, graph) -> ModelOutput:

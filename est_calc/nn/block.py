@@ -37,3 +37,8 @@ class ESTUpdateBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, C] -> [N, K, C]."""
         return x + self.experts(self.norm(x))
+
+    def forward_scalars(self, x0: Tensor) -> Tensor:
+        """The l = 0 row of :meth:`forward` from the l = 0 row x0 [N, C] alone -> [N, C]
+        (the norm's scalar part and :meth:`MixtureOfHybridExperts.forward_scalars`)."""
+        return x0 + self.experts.forward_scalars(self.norm.forward_scalars(x0))

@@ -91,13 +91,10 @@ class MixtureOfHybridExperts(nn.Module):
         else:
             self.grid = self.attention = self.spherical = self.scalar_out = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [N, K, C] -> update y [N, K, C]."""
-        k = (self.l_max + 1) ** 2
-        if x.dim() != 3 or x.shape[1] != k or x.shape[2] != self.channels:
-            raise ValueError(f"MixtureOfHybridExperts: expected x of shape [N, K={k}, "
-                             f"C={self.channels}], got {tuple(x.shape)}")
-        x0 = self.gate_norm(x[:, 0])
+    def _gates(self, x0: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Expert weights g (N, E_st + E_sp) and scalar_out's pre-activation (None without
+        spherical experts) from the l = 0 row x0 (N, C) of the block input."""
+        x0 = self.gate_norm(x0)
         c = self.channels
         if self.spherical is not None:
             # The gate's first layer and scalar_out read the same x0: one matrix product.
@@ -111,7 +108,39 @@ class MixtureOfHybridExperts(nn.Module):
         else:
             gate_hidden, scalar_pre = self.gate[0](x0), None
         # (N, E_st + E_sp), rotation invariant
-        g = torch.softmax(self.gate[2](self.gate[1](gate_hidden)), dim=-1)
+        return torch.softmax(self.gate[2](self.gate[1](gate_hidden)), dim=-1), scalar_pre
+
+    def forward_scalars(self, x0: Tensor) -> Tensor:
+        """The l = 0 row of :meth:`forward` from the l = 0 row x0 (N, C) of x alone.
+
+        That row is sum_k g_k FFN^st_k(x)^0 + SiLU(W_0 x0 + b_0): the gate reads x0 only, each
+        layer of a steerable expert maps l = 0 to l = 0, and the spherical branch's l = 0 row is
+        replaced by scalar_out. The spherical branch (grid, attention, spherical experts) and
+        the l > 0 rows are not computed: what the model's last layer needs, with the same numbers.
+        """
+        if x0.dim() != 2 or x0.shape[1] != self.channels:
+            raise ValueError(f"MixtureOfHybridExperts: expected x0 of shape [N, C={self.channels}], "
+                             f"got {tuple(x0.shape)}")
+        g, scalar_pre = self._gates(x0)
+        y = None
+        for e, expert in enumerate(self.steerable):
+            h = x0
+            for layer in expert:
+                h = layer.forward_scalars(h)
+            term = g[:, e, None] * h
+            y = term if y is None else y + term
+        if scalar_pre is not None:
+            s = torch.nn.functional.silu(scalar_pre)
+            y = s if y is None else y + s
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, K, C] -> update y [N, K, C]."""
+        k = (self.l_max + 1) ** 2
+        if x.dim() != 3 or x.shape[1] != k or x.shape[2] != self.channels:
+            raise ValueError(f"MixtureOfHybridExperts: expected x of shape [N, K={k}, "
+                             f"C={self.channels}], got {tuple(x.shape)}")
+        g, scalar_pre = self._gates(x[:, 0])
         y = None
         for e, expert in enumerate(self.steerable):
             term = g[:, e, None, None] * expert(x)

@@ -332,6 +332,19 @@ class _SO2Map(torch.autograd.Function):
         return (None, None, None, *gx, *([None] * (1 + 1 + len(blocks_t))))
 
 
+class _ScalarRows:
+    """The layout of an SO2Linear restricted to its m = 0 rows (one group of L + 1 rows), as
+    :class:`ModulatedMap` reads it; no weights of its own (they come as arguments)."""
+
+    def __init__(self, linear: SO2Linear):
+        self.l_max, self.in_channels, self.out_channels = (linear.l_max, linear.in_channels,
+                                                           linear.out_channels)
+        self._group_sizes = [linear.l_max + 1]
+
+    def split_groups(self, x: Tensor) -> list[Tensor]:
+        return [x]
+
+
 def _pair_signs(wigner: WignerD) -> tuple[float, ...]:
     """Signs s (K_M,) with D_KM(F R) = s * D_KM(R) for F = diag(-1, -1, 1), from the module's
     own Wigner rows (so the layout and the e3nn convention are the module's); raises if D(F) is
@@ -509,12 +522,16 @@ class SO2MessageBlock(nn.Module):
         last = self.radial.last
         return self.conv1._fusable() and not (last.weight.requires_grad or last.bias.requires_grad)
 
+    def _modulated_sources(self) -> list[Tensor]:
+        conv1, last = self.conv1, self.radial.last
+        return [last.weight, last.bias, conv1.fc0.weight, conv1.fc0.bias,
+                *(fc.weight for fc in conv1.fcm)]
+
     def _modulated_weights(self, paired: bool) -> tuple[Tensor, ...]:
         """:func:`modulated_weights` of conv1 and the radial last layer, cached while frozen."""
         conv1, last = self.conv1, self.radial.last
-        sources = [last.weight, last.bias, conv1.fc0.weight, conv1.fc0.bias,
-                   *(fc.weight for fc in conv1.fcm)]
-        return derived(self, f"modulated_{'paired' if paired else 'plain'}", sources,
+        return derived(self, f"modulated_{'paired' if paired else 'plain'}",
+                       self._modulated_sources(),
                        lambda: modulated_weights(conv1, last.weight, last.bias,
                                                  conv1._map_weights()[2:],
                                                  self._pair_sign if paired else None))
@@ -538,7 +555,8 @@ class SO2MessageBlock(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
                 envelope: Tensor, atom_emb: Tensor, edge_vec: Tensor | None = None,
-                edge_rot: Tensor | None = None, pair_rot: Tensor | None = None) -> Tensor:
+                edge_rot: Tensor | None = None, pair_rot: Tensor | None = None,
+                scalars_only: bool = False) -> Tensor:
         """Message passing step with residual.
 
         Args:
@@ -557,9 +575,11 @@ class SO2MessageBlock(nn.Module):
                 their :meth:`pair_rotation`. The rotated pair features [h_i || h_j] are then
                 computed for the first half only: the reversed edge's are
                 s * [D h_j || D h_i] with the fixed row signs s.
+            scalars_only: return only the l = 0 row of the result, (N, C), computing only what
+                it depends on (:meth:`_scalar_messages`; the model's last layer).
 
         Returns:
-            (N, K, C) x plus the aggregated messages.
+            (N, K, C) x plus the aggregated messages ((N, C), its l = 0 row, with scalars_only).
         """
         n_nodes, k, c = x.shape
         if k != (self.l_max + 1) ** 2 or c != self.channels:
@@ -569,7 +589,7 @@ class SO2MessageBlock(nn.Module):
             raise ValueError(f"SO2MessageBlock: edge_index must be (2, E), got {tuple(edge_index.shape)}")
         n_edges = edge_index.shape[1]
         if n_edges == 0:
-            return x
+            return x[:, 0] if scalars_only else x
         if edge_sh.shape != (n_edges, k) or envelope.shape != (n_edges,):
             raise ValueError(f"SO2MessageBlock: edge_sh must be (E, K) and envelope (E,), got "
                              f"{tuple(edge_sh.shape)} and {tuple(envelope.shape)}")
@@ -594,11 +614,15 @@ class SO2MessageBlock(nn.Module):
             if pair_rot.shape != (half, self.conv1.n_rows, k) or 2 * half != n_edges:
                 raise ValueError(f"SO2MessageBlock: pair_rot must be (E / 2, {self.conv1.n_rows}, "
                                  f"{k}) for E = {n_edges}, got {tuple(pair_rot.shape)}")
-            z = torch.bmm(pair_rot.to(x.dtype), gather_pairs(h, i[:half], j[:half]))
-        else:
-            z = torch.bmm(rot, gather_pairs(h, i, j))
+            pair_rot = pair_rot.to(x.dtype)
         radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1).to(x.dtype)
+        if scalars_only:
+            return self._scalar_messages(x, h, i, j, rot, pair_rot, radial_in, envelope)
+        if paired:
+            z = torch.bmm(pair_rot, gather_pairs(h, i[:half], j[:half]))
+        else:
+            z = torch.bmm(rot, gather_pairs(h, i, j))
         hid = self.radial.hidden(radial_in)
         # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
         if self._modulated_fusable():
@@ -621,18 +645,83 @@ class SO2MessageBlock(nn.Module):
         s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
         v, _ = self.conv2.map_to_whole(self._gate(y, gates))            # (E, K_M, H d_v)
 
+        v = v * self._value_weights(s_alpha, envelope, i, n_nodes).unsqueeze(1)
+        msg = torch.bmm(rot.transpose(1, 2), v)                         # D^T back to global frame
+        agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
+        return x + self.proj(agg)
+
+    def _value_weights(self, s_alpha: Tensor, envelope: Tensor, i: Tensor, n_nodes: int) -> Tensor:
+        """u_e alpha_eh per value channel (E, H d_v) from the attention scalars (E, H d_alpha)."""
+        n_edges = s_alpha.shape[0]
         a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)
-        u = envelope.to(x.dtype)
+        u = envelope.to(s_alpha.dtype)
         alpha = segment_softmax(logits, u, i, n_nodes, bound=self._logit_bound()) * u.unsqueeze(-1)
         # alpha per value channel (head-major, as v's channels), then one broadcast over rows: a
         # broadcast over the innermost d_v channels of (E, K_M, H, d_v) is several times slower
         # on the CPU, forward and backward (the gradient of alpha becomes a strided reduction).
-        alpha = alpha.unsqueeze(-1).expand(n_edges, self.n_heads, self.d_value).reshape(n_edges, -1)
-        v = v * alpha.unsqueeze(1)
-        msg = torch.bmm(rot.transpose(1, 2), v)                         # D^T back to global frame
-        agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
-        return x + self.proj(agg)
+        return alpha.unsqueeze(-1).expand(n_edges, self.n_heads, self.d_value).reshape(n_edges, -1)
+
+    def _scalar_messages(self, x: Tensor, h: Tensor, i: Tensor, j: Tensor, rot: Tensor,
+                         pair_rot: Tensor | None, radial_in: Tensor, envelope: Tensor) -> Tensor:
+        """The l = 0 row of ``forward``'s result, (N, C), from the m = 0 rows alone.
+
+        The message's l = 0 row is D_e^T's l = 0 row (1 on the m = 0, l = 0 row of the edge
+        frame, 0 elsewhere: D is block diagonal in l) times v, i.e. v's (m = 0, l = 0) row, and
+        proj maps l = 0 to l = 0. That row of SO2Linear_2 reads the m = 0 rows of the gated y
+        only; those, the gates and the attention scalars come from SO2Linear_1's m = 0 part,
+        which reads the m = 0 rows of z. So only L + 1 of the K_M rows of z are rotated and
+        modulated, and the m > 0 maps and the back rotation are skipped: the same numbers as
+        ``forward(...)[:, 0]``.
+        """
+        n_nodes, n_edges = x.shape[0], i.shape[0]
+        n0 = self.l_max + 1
+        conv1 = self.conv1
+        paired = pair_rot is not None
+        if paired:
+            half = n_edges // 2
+            z = torch.bmm(pair_rot[:, :n0], gather_pairs(h, i[:half], j[:half]))
+        else:
+            z = torch.bmm(rot[:, :n0], gather_pairs(h, i, j))
+        hid = self.radial.hidden(radial_in)
+        if self._modulated_fusable():
+            y0, scalars = ModulatedMap.apply(_ScalarRows(conv1), paired, z, hid,
+                                             *self._modulated_weights_m0(paired))
+        else:
+            if paired:
+                z = _pair_expand(z, constant(self._pair_sign[:n0], z))
+            last = self.radial.last
+            w, b = derived(self, "radial_rows", [last.weight, last.bias, conv1._radial_row],
+                           lambda: conv1.radial_rows(last.weight, last.bias))
+            width = n0 * conv1.in_channels
+            z = z * torch.nn.functional.linear(hid, w[:width], b[:width]).view(z.shape)
+            out0 = conv1.fc0(z.reshape(n_edges, width))
+            y0, scalars = out0.split([n0 * self.c_hidden, out0.shape[1] - n0 * self.c_hidden], -1)
+            y0 = y0.view(n_edges, n0, self.c_hidden)
+        s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
+        (gated,) = self._gate([y0], gates)
+        fc0, width_v = self.conv2.fc0, self.n_heads * self.d_value
+        v0 = torch.addmm(fc0.bias[:width_v], gated.reshape(n_edges, -1), fc0.weight[:width_v].t())
+        msg = v0 * self._value_weights(s_alpha, envelope, i, n_nodes)
+        agg = msg.new_zeros(n_nodes, msg.shape[1]).index_add(0, i, msg)
+        return x[:, 0] + self.proj.forward_scalars(agg)
+
+    def _modulated_weights_m0(self, paired: bool) -> tuple[Tensor, ...]:
+        """The weights of :meth:`_modulated_weights` restricted to conv1's m = 0 rows (the
+        layout of :class:`_ScalarRows`): the radial rows of those rows, fc0 as it is."""
+        def build() -> tuple[Tensor, ...]:
+            full = self._modulated_weights(paired)
+            n_blocks = len(self.conv1.fcm)
+            width = (self.l_max + 1) * self.conv1.in_channels
+            a, b, w0, b0 = full[:4]
+            out = [a[:width], b[:width], w0, b0]
+            if paired:
+                a_r, b_r, w0_r = full[4 + n_blocks:7 + n_blocks]
+                out += [a_r[:width], b_r[:width], w0_r]
+            return tuple(t.contiguous() for t in out)
+
+        return derived(self, f"modulated_m0_{'paired' if paired else 'plain'}",
+                       self._modulated_sources(), build)
 
     def extra_repr(self) -> str:
         return (f"l_max={self.l_max}, m_max={self.m_max}, channels={self.channels}, "

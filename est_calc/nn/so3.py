@@ -7,6 +7,9 @@ block-diagonal Wigner matrix D(R) acting on the K axis:
   anything that acts on channels only).
 * :class:`EquivariantLayerNorm` normalises with rotation-invariant statistics (|x^l|^2 summed over m).
 * :class:`Gate` multiplies each l > 0 block by an invariant sigmoid gate from the l = 0 channels.
+
+The l = 0 output of each of them depends on the l = 0 input only; ``forward_scalars`` computes
+that row alone (the model's last layer, whose l > 0 outputs nothing reads).
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ class DWLinear(nn.Module):
             y = y + self.bias
         return y
 
+    def forward_scalars(self, x0: Tensor) -> Tensor:
+        """The l = 0 row of :meth:`forward` from the l = 0 row alone: x0 [N, Cin] -> [N, Cout]."""
+        if self.bias is None:
+            return x0 @ self.weight[0]
+        return torch.addmm(self.bias, x0, self.weight[0])
+
     def extra_repr(self) -> str:
         return (f"l_max={self.l_max}, in_channels={self.in_channels}, "
                 f"out_channels={self.out_channels}, bias={self.bias is not None}")
@@ -119,6 +128,11 @@ class EquivariantLayerNorm(nn.Module):
                          lambda: self.weight.index_select(0, self._degree))
         return torch.cat([scalars, vec * inv * weight], dim=1)
 
+    def forward_scalars(self, x0: Tensor) -> Tensor:
+        """The l = 0 row of :meth:`forward` from the l = 0 row alone (the l > 0 statistics do
+        not enter it): x0 [N, C] -> [N, C]."""
+        return self.scalar_norm(x0)
+
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}"
 
@@ -151,6 +165,10 @@ class Gate(nn.Module):
         # index_select (not fancy indexing): its backward is an index_add, not an accumulating put.
         return torch.cat([torch.nn.functional.silu(x0),
                           x_rest * gates.index_select(1, self._degree)], dim=1)
+
+    def forward_scalars(self, x0: Tensor) -> Tensor:
+        """The l = 0 row of :meth:`forward` from the l = 0 row alone: SiLU(x0), [N, C]."""
+        return torch.nn.functional.silu(x0)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}"
