@@ -543,13 +543,15 @@ class SO2MessageBlock(nn.Module):
         if self.l_max == 0:
             return [torch.nn.functional.silu(parts[0])]
         n_edges, c_h = gates.shape[0], self.c_hidden
-        g = torch.sigmoid(gates.view(n_edges, self.l_max, c_h))            # (E, L, C_h), l = 1..L
         y0 = parts[0]
-        # m = 0 rows are l = 0..L: SiLU(y) = y sigmoid(y) on l = 0, the gates on l >= 1.
-        gated = [y0 * torch.cat([torch.sigmoid(y0[:, :1]), g], dim=1)]
+        # m = 0 rows are l = 0..L: SiLU(y) = y sigmoid(y) on l = 0, the gates on l >= 1. One
+        # sigmoid of the concatenation: y0 and the gates are column slices of conv1's output,
+        # on which the CPU's sigmoid runs several times slower than on a contiguous tensor.
+        g = torch.sigmoid(torch.cat([y0[:, :1], gates.view(n_edges, self.l_max, c_h)], dim=1))
+        gated = [y0 * g]                                                    # g: (E, 1 + L, C_h)
         for m, part in enumerate(parts[1:], start=1):
             n = self.l_max - m + 1                                          # rows l = m..L per sign
-            gated.append((part.view(n_edges, 2, n, c_h) * g[:, m - 1:].unsqueeze(1))
+            gated.append((part.view(n_edges, 2, n, c_h) * g[:, m:].unsqueeze(1))
                          .view(n_edges, 2 * n, c_h))
         return gated
 
