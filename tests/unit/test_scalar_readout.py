@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from ase import Atoms
-from ase.build import add_adsorbate, bulk, fcc111, molecule
 
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
@@ -134,17 +133,11 @@ def test_so2_message_scalars_only_is_row_zero(paired, frozen, m_max):
         assert torch.allclose(a, b, rtol=0, atol=1e-11)
 
 
-def _structures():
-    slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
-    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
-    slab.pbc = (True, True, False)
-    slab.rattle(0.05, seed=1)
-    tri = bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1))
-    tri.set_cell(tri.cell.array + [[0, 0, 0], [0.3, 0, 0], [0.2, -0.4, 0]], scale_atoms=True)
-    tri.numbers[1] = 8
-    tri.rattle(0.05, seed=2)
-    lone = Atoms("HCu", positions=[[0, 0, 0], [9, 0, 0]], cell=[20, 20, 20])  # no edges
-    return [slab, tri, lone]
+@pytest.fixture
+def structures(cu_slab_co, triclinic_bulk):
+    """A slab with adsorbates, a triclinic bulk cell and two atoms without neighbours."""
+    lone = Atoms("HCu", positions=[[0, 0, 0], [9, 0, 0]], cell=[20, 20, 20])
+    return [cu_slab_co, triclinic_bulk, lone]
 
 
 CONFIGS = {
@@ -182,13 +175,15 @@ def _both(pot, batch, graph, **kw):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("frozen", [True, False])
-def test_model_energy_forces_stress_unchanged(name, frozen, torch_device):
+def test_model_energy_forces_stress_unchanged(name, frozen, torch_device, structures):
     pot = _potential(CONFIGS[name]).to(torch_device)
     for p in pot.parameters():
         p.requires_grad_(not frozen)
-    batch = AtomsBatch.from_atoms(_structures(), dtype=F64, device=torch_device)
+    batch = AtomsBatch.from_atoms(structures, dtype=F64, device=torch_device)
     for paired in (False, True):
-        graph = build_graph(batch, pot.cutoff_A, paired=paired)
+        # the torch cell list gives paired lists at any size (other backends only from 2,048 edges)
+        graph = build_graph(batch, pot.cutoff_A, paired=paired, backend="torch")
+        assert graph.paired == paired
         ref, got = _both(pot, batch, graph, compute_stress=True)
         assert float(ref.forces.abs().max()) > 1e-3  # the comparison has something to compare
         assert torch.allclose(got.energy, ref.energy, rtol=0, atol=1e-11)
@@ -200,13 +195,13 @@ def test_model_energy_forces_stress_unchanged(name, frozen, torch_device):
         assert torch.equal(got.forces[-2:], torch.zeros_like(got.forces[-2:]))
 
 
-def test_edgeless_batch_and_checkpointed_layers():
+def test_edgeless_batch_and_checkpointed_layers(structures):
     pot = _potential({})
-    lone = _structures()[-1]
+    lone = structures[-1]
     batch = AtomsBatch.from_atoms(lone, dtype=F64)
     ref, got = _both(pot, batch, build_graph(batch, pot.cutoff_A))
     assert torch.equal(got.energy, ref.energy)
-    batch = AtomsBatch.from_atoms(_structures()[:2], dtype=F64)
+    batch = AtomsBatch.from_atoms(structures[:2], dtype=F64)
     graph = build_graph(batch, pot.cutoff_A)
     with pot.model.checkpoint_layers():
         ref, got = _both(pot, batch, graph, compute_stress=True)
@@ -214,9 +209,9 @@ def test_edgeless_batch_and_checkpointed_layers():
     assert torch.allclose(got.stress, ref.stress, rtol=0, atol=1e-11)
 
 
-def test_last_layer_runs_no_spherical_attention(monkeypatch):
+def test_last_layer_runs_no_spherical_attention(monkeypatch, structures):
     pot = _potential({"n_layers": 2})
-    batch = AtomsBatch.from_atoms(_structures()[:2], dtype=F64)
+    batch = AtomsBatch.from_atoms(structures[:2], dtype=F64)
     graph = build_graph(batch, pot.cutoff_A)
     calls = []
     original = SphericalAttention.forward
@@ -233,14 +228,15 @@ def test_last_layer_runs_no_spherical_attention(monkeypatch):
     assert len(calls) == 2
 
 
-def test_training_gradients_unchanged_and_skipped_parts_had_none():
+def test_training_gradients_unchanged_and_skipped_parts_had_none(structures):
     """Force-loss gradients (double backward) of every parameter agree; the parameters the
     scalar readout leaves out get exactly zero gradient from the full computation, which is
     the proof that they never reached the energy."""
     pot = _potential({}, seed=3)
     pot.train()
-    batch = AtomsBatch.from_atoms(_structures()[:2], dtype=F64)
-    graph = build_graph(batch, pot.cutoff_A, paired=True)
+    batch = AtomsBatch.from_atoms(structures[:2], dtype=F64)
+    graph = build_graph(batch, pot.cutoff_A, paired=True, backend="torch")
+    assert graph.paired
     params = dict(pot.named_parameters())
     grads = {}
     for flag in (False, True):
