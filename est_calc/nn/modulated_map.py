@@ -133,7 +133,10 @@ class ModulatedMap(torch.autograd.Function):
     ``apply(linear, paired, x, hid, *weights)``: x (E, K_M, Cin) rotated edge features, or
     (P, K_M, Cin) for a paired list of E = 2P edges; hid (E, hidden); weights from
     :func:`modulated_weights` (frozen). Returns the m-groups (E, rows, Cout) and the extra
-    scalars (E, extra), as ``SO2Linear.map_groups``.
+    scalars (E, extra), as ``SO2Linear.map_groups``. Only the layout of ``linear`` is read
+    (``_group_sizes``, ``l_max``, ``out_channels``, ``split_groups``): the message block's last
+    layer passes the m = 0 restriction of conv1 (``message_so2._ScalarRows``) with the matching
+    rows of the weights.
     """
 
     @staticmethod
