@@ -609,9 +609,7 @@ class SO2MessageBlock(nn.Module):
                 raise ValueError(f"SO2MessageBlock: edge_rot must be (E, {self.conv1.n_rows}, "
                                  f"{k}), got {tuple(rot.shape)}")
         h = self.norm(x)
-        # [h_i || h_j] in one row gather (backward: index_adds of contiguous gradients).
-        paired = pair_rot is not None
-        if paired:
+        if pair_rot is not None:
             half = n_edges // 2
             if pair_rot.shape != (half, self.conv1.n_rows, k) or 2 * half != n_edges:
                 raise ValueError(f"SO2MessageBlock: pair_rot must be (E / 2, {self.conv1.n_rows}, "
@@ -619,34 +617,10 @@ class SO2MessageBlock(nn.Module):
             pair_rot = pair_rot.to(x.dtype)
         radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
                               dim=-1).to(x.dtype)
+        y, s_alpha, gates = self._first_map(h, i, j, rot, pair_rot, radial_in, scalars_only)
         if scalars_only:
-            return self._scalar_messages(x, h, i, j, rot, pair_rot, radial_in, envelope)
-        if paired:
-            z = torch.bmm(pair_rot, gather_pairs(h, i[:half], j[:half]))
-        else:
-            z = torch.bmm(rot, gather_pairs(h, i, j))
-        hid = self.radial.hidden(radial_in)
-        # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
-        if self._modulated_fusable():
-            # Frozen weights: modulation and conv1 in cache-sized blocks, both halves of a paired
-            # list from the first half's z (est_calc.nn.modulated_map).
-            outs = ModulatedMap.apply(self.conv1, paired, z, hid, *self._modulated_weights(paired))
-            y, scalars = list(outs[:-1]), outs[-1]
-        else:
-            if paired:
-                z = _pair_expand(z, constant(self._pair_sign, z))
-            # The radial MLP's last layer with its rows repeated for +m and -m, so that one
-            # product of equal shapes modulates all K_M rows: the same numbers as SO2Linear's
-            # per-m-group broadcast (map_groups(..., radial)), without the broadcasts and the
-            # concatenation of their gradients.
-            last = self.radial.last
-            w, b = derived(self, "radial_rows", [last.weight, last.bias, self.conv1._radial_row],
-                           lambda: self.conv1.radial_rows(last.weight, last.bias))
-            z = z * torch.nn.functional.linear(hid, w, b).view(z.shape)
-            y, scalars = self.conv1.map_whole_input(z)
-        s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
+            return self._scalar_messages(x, y[0], s_alpha, gates, envelope, i)
         v, _ = self.conv2.map_to_whole(self._gate(y, gates))            # (E, K_M, H d_v)
-
         v = v * self._value_weights(s_alpha, envelope, i, n_nodes).unsqueeze(1)
         msg = torch.bmm(rot.transpose(1, 2), v)                         # D^T back to global frame
         agg = msg.new_zeros(n_nodes, k, msg.shape[-1]).index_add(0, i, msg)
@@ -664,9 +638,53 @@ class SO2MessageBlock(nn.Module):
         # on the CPU, forward and backward (the gradient of alpha becomes a strided reduction).
         return alpha.unsqueeze(-1).expand(n_edges, self.n_heads, self.d_value).reshape(n_edges, -1)
 
-    def _scalar_messages(self, x: Tensor, h: Tensor, i: Tensor, j: Tensor, rot: Tensor,
-                         pair_rot: Tensor | None, radial_in: Tensor, envelope: Tensor) -> Tensor:
-        """The l = 0 row of ``forward``'s result, (N, C), from the m = 0 rows alone.
+    def _first_map(self, h: Tensor, i: Tensor, j: Tensor, rot: Tensor, pair_rot: Tensor | None,
+                   radial_in: Tensor, scalars_only: bool) -> tuple[list[Tensor], Tensor, Tensor]:
+        """conv1 on the radially modulated rotated pairs z = D_e [h_i || h_j]: its m-groups, the
+        attention scalars and the gates. With ``scalars_only`` only the m = 0 rows of z (the first
+        L + 1 of the K_M layout) are rotated and modulated and only conv1's m = 0 part runs
+        (:meth:`_scalar_messages`); y is then the single m = 0 group."""
+        conv1 = self.conv1
+        n_rows = self.l_max + 1 if scalars_only else conv1.n_rows
+        # [h_i || h_j] in one row gather (backward: index_adds of contiguous gradients).
+        paired = pair_rot is not None
+        if paired:
+            half = i.shape[0] // 2
+            z = torch.bmm(pair_rot[:, :n_rows], gather_pairs(h, i[:half], j[:half]))
+        else:
+            z = torch.bmm(rot[:, :n_rows], gather_pairs(h, i, j))
+        hid = self.radial.hidden(radial_in)
+        # The two SO(2) maps and the gate between them work on the m-groups (see map_groups).
+        if self._modulated_fusable():
+            # Frozen weights: modulation and conv1 in cache-sized blocks, both halves of a paired
+            # list from the first half's z (est_calc.nn.modulated_map).
+            if scalars_only:
+                outs = ModulatedMap.apply(_ScalarRows(conv1), paired, z, hid,
+                                          *self._modulated_weights_m0(paired))
+            else:
+                outs = ModulatedMap.apply(conv1, paired, z, hid, *self._modulated_weights(paired))
+            y, scalars = list(outs[:-1]), outs[-1]
+        else:
+            if paired:
+                z = _pair_expand(z, constant(self._pair_sign[:n_rows], z))
+            # The radial MLP's last layer with its rows repeated for +m and -m, so that one
+            # product of equal shapes modulates all K_M rows: the same numbers as SO2Linear's
+            # per-m-group broadcast (map_groups(..., radial)), without the broadcasts and the
+            # concatenation of their gradients. The m = 0 rows come first.
+            last = self.radial.last
+            w, b = derived(self, "radial_rows", [last.weight, last.bias, conv1._radial_row],
+                           lambda: conv1.radial_rows(last.weight, last.bias))
+            width = n_rows * conv1.in_channels
+            z = z * torch.nn.functional.linear(hid, w[:width], b[:width]).view(z.shape)
+            # map_groups of the m = 0 group alone is conv1's m = 0 part (fc0 and the scalars)
+            y, scalars = conv1.map_groups([z]) if scalars_only else conv1.map_whole_input(z)
+        s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
+        return y, s_alpha, gates
+
+    def _scalar_messages(self, x: Tensor, y0: Tensor, s_alpha: Tensor, gates: Tensor,
+                         envelope: Tensor, i: Tensor) -> Tensor:
+        """The l = 0 row of ``forward``'s result, (N, C), from conv1's m = 0 rows y0 (E, L + 1,
+        C_h), the attention scalars and the gates (:meth:`_first_map` with scalars_only).
 
         The message's l = 0 row is D_e^T's l = 0 row (1 on the m = 0, l = 0 row of the edge
         frame, 0 elsewhere: D is block diagonal in l) times v, i.e. v's (m = 0, l = 0) row, and
@@ -677,30 +695,6 @@ class SO2MessageBlock(nn.Module):
         ``forward(...)[:, 0]``.
         """
         n_nodes, n_edges = x.shape[0], i.shape[0]
-        n0 = self.l_max + 1
-        conv1 = self.conv1
-        paired = pair_rot is not None
-        if paired:
-            half = n_edges // 2
-            z = torch.bmm(pair_rot[:, :n0], gather_pairs(h, i[:half], j[:half]))
-        else:
-            z = torch.bmm(rot[:, :n0], gather_pairs(h, i, j))
-        hid = self.radial.hidden(radial_in)
-        if self._modulated_fusable():
-            y0, scalars = ModulatedMap.apply(_ScalarRows(conv1), paired, z, hid,
-                                             *self._modulated_weights_m0(paired))
-        else:
-            if paired:
-                z = _pair_expand(z, constant(self._pair_sign[:n0], z))
-            last = self.radial.last
-            w, b = derived(self, "radial_rows", [last.weight, last.bias, conv1._radial_row],
-                           lambda: conv1.radial_rows(last.weight, last.bias))
-            width = n0 * conv1.in_channels
-            z = z * torch.nn.functional.linear(hid, w[:width], b[:width]).view(z.shape)
-            out0 = conv1.fc0(z.reshape(n_edges, width))
-            y0, scalars = out0.split([n0 * self.c_hidden, out0.shape[1] - n0 * self.c_hidden], -1)
-            y0 = y0.view(n_edges, n0, self.c_hidden)
-        s_alpha, gates = scalars.split([self.n_heads * self.d_alpha, self.l_max * self.c_hidden], -1)
         (gated,) = self._gate([y0], gates)
         fc0, width_v = self.conv2.fc0, self.n_heads * self.d_value
         v0 = torch.addmm(fc0.bias[:width_v], gated.reshape(n_edges, -1), fc0.weight[:width_v].t())
