@@ -72,12 +72,21 @@ def all_reduce_max(values: list[float]) -> list[float]:
 
 
 def all_reduce_gradients(module: torch.nn.Module) -> None:
-    """Sum gradients over processes (losses are already divided by global counts)."""
-    if not is_distributed():
-        return
-    for p in module.parameters():
+    """Give every trainable parameter a gradient and sum the gradients over processes (losses
+    are already divided by global counts).
+
+    Parameters the loss did not reach (the last layer's spherical branch, which the energy's
+    scalar readout skips, or message blocks of a batch without edges) get a zero gradient, in
+    one process as in several: every process then reduces the same tensors, and the optimizer
+    treats those parameters alike either way (weight decay, moment decay).
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    if not is_distributed():
+        return
+    for p in params:
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 

@@ -289,14 +289,7 @@ class Trainer:
             group["lr"] = t.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # Parameters the loss does not reach (the last layer's spherical branch, which the
-        # energy's scalar readout skips, or blocks without edges in a batch) get a zero
-        # gradient, as an all-reduce gives them: the optimizer then treats them alike in one
-        # process and in several (weight decay, moment decay).
-        for p in self.potential.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        dist_utils.all_reduce_gradients(self.potential)
+        dist_utils.all_reduce_gradients(self.potential)  # zeros where the loss did not reach
         gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
         self.optimizer.step()
         _ema_update(self.ema, self.potential, t.ema_decay)
