@@ -8,6 +8,7 @@ ESTModel(batch, graph) computes
     x           = [UpdateBlock(MessageBlock(x))] x n_layers
     e_i         = head(LN(x_i)^(0)) - head_isolated(Z_i)   (exactly 0 for an atom without neighbours)
     energies_i  = e_i * energy_scale / avg_atoms + energy_shift + element_reference[Z_i]
+                  + (1/2) sum_j E_ZBL(Z_i, Z_j, r_ij)        (config.zbl; nn/repulsion.py)
     energy_b    = sum_{i in b} energies_i
 
 so an isolated atom has energy element_reference[Z] + energy_shift exactly and zero force.
@@ -30,10 +31,16 @@ from torch import Tensor, nn
 
 from est_calc.geometry import edge_vectors
 from est_calc.neighbors.pairing import is_paired
-from est_calc.nn.embedding import N_ELEMENTS, AtomEmbedding, EdgeDegreeEmbedding, check_atomic_numbers
+from est_calc.nn.embedding import (
+    N_ELEMENTS,
+    AtomEmbedding,
+    EdgeDegreeEmbedding,
+    check_atomic_numbers,
+)
 from est_calc.nn.radial import PolynomialEnvelope, make_radial_basis
+from est_calc.nn.repulsion import ZBLRepulsion
 
-__all__ = ["ModelConfig", "PRESETS", "ModelOutput", "ESTModel", "random_rotations"]
+__all__ = ["PRESETS", "ESTModel", "ModelConfig", "ModelOutput", "random_rotations"]
 
 
 _CHOICES = {
@@ -41,7 +48,12 @@ _CHOICES = {
     "inverse": ("lstsq", "normalized_transpose"),
     "message": ("est", "so2"),
     "rbf": ("bessel", "gaussian"),
+    "vector_norm": ("joint", "separate"),
 }
+
+#: Values that configs written before a field existed were built with (``from_dict``): a stored
+#: config lacking the key gets the behaviour it was trained with, not the new default.
+_LEGACY_DEFAULTS = {"vector_norm": "separate", "zbl": False}
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,13 @@ class ModelConfig:
         avg_degree: neighbour-sum normaliser (typical number of neighbours).
         avg_atoms: per-structure energy normaliser (divides the learned part of e_i).
         rotate_grid_in_training: random lattice rotation per structure in train mode.
+        vector_norm: statistic of the l > 0 part in every EquivariantLayerNorm: "joint" (l > 0
+            measured against the whole feature; bounded gain, float32-safe on symmetric
+            structures) or "separate" (l > 0 alone; potentials written before est_calc 0.2,
+            whose float32 forces on ideal crystals are wrong, see nn/so3.py).
+        zbl: add the ZBL screened nuclear repulsion at short range (``nn/repulsion.py``).
+        zbl_radius_factor: the ZBL term of a pair ends at this factor times the sum of the two
+            covalent radii.
     """
 
     cutoff_A: float = 5.0
@@ -102,6 +121,9 @@ class ModelConfig:
     avg_degree: float = 12.0
     avg_atoms: float = 1.0
     rotate_grid_in_training: bool = True
+    vector_norm: str = "joint"
+    zbl: bool = True
+    zbl_radius_factor: float = 0.65
 
     def __post_init__(self):
         for name, kinds in _CHOICES.items():
@@ -135,8 +157,12 @@ class ModelConfig:
                              f"message_heads={self.message_heads}")
         if self.so2_m_max > self.l_max:
             raise ValueError(f"so2_m_max={self.so2_m_max} exceeds l_max={self.l_max}")
-        if not isinstance(self.rotate_grid_in_training, bool):
-            raise ValueError("ModelConfig.rotate_grid_in_training must be a bool")
+        for name in ("rotate_grid_in_training", "zbl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        f = self.zbl_radius_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 2:
+            raise ValueError(f"ModelConfig.zbl_radius_factor must be in (0, 2], got {f!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -151,14 +177,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        """Inverse of to_dict; unknown keys raise ValueError naming them."""
+        """Inverse of to_dict; unknown keys raise ValueError naming them. Keys that did not exist
+        when the config was written take the value that model was built with
+        (``_LEGACY_DEFAULTS``), not today's default."""
         if not isinstance(data, dict):
             raise ValueError(f"ModelConfig.from_dict needs a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return cls(**{**_LEGACY_DEFAULTS, **data})
 
 
 #: Named presets. "tiny": unit tests (seconds on CPU). "small": CPU MD and CPU training.
@@ -292,6 +320,10 @@ class ESTModel(nn.Module):
                            hidden_mult=c.hidden_mult)
             for _ in range(c.n_layers))
         self.final_norm = EquivariantLayerNorm(c.l_max, c.channels)
+        for module in self.modules():
+            if isinstance(module, EquivariantLayerNorm):
+                module.joint = c.vector_norm == "joint"
+        self.repulsion = ZBLRepulsion(c.zbl_radius_factor) if c.zbl else None
         self.head = nn.Sequential(nn.Linear(c.channels, c.channels), nn.SiLU(),
                                   nn.Linear(c.channels, 1))
         self.register_buffer("element_reference", torch.zeros(N_ELEMENTS))
@@ -458,5 +490,7 @@ class ESTModel(nn.Module):
             e = torch.zeros_like(e)
         energies = (e * self.energy_scale / self.config.avg_atoms + self.energy_shift
                     + self.element_reference[z])
+        if self.repulsion is not None:
+            energies = energies + self.repulsion(z, edge_index, vec.norm(dim=-1))
         energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
         return ModelOutput(energy=energy, energies=energies)

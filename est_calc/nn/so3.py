@@ -86,28 +86,47 @@ class DWLinear(nn.Module):
 
 
 class EquivariantLayerNorm(nn.Module):
-    """Layer norm for steerable features (EquiformerV2 "layer_norm_sh" semantics).
+    """Layer norm for steerable features.
 
-    l = 0: ordinary LayerNorm over channels (mean, variance, affine weight and bias).
-    l > 0: no centring; one RMS per node,
+    l = 0: ordinary LayerNorm over channels (mean mu, variance var_0, affine weight and bias).
+    l > 0: no centring; every l > 0 component is divided by one RMS per node and scaled by a
+    learnable g per (l, channel), no bias. Two statistics are available (``joint``):
 
-        rms^2 = (1/C) sum_c (1/L) sum_{l=1..L} (1/(2l+1)) sum_m (x^l_{m,c})^2,
+    * ``joint=True`` (default; EquiformerV2's "rms_norm_sh" statistic, with the centred l = 0
+      part in it):
 
-    so that every degree counts equally, then x^l_{m,c} <- x^l_{m,c} / sqrt(rms^2 + eps) * g_{l,c}
-    with a learnable scale g per (l, channel) and no bias.
+          rms^2 = (1/(L+1)) [ var_0 + sum_{l=1..L} (1/(2l+1)) (1/C) sum_{m,c} (x^l_{m,c})^2 ].
+
+      The l > 0 part is measured against the whole feature, so its gain is bounded by
+      g / sqrt(var_0 / (L+1) + eps): a part that vanishes by symmetry (every l > 0 feature of an
+      atom in a cubic crystal) stays at its rounding level relative to the node's scale.
+    * ``joint=False`` (potentials written before est_calc 0.2; ``ModelConfig.vector_norm =
+      "separate"``): the l > 0 statistic alone,
+
+          rms^2 = (1/L) sum_{l=1..L} (1/(2l+1)) (1/C) sum_{m,c} (x^l_{m,c})^2.
+
+      Its gain at x^l -> 0 is g / sqrt(eps) (~316 for eps = 1e-5). Chained over the norms of a
+      two-layer model this multiplies float32 rounding (~1e-7) of features that should cancel by
+      symmetry by ~1e10: forces of 1e4 eV/Å on ideal crystals in float32 (float64 is not
+      affected to visible precision). Kept only to evaluate such potentials as they were trained.
+
+    Then x^l_{m,c} <- x^l_{m,c} g_{l,c} / sqrt(rms^2 + eps) for l > 0. The l = 0 output depends
+    on the l = 0 input only in both forms (``forward_scalars``).
 
     Args:
         l_max: maximum degree L.
         channels: C.
         eps: added to the variance / mean square.
+        joint: the statistic of the l > 0 part (above).
     """
 
-    def __init__(self, l_max: int, channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, l_max: int, channels: int, eps: float = 1e-5, joint: bool = True) -> None:
         super().__init__()
         if l_max < 0 or channels < 1:
             raise ValueError(f"EquivariantLayerNorm: need l_max >= 0, channels >= 1, "
                              f"got {l_max}, {channels}")
         self.l_max, self.channels, self.eps = l_max, channels, eps
+        self.joint = bool(joint)
         self.scalar_norm = nn.LayerNorm(channels, eps=eps)
         self.weight = nn.Parameter(torch.ones(l_max, channels)) if l_max > 0 else None
         self.register_buffer("_degree", degree_index(l_max)[1:] - 1, persistent=False)
@@ -119,10 +138,15 @@ class EquivariantLayerNorm(nn.Module):
             return self.scalar_norm(x)
         x0, vec = x.split([1, x.shape[1] - 1], dim=1)
         scalars = self.scalar_norm(x0)
-        # 1 / ((2l + 1) L C) per component, built in the input dtype (exact in float64).
-        balance = derived(self, f"balance_{x.dtype}", [self._degree], lambda: 1.0 / (
-            (2.0 * self._degree.to(x.dtype) + 3.0) * (self.l_max * self.channels)))
+        # 1 / ((2l + 1) n C) per component with n = L + 1 (joint) or L, built in the input dtype
+        # (exact in float64).
+        n_degrees = self.l_max + 1 if self.joint else self.l_max
+        balance = derived(self, f"balance_{x.dtype}_{n_degrees}", [self._degree], lambda: 1.0 / (
+            (2.0 * self._degree.to(x.dtype) + 3.0) * (n_degrees * self.channels)))
         mean_sq = torch.mv((vec * vec).sum(dim=-1), balance)
+        if self.joint:
+            var0 = x0.squeeze(1).var(dim=-1, unbiased=False)
+            mean_sq = mean_sq + var0 / n_degrees
         inv = torch.rsqrt(mean_sq + self.eps)[:, None, None]
         weight = derived(self, "weight", [self.weight, self._degree],
                          lambda: self.weight.index_select(0, self._degree))
@@ -134,7 +158,8 @@ class EquivariantLayerNorm(nn.Module):
         return self.scalar_norm(x0)
 
     def extra_repr(self) -> str:
-        return f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}"
+        return (f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}, "
+                f"joint={self.joint}")
 
 
 class Gate(nn.Module):

@@ -70,15 +70,37 @@ def test_dwlinear_mixes_channels_per_degree_only():
     assert torch.allclose(y[:, 4:9], x[:, 4:9] @ layer.weight[2])
 
 
-def test_layernorm_statistics():
-    ln = EquivariantLayerNorm(L, C).to(F64)
+@pytest.mark.parametrize("joint", [True, False])
+def test_layernorm_statistics(joint):
+    """l = 0: centred and scaled to unit variance. l > 0 (unit scales): the degree-balanced mean
+    square is 1 for the separate statistic; for the joint one the balanced mean square over all
+    degrees, with the centred l = 0 part, is 1 (EquiformerV2's rms_norm_sh)."""
+    ln = EquivariantLayerNorm(L, C, joint=joint).to(F64)
     x = 3.0 * torch.randn(4, K, C, dtype=F64) + 2.0
     y = ln(x)
     assert torch.allclose(y[:, 0].mean(-1), torch.zeros(4, dtype=F64), atol=1e-12)
-    # Degree-balanced mean square of the l > 0 part is 1 (scale initialised to one).
     deg = degree_index(L)[1:]
-    ms = ((y[:, 1:] ** 2) / (2 * deg[None, :, None] + 1)).sum(1).mean(-1) / L
-    assert torch.allclose(ms, torch.ones(4, dtype=F64), atol=1e-4)
+    if joint:
+        x0 = x[:, 0] - x[:, 0].mean(-1, keepdim=True)
+        terms = (x0**2).mean(-1) + ((x[:, 1:] ** 2) / (2 * deg[None, :, None] + 1)).sum(1).mean(-1)
+        rms = torch.sqrt(terms / (L + 1) + ln.eps)
+        assert torch.allclose(y[:, 1:], x[:, 1:] / rms[:, None, None], atol=1e-12)
+    else:
+        ms = ((y[:, 1:] ** 2) / (2 * deg[None, :, None] + 1)).sum(1).mean(-1) / L
+        assert torch.allclose(ms, torch.ones(4, dtype=F64), atol=1e-4)
+
+
+def test_joint_layernorm_keeps_a_vanishing_l_gt_0_part_small():
+    """An l > 0 part at float32 rounding level (1e-7, a symmetric crystal) keeps its size with the
+    joint statistic; the separate one multiplies it by 1/sqrt(eps) ~ 316 at every norm, which
+    over the norms of two layers reached 1e10."""
+    x = torch.randn(5, K, C, dtype=F64)
+    x[:, 1:] *= 1e-7
+    joint = EquivariantLayerNorm(L, C, joint=True).to(F64)(x)
+    separate = EquivariantLayerNorm(L, C, joint=False).to(F64)(x)
+    gain = separate[:, 1:].abs().max() / x[:, 1:].abs().max()
+    assert float(joint[:, 1:].abs().max() / x[:, 1:].abs().max()) < 3.0
+    assert 200 < float(gain) < 400
 
 
 def test_gate_values():
