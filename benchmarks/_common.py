@@ -68,10 +68,11 @@ def co_cu_slab():
     Periodic in all three directions (the vacuum makes z harmless) so that stress is defined;
     rattled by 0.05 Å (seed 1) as in the peer anchor.
     """
-    from ase.build import add_adsorbate, fcc111, molecule
+    from ase import Atoms
+    from ase.build import add_adsorbate, fcc111
 
     slab = fcc111("Cu", size=(4, 4, 4), vacuum=10.0)
-    add_adsorbate(slab, molecule("CO"), 2.0, "ontop")
+    add_adsorbate(slab, Atoms("CO", positions=[(0, 0, 0), (0, 0, 1.15)]), 2.0, "ontop")  # C down
     slab.pbc = True
     slab.rattle(0.05, seed=1)
     return slab

@@ -28,10 +28,10 @@ SPECIES = [1, 6, 8, 29]
 
 def small_slabs(n: int) -> list:
     """n different small adsorbate/slab structures: Cu(111) 2x2x3 + O, CO or H, rattled (13-14 atoms)."""
-    from ase.build import add_adsorbate, fcc111, molecule
+    from ase.build import add_adsorbate, fcc111
     from ase import Atoms
 
-    adsorbates = [Atoms("O"), molecule("CO"), Atoms("H")]
+    adsorbates = [Atoms("O"), Atoms("CO", positions=[(0, 0, 0), (0, 0, 1.15)]), Atoms("H")]  # C down
     out = []
     for k in range(n):
         slab = fcc111("Cu", size=(2, 2, 3), vacuum=8.0)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(
 # times: without the setting each call's temporaries (~1-2 MB) fault hundreds of fresh pages in.
 _PROBE = """
 import json, resource, sys
-from ase.build import add_adsorbate, fcc111, molecule
+from ase import Atoms
+from ase.build import add_adsorbate, fcc111
 from est_calc import allocator
 from est_calc.calculator import ESTCalculator
 from est_calc.potential import Potential
@@ -31,7 +32,7 @@ if mode == "direct":
 calc = ESTCalculator(Potential.from_config("small", species=[6, 8, 29]), device="cpu",
                      tune_malloc=mode == "calculator")
 slab = fcc111("Cu", size=(4, 4, 4), vacuum=10.0)
-add_adsorbate(slab, molecule("CO"), 2.0, "ontop")
+add_adsorbate(slab, Atoms("CO", positions=[(0, 0, 0), (0, 0, 1.15)]), 2.0, "ontop")  # C down
 slab.pbc = True
 props = ["energy", "forces", "stress"]
 slab.rattle(0.05, seed=1)

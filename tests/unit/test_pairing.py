@@ -28,7 +28,7 @@ F64 = torch.float64
 
 def _structures():
     slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
-    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
+    add_adsorbate(slab, Atoms("CO", positions=[(0, 0, 0), (0, 0, 1.15)]), 1.9, "ontop")  # C down
     slab.pbc = (True, True, False)
     slab.rattle(0.05, seed=1)
     tri = bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1))
