@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
+import inspect
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -28,10 +31,11 @@ from ase.data import chemical_symbols
 
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
-from est_calc.neighbors import build_graph
+from est_calc.neighbors import build_graph, cell_problem
 from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
 
-__all__ = ["ESTCalculator", "DefaultPotentialMissing", "resolve_device", "resolve_dtype"]
+__all__ = ["ESTCalculator", "CloseContactWarning", "LegacyNormWarning", "CLOSE_CONTACT_A", "DefaultPotentialMissing", "UnknownArgumentError", "resolve_device",
+           "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _NO_DEFAULT_MSG = (
@@ -41,11 +45,69 @@ _NO_DEFAULT_MSG = (
 )
 
 
+#: Keyword arguments of ase.calculators.calculator.Calculator that ESTCalculator passes on.
+_ASE_CALCULATOR_KWARGS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
+_DEVICE_FORMS = '"auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps"'
+
+
+#: Interatomic distance (Å) below which a call warns, naming the atoms: no bond is this short
+#: (H2 0.74 Å), so such a pair means overlapping atoms, a broken input or a run gone wrong; the
+#: ZBL term of the potential (est_calc.nn.repulsion) is what acts on it.
+CLOSE_CONTACT_A = 0.5
+#: Distance (Å) below which two atoms count as coincident: refused (no force direction).
+COINCIDENT_A = 1e-3
+
+
+class CloseContactWarning(UserWarning):
+    """Two atoms are closer than :data:`CLOSE_CONTACT_A`; the message names them."""
+
+
+class LegacyNormWarning(UserWarning):
+    """The potential normalises its l > 0 features separately (est_calc < 0.2): in float32 its
+    forces on symmetric structures can be wrong by orders of magnitude."""
+
+
+class UnknownArgumentError(TypeError, ValueError):
+    """A keyword argument ESTCalculator does not know (a TypeError, as Python raises for an
+    unexpected keyword, and a ValueError, as for the calculator's other bad options)."""
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    """The torch device ``device`` names, checked against this machine.
+
+    "auto" is CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" and the
+    equivalent ``torch.device`` objects are taken as given once the device exists here.
+
+    Raises:
+        ValueError: not a device name (the message lists the valid forms), CUDA asked for on a
+            machine without CUDA, a CUDA index beyond the devices present, MPS not available,
+            or a device type est_calc does not run on.
+    """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device; use {_DEVICE_FORMS}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "" if torch.backends.cuda.is_built() else ", which was built without CUDA"
+            raise ValueError(
+                f"device {device!r}: CUDA is not available on this machine (torch "
+                f'{torch.__version__}{built}); use device="cpu" or "auto"'
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f'device {device!r}: MPS is not available on this machine; use '
+                             f'device="cpu" or "auto"')
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: est_calc runs on the CPU, CUDA and MPS devices; "
+                         f"use {_DEVICE_FORMS}")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -86,21 +148,36 @@ def _frozen_parameters(parameters: Sequence[torch.nn.Parameter]):
             p.requires_grad_(True)
 
 
-def _degenerate_lattices(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """(B,) True where the periodic lattice vectors of a (B, 3, 3) cell with (B, 3) pbc do not
-    span a non-degenerate 1-, 2- or 3-D lattice (False where no axis is periodic).
+def _check_keywords(kwargs: dict) -> None:
+    """Raise UnknownArgumentError for keywords neither ESTCalculator nor ASE's Calculator takes."""
+    unknown = [name for name in kwargs if name not in _ASE_CALCULATOR_KWARGS]
+    if not unknown:
+        return
+    params = inspect.signature(ESTCalculator.__init__).parameters.values()
+    valid = [p.name for p in params if p.name != "self"
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid += list(_ASE_CALCULATOR_KWARGS)
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        named.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise UnknownArgumentError(
+        f"ESTCalculator() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(named)}; valid keyword arguments: {', '.join(valid)}"
+    )
 
-    Their Gram determinant (squared length / area / volume) is compared with the product of their
-    squared lengths, so the test is scale free. For all structures at once, the Gram matrix has
-    the rows and columns of non-periodic axes set to those of the identity, which leaves the
-    determinant of the periodic block.
-    """
-    lengths = np.linalg.norm(cell, axis=2)
-    both = pbc[:, :, None] & pbc[:, None, :]
-    gram = np.linalg.det(np.where(both, cell @ cell.transpose(0, 2, 1), np.eye(3)))
-    scale = np.prod(np.where(pbc, lengths**2, 1.0), axis=1)
-    degenerate = (np.where(pbc, lengths, np.inf) < 1e-8).any(axis=1) | (gram <= 1e-12 * scale)
-    return pbc.any(axis=1) & degenerate
+
+_OOM_PHRASES = ("can't allocate memory", "cannot allocate memory", "could not allocate",
+                "not enough memory", "out of memory")
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    """True for torch's CUDA OutOfMemoryError and the CPU allocator's allocation failures."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(err, oom):
+        return True
+    text = str(err).lower()
+    return any(phrase in text for phrase in _OOM_PHRASES)
 
 
 def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
@@ -116,13 +193,11 @@ def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     cell = atoms.get_cell().array
     if not np.all(np.isfinite(cell)):
         raise ValueError(f"the cell{where} contains NaN or infinite values")
-    pbc = atoms.get_pbc()
-    if _degenerate_lattices(cell[None], pbc[None])[0]:
-        raise ValueError(
-            f"zero-volume periodic cell{where}: the lattice vectors along the periodic axes "
-            f"(pbc={pbc.tolist()}) are zero or linearly dependent "
-            f"(cell lengths {np.linalg.norm(cell, axis=1).round(6).tolist()} Å)"
-        )
+    # The neighbour list's own validator: zero-volume cells, and cells too thin or too dense for
+    # the cutoff (whose search would not finish), refused here with the structure's index.
+    problem = cell_problem(cell, atoms.get_pbc(), potential.cutoff_A, [len(atoms)])
+    if problem is not None:
+        raise ValueError(f"{problem[1]}{where}")
     try:
         potential.check_species(atoms.get_atomic_numbers())
     except ValueError as err:
@@ -159,9 +234,9 @@ def _checked_batch(atoms_list: Sequence, potential: Potential, device, dtype) ->
         fail(bad_atoms=~finite)
     if not np.isfinite(cell).all():
         fail(bad_systems=~np.isfinite(cell).all(axis=(1, 2)))
-    bad = _degenerate_lattices(cell, pbc)
-    if bad.any():
-        fail(bad_systems=bad)
+    problem = cell_problem(cell, pbc, potential.cutoff_A, counts)
+    if problem is not None:
+        fail(bad_systems=np.arange(len(counts)) == problem[0])
     z = np.concatenate(numbers)
     known = np.isin(z, np.asarray(potential.species))
     if not known.all():
@@ -178,7 +253,8 @@ class ESTCalculator(Calculator):
             has the requested device and dtype is used as is (shared, switched to eval mode);
             otherwise the calculator works on a converted copy and the caller's object is left
             untouched.
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
+            this machine lacks is refused (:func:`resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
         neighbor_backend: backend of :func:`est_calc.neighbors.neighbor_list` ("auto", "torch",
             "vesin", "matscipy", "torch_cluster").
@@ -205,13 +281,17 @@ class ESTCalculator(Calculator):
             compiles (about 2 minutes for "small" on 2 CPU cores); on CPU the gain is small
             (benchmarks/README.md), the target is GPUs, where small systems are launch-bound.
             With ``low_memory=True`` the eager path runs.
-        **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (label, directory).
+        **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
+            (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
+            passed on; any other name is refused.
 
     Raises:
         DefaultPotentialMissing: ``model="default"`` and no default potential ships (a
             FileNotFoundError whose message says so and what to do instead).
         FileNotFoundError: an unknown name or a missing file.
-        ValueError: an unreadable potential file, a bad dtype or neighbour backend.
+        UnknownArgumentError: an unknown keyword argument (a TypeError and a ValueError); the
+            message names it, the closest valid name and every valid one.
+        ValueError: an unreadable potential file, a bad dtype, device or neighbour backend.
 
     Attributes:
         potential: the :class:`Potential` that runs.
@@ -222,8 +302,15 @@ class ESTCalculator(Calculator):
         batch_neighbor_list: the same for ``calculate_batch``.
 
     Evaluation raises ValueError, naming the problem, for an empty Atoms, NaN or infinite
-    positions or cell, a zero-volume periodic cell and elements the potential does not know.
-    An atom without neighbours gets its reference energy and zero force.
+    positions or cell, a zero-volume periodic cell, a cell too thin or too dense for the cutoff
+    (:func:`est_calc.neighbors.cell_problem`: the message names the smallest perpendicular height
+    and the cutoff), elements the potential does not know and coincident atoms (closer than
+    1e-3 Å). Two atoms closer than 0.5 Å give a :class:`CloseContactWarning` naming them (once per
+    set of such pairs, not every MD step). In float32, a potential with the pre-0.2 separate l > 0
+    norm gives a :class:`LegacyNormWarning` when the calculator is made. Running out of memory (CUDA or
+    CPU) raises MemoryError naming the number of atoms and edges and what to change; other
+    errors pass through unchanged. An atom without neighbours gets its reference energy and
+    zero force.
 
     Example:
         >>> from ase.build import fcc111
@@ -248,6 +335,7 @@ class ESTCalculator(Calculator):
         tune_malloc: bool = True,
         **kwargs,
     ):
+        _check_keywords(kwargs)
         super().__init__(**kwargs)
         from est_calc.neighbors import resolve_backend
 
@@ -279,6 +367,16 @@ class ESTCalculator(Calculator):
             for p in potential.parameters():  # our own copy: no parameter gradients needed
                 p.requires_grad_(False)
         potential.eval()
+        config = getattr(potential.model, "config", None)
+        if (self.dtype == torch.float32 and config is not None
+                and getattr(config, "vector_norm", "joint") == "separate"):
+            warnings.warn(
+                "this potential normalises its l > 0 features on their own (written by est_calc "
+                "< 0.2): in float32 its forces and stress on symmetric structures (ideal "
+                "crystals) can be wrong by orders of magnitude; use dtype='float64' or fine-tune "
+                "it (training_runs/upgrade_norm.py, then est train with train.init)",
+                LegacyNormWarning, stacklevel=2)
+        self._close_pairs: frozenset = frozenset()
         if compile:
             if potential is model:  # compile our own copy, never the caller's object
                 potential = copy.deepcopy(model)
@@ -328,11 +426,18 @@ class ESTCalculator(Calculator):
 
         Returns:
             Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
+
+        Raises:
+            MemoryError: the neighbour list or the model ran out of memory
+                (:meth:`_out_of_memory_guard`).
         """
         if neighbor_list is not None:
-            graph = neighbor_list(batch)
+            graph = self._out_of_memory_guard(lambda: neighbor_list(batch), batch)
         else:
-            graph = build_graph(batch, self.cutoff_A, backend=self.neighbor_backend, paired=True)
+            graph = self._out_of_memory_guard(
+                lambda: build_graph(batch, self.cutoff_A, backend=self.neighbor_backend,
+                                    paired=True), batch)
+        self._check_contacts(batch, graph)
         work = batch
         if stress_mask is not None and not all(stress_mask):
             # Structures whose stress is not wanted (molecules in a mixed batch) get a unit cell
@@ -345,13 +450,99 @@ class ESTCalculator(Calculator):
         want_stress = stress_mask is not None
         from est_calc.nn.attention import attention_precision
 
-        with self.potential.model.checkpoint_layers(self.low_memory), \
-                attention_precision(self.attention_precision), \
-                _frozen_parameters(self._model_parameters):
-            pred = energy_forces_stress(
-                self.potential, work, graph, compute_stress=want_stress, create_graph=False
-            )
-        return pred
+        def run():
+            with self.potential.model.checkpoint_layers(self.low_memory), \
+                    attention_precision(self.attention_precision), \
+                    _frozen_parameters(self._model_parameters):
+                return energy_forces_stress(
+                    self.potential, work, graph, compute_stress=want_stress, create_graph=False
+                )
+
+        return self._out_of_memory_guard(run, batch, graph)
+
+    def _check_contacts(self, batch: AtomsBatch, graph) -> None:
+        """Refuse coincident atoms; warn (once per set of pairs) about pairs closer than
+        :data:`CLOSE_CONTACT_A`, naming the atoms by their index within their structure."""
+        if graph.n_edges == 0:
+            return
+        from est_calc.geometry import edge_vectors
+
+        with torch.no_grad():
+            d = edge_vectors(batch.positions, batch.cell, graph.edge_index, graph.shifts,
+                             batch.system_idx).norm(dim=-1)
+            close = d < CLOSE_CONTACT_A
+            if not bool(close.any()):
+                self._close_pairs = frozenset()
+                return
+            i, j = graph.edge_index[:, close].cpu().numpy()
+            dist = d[close].cpu().numpy()
+        system = batch.system_idx.cpu().numpy()
+        first = np.searchsorted(system, np.arange(batch.n_systems))
+        numbers = batch.atomic_numbers.cpu().numpy()
+        pairs = {}
+        for a, b, r in zip(i.tolist(), j.tolist(), dist.tolist()):
+            key = (int(system[a]), min(a, b), max(a, b))
+            pairs[key] = min(r, pairs.get(key, r))
+
+        def name(key, r):
+            s, a, b = key
+            where = f" of structure {s}" if batch.n_systems > 1 else ""
+            return (f"atoms {a - first[s]} ({chemical_symbols[numbers[a]]}) and {b - first[s]} "
+                    f"({chemical_symbols[numbers[b]]}){where} at {r:.3g} Å")
+
+        ordered = sorted(pairs.items(), key=lambda kv: kv[1])
+        if ordered[0][1] < COINCIDENT_A:
+            raise ValueError(f"{name(*ordered[0])}: the atoms coincide (closer than "
+                             f"{COINCIDENT_A:g} Å), so no force direction exists")
+        keys = frozenset(pairs)
+        if keys != self._close_pairs:
+            shown = "; ".join(name(k, r) for k, r in ordered[:5])
+            more = f" and {len(ordered) - 5} more pairs" if len(ordered) > 5 else ""
+            zbl = getattr(getattr(self.potential.model, "config", None), "zbl", False)
+            acts = ("the potential's ZBL repulsion acts on it" if zbl else
+                    "this potential has no short-range repulsion and may not repel them")
+            warnings.warn(f"close contact below {CLOSE_CONTACT_A:g} Å: {shown}{more} (no bond is "
+                          f"this short; {acts})", CloseContactWarning, stacklevel=4)
+        self._close_pairs = keys
+
+    def _out_of_memory_guard(self, run, batch: AtomsBatch, graph=None):
+        """``run()``, with running out of memory turned into a MemoryError that says what to do.
+
+        CUDA's ``torch.OutOfMemoryError`` and RuntimeErrors of a failed allocation (the CPU
+        allocator's "can't allocate memory" / "not enough memory") become a MemoryError naming
+        the number of atoms (and structures), the edges when ``graph`` is given, the device and
+        dtype, the allocator's first line, and the options that lower the peak memory:
+        ``low_memory=True``, fewer structures per ``calculate_batch`` call, float32. Every other
+        exception passes through unchanged. The MemoryError is raised after the original error
+        is released, so the tensors its traceback held are freed before a retry.
+        """
+        try:
+            return run()
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
+                raise
+            lines = str(err).strip().splitlines()
+            reason = lines[0] if lines else type(err).__name__
+        raise MemoryError(self._out_of_memory_message(batch, graph, reason))
+
+    def _out_of_memory_message(self, batch: AtomsBatch, graph, reason: str) -> str:
+        n_sys = batch.n_systems
+        size = f"{batch.n_atoms} atoms" + (f" ({n_sys} structures)" if n_sys > 1 else "")
+        stage = (f"evaluating {size} with {graph.n_edges} edges" if graph is not None else
+                 f"building the neighbour list of {size} (cutoff {self.cutoff_A:g} Å)")
+        dtype = str(self.dtype).removeprefix("torch.")
+        tips = []
+        if not self.low_memory:
+            tips.append("ESTCalculator(..., low_memory=True), which recomputes each layer's "
+                        "activations in the backward pass instead of storing them")
+        if n_sys > 1:
+            tips.append("fewer structures per calculate_batch call (a smaller batch)")
+        if self.dtype == torch.float64:
+            tips.append('dtype="float32", half the memory of float64')
+        advice = ("; try " + "; or ".join(tips) if tips else
+                  "; it does not fit even with low_memory=True and float32: use a device with "
+                  "more memory or a smaller system")
+        return (f"out of memory {stage} on {self.device} in {dtype} ({reason}){advice}")
 
     @staticmethod
     def _results(pred, batch: AtomsBatch, stress_mask: Sequence[bool] | None) -> list[dict]:

@@ -23,6 +23,12 @@ Backends (picked with the ``backend`` argument only):
   about 4k atoms (``benchmarks/neighbors.py``: 0.52x vesin's time at 4k atoms, 0.53x at 32k,
   0.64x at 256k). On CUDA the issue's reference is vesin-torch (256k atoms in 6.7 ms on an
   H200).
+
+Every backend refuses, before it runs, a periodic cell so thin or so dense for the cutoff that the
+number of periodic images or of pairs would explode (:func:`cell_problem`: more than
+:data:`MAX_PERIODIC_IMAGES` images of an atom or :data:`MAX_NEIGHBORS_PER_ATOM` expected
+neighbours per atom, bounds no physical structure reaches); the ValueError names the system, its
+smallest perpendicular height and the cutoff.
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from ._adapters import (
     vesin_available,
     vesin_neighbor_list,
 )
-from ._common import prepare
+from ._common import MAX_NEIGHBORS_PER_ATOM, MAX_PERIODIC_IMAGES, cell_problem, prepare
 from ._torch_cells import torch_neighbor_list
 
 __all__ = ["Graph", "build_graph", "neighbor_list", "BACKENDS", "PAIR_MIN_EDGES", "VESIN_CPU_MAX_ATOMS",
-           "resolve_backend"]
+           "resolve_backend", "cell_problem", "MAX_PERIODIC_IMAGES", "MAX_NEIGHBORS_PER_ATOM"]
 
 BACKENDS = ("auto", "torch", "vesin", "matscipy", "torch_cluster")
 
@@ -134,7 +140,8 @@ def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="a
 
     Raises:
         ValueError: bad shapes, NaN / infinite positions or cell, a negative cutoff, a zero
-            volume in the periodic directions, or an unknown backend.
+            volume in the periodic directions, a cell too thin or too dense for the cutoff
+            (:func:`cell_problem`), or an unknown backend.
         ImportError: an optional backend that is not installed (the message says what to
             install).
     """

@@ -3,20 +3,51 @@
 All backends receive a :class:`Prepared` problem: float64 positions and cells, a boolean pbc mask
 per system and an explicit ``system_idx``. Checking happens once, here, so every backend rejects
 the same bad inputs with the same messages.
+
+Cells the search cannot handle in bounded time are refused before any backend runs
+(:func:`cell_problem`). Let h_k = V / |a_i x a_j| be the distance between the two faces of the cell
+opposite lattice vector a_k (its perpendicular height). Every backend has to look through
+
+    n_images = prod over periodic axes k of (2 ceil(cutoff / h_k) + 1)
+
+periodic images of each atom (the cell list, vesin and matscipy alike: their work and memory grow
+with it), and a 3-D periodic cell with N atoms and volume V gives about
+
+    n_pairs / N = N (4/3) pi cutoff^3 / V
+
+neighbours per atom. A cell is refused when n_images > :data:`MAX_PERIODIC_IMAGES` (2^18) or
+n_pairs / N > :data:`MAX_NEIGHBORS_PER_ATOM` (10^5). Neither bound is reached by a physical
+structure: solids hold at most about 0.2 atoms per Å^3 (diamond 0.18; solid hydrogen nears 0.8
+only at several hundred GPa), so even at 1 atom per Å^3 and a 20 Å cutoff an atom has about
+3.4e4 neighbours; a reduced one-atom cell of such matter has heights of about 0.9 V^(1/3) (fcc,
+bcc and simple cubic alike), 0.9 Å, which at 20 Å needs 47^3 = 103,823 images (a one-atom fcc
+primitive Cu cell needs 7^3 = 343 at 6 Å and 13^3 = 2,197 at 12 Å; a cell with every height
+above the cutoff 27). A nearly singular cell, a cell given in the wrong units or a strongly
+skewed description of an ordinary lattice does reach them; the message names the smallest height
+and the cutoff.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Prepared", "prepare", "completed_basis", "empty_result"]
+__all__ = ["Prepared", "prepare", "completed_basis", "cell_heights", "cell_problem",
+           "empty_result", "MAX_PERIODIC_IMAGES", "MAX_NEIGHBORS_PER_ATOM"]
 
 # Relative tolerance below which a set of periodic lattice vectors is treated as degenerate.
 _DEGENERATE_RTOL = 1e-10
+
+#: Most periodic images of an atom a neighbour search may need (see the module docstring).
+MAX_PERIODIC_IMAGES = 2**18
+
+#: Most neighbours per atom a 3-D periodic cell may be expected to give (module docstring).
+MAX_NEIGHBORS_PER_ATOM = 10**5
 
 
 @dataclass(frozen=True)
@@ -71,8 +102,10 @@ def prepare(positions, cell, pbc, cutoff_A, system_idx=None) -> Prepared:
 
     Raises:
         ValueError: wrong shapes or dtypes, NaN / infinite positions or cell, a negative or
-            non-finite cutoff, a system index out of range, or a periodic direction whose
-            lattice vectors are zero or linearly dependent (zero volume).
+            non-finite cutoff, a system index out of range, a periodic direction whose
+            lattice vectors are zero or linearly dependent (zero volume), or a cell too thin or
+            too dense for the cutoff (:func:`cell_problem`; the message starts with
+            "system <index>:").
     """
     if not isinstance(positions, Tensor):
         raise ValueError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
@@ -127,29 +160,126 @@ def prepare(positions, cell, pbc, cutoff_A, system_idx=None) -> Prepared:
         raise ValueError("positions contain NaN or infinite values")
     if not bool(torch.isfinite(cell64).all()):
         raise ValueError("cell contains NaN or infinite values")
-    _check_periodic_volume(cell64, pbc)
-    return Prepared(pos64, cell64, pbc.contiguous(), system_idx, cutoff, n_sys)
+    pbc = pbc.contiguous()
+    cell_np, pbc_np = cell64.cpu().numpy(), pbc.cpu().numpy()  # one small copy, one sync
+    problem = _lattice_report(
+        cell_np, pbc_np, cutoff, n,
+        lambda: torch.bincount(system_idx, minlength=n_sys).cpu().numpy(),
+    )
+    if problem is not None:
+        raise ValueError(f"system {problem[0]}: {problem[1]}")
+    return Prepared(pos64, cell64, pbc, system_idx, cutoff, n_sys)
 
 
-def _check_periodic_volume(cell: Tensor, pbc: Tensor) -> None:
-    """Raise ValueError when a periodic direction has a zero or dependent lattice vector."""
-    norms = cell.norm(dim=-1)  # (S, 3)
-    zero = pbc & (norms == 0)
-    if bool(zero.any()):
-        s, ax = (int(v) for v in torch.nonzero(zero)[0])
-        raise ValueError(
-            f"system {s}: periodic axis {ax} has a zero lattice vector (zero cell volume)"
-        )
-    basis = completed_basis(cell, pbc)
-    det = torch.linalg.det(basis).abs()
-    scale = torch.where(pbc, norms, torch.ones_like(norms)).prod(dim=-1)
-    bad = det <= _DEGENERATE_RTOL * scale
-    if bool(bad.any()):
-        s = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"system {s}: the lattice vectors of the periodic axes are linearly dependent "
-            "(zero cell volume in the periodic directions)"
-        )
+def cell_problem(cell, pbc, cutoff_A: float, atoms_per_system=None) -> tuple[int, str] | None:
+    """The first system whose cell no neighbour search should be asked to handle, and why.
+
+    A periodic cell is refused when a periodic lattice vector is zero, the periodic vectors are
+    linearly dependent (zero volume), an atom would need more than :data:`MAX_PERIODIC_IMAGES`
+    periodic images within ``cutoff_A``, or (3-D periodic cells with ``atoms_per_system``
+    given) more than :data:`MAX_NEIGHBORS_PER_ATOM` neighbours are expected per atom; see the
+    module docstring for the formulas and why no physical structure reaches the bounds.
+    Non-periodic axes are never checked. The heights are closed-form (cross products of the
+    periodic vectors), evaluated with NumPy on the host.
+
+    Args:
+        cell: (n_systems, 3, 3) or (3, 3) finite lattice vectors as rows, Å (array or tensor).
+        pbc: (n_systems, 3) or (3,) booleans.
+        cutoff_A: cutoff radius in Å (finite, >= 0).
+        atoms_per_system: (n_systems,) atom counts; None skips the neighbour-count estimate.
+
+    Returns:
+        None when every cell is fine, else ``(system index, reason)``; the reason is one line
+        and, for thin or dense cells, names the smallest perpendicular height and the cutoff.
+    """
+    cell = _host(cell).astype(np.float64).reshape(-1, 3, 3)
+    pbc = np.broadcast_to(_host(pbc).astype(bool), (cell.shape[0], 3))
+    if atoms_per_system is None:
+        return _lattice_report(cell, pbc, float(cutoff_A), 0, None)
+    counts = np.broadcast_to(_host(atoms_per_system).reshape(-1), (cell.shape[0],))
+    return _lattice_report(cell, pbc, float(cutoff_A), int(counts.max(initial=0)),
+                           lambda: counts)
+
+
+def _host(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _ball(cutoff: float) -> float:
+    return 4.0 / 3.0 * math.pi * cutoff**3
+
+
+def _periodic_geometry(cell: np.ndarray, pbc: np.ndarray):
+    """Lengths (S, 3), periodic volume (S,) and heights (S, 3) of (S, 3, 3) cells.
+
+    The periodic volume V_p is the 1-, 2- or 3-D volume spanned by the periodic vectors (1 with
+    none); the height of periodic axis k is V_p over the volume spanned by the other periodic
+    vectors: the distance between the faces opposite a_k, the same as in the basis completed by
+    orthonormal non-periodic rows (:func:`completed_basis`). Non-periodic axes get height inf.
+    """
+    lengths = np.sqrt((cell * cell).sum(axis=2))
+    u, v = cell[:, [1, 2, 0]], cell[:, [2, 0, 1]]  # face k is spanned by the other two rows
+    normal = u[..., [1, 2, 0]] * v[..., [2, 0, 1]] - u[..., [2, 0, 1]] * v[..., [1, 2, 0]]
+    faces = np.sqrt((normal * normal).sum(axis=2))  # (S, 3) area of the face opposite a_k
+    volume3 = np.abs((cell[:, 0] * normal[:, 0]).sum(axis=1))
+    if pbc.all():
+        v_p, v_rest = volume3, faces
+    else:
+        n_per = pbc.sum(axis=1)
+        per_len = (lengths * pbc).sum(axis=1)  # the periodic length(s)
+        v_p = np.where(n_per == 3, volume3, np.where(
+            n_per == 2, (faces * ~pbc).sum(axis=1), np.where(n_per == 1, per_len, 1.0)))
+        v_rest = np.where((n_per == 3)[:, None], faces, np.where(
+            (n_per == 2)[:, None], per_len[:, None] - lengths, 1.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        heights = np.where(pbc, v_p[:, None] / v_rest, np.inf)
+    return lengths, v_p, heights
+
+
+def _lattice_report(cell: np.ndarray, pbc: np.ndarray, cutoff: float, most_atoms: int,
+                    counts: Callable[[], np.ndarray] | None) -> tuple[int, str] | None:
+    """:func:`cell_problem` on host float64 (S, 3, 3) cells and (S, 3) bool pbc.
+
+    ``most_atoms`` bounds every system's atom count; ``counts`` returns the (S,) counts and is
+    called only when that bound could put a 3-D periodic system over the neighbour bound.
+    """
+    lengths, volume, heights = _periodic_geometry(cell, pbc)
+    zero = pbc & (lengths == 0)
+    scale = np.prod(np.where(pbc, lengths, 1.0), axis=1)
+    flat = zero.any(axis=1) | (volume <= _DEGENERATE_RTOL * scale)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        images = np.prod(np.where(pbc, 2 * np.ceil(cutoff / heights) + 1, 1.0), axis=1)
+        per_atom = np.where(pbc.all(axis=1), most_atoms * _ball(cutoff) / volume, 0.0)
+        if counts is not None and not np.all(per_atom <= MAX_NEIGHBORS_PER_ATOM):
+            counts = np.asarray(counts(), dtype=np.float64)
+            per_atom = np.where(pbc.all(axis=1), counts * _ball(cutoff) / volume, 0.0)
+        else:
+            per_atom[:] = 0.0
+    bad = flat | ~(images <= MAX_PERIODIC_IMAGES) | ~(per_atom <= MAX_NEIGHBORS_PER_ATOM)
+    if not bad.any():
+        return None
+    s = int(np.flatnonzero(bad)[0])
+    where = f"(pbc={pbc[s].tolist()}, cell lengths {np.round(lengths[s], 6).tolist()} Å)"
+    if zero[s].any():
+        return s, (f"zero-volume periodic cell: periodic axis {int(np.flatnonzero(zero[s])[0])} "
+                   f"has a zero lattice vector {where}")
+    if flat[s]:
+        return s, ("zero-volume periodic cell: the lattice vectors of the periodic axes are "
+                   f"linearly dependent {where}")
+    k = int(np.argmin(heights[s]))
+    thin = (f"smallest perpendicular height {heights[s, k]:.3g} Å (distance between the faces "
+            f"opposite lattice vector {k}), cutoff {cutoff:g} Å")
+    if not images[s] <= MAX_PERIODIC_IMAGES:
+        return s, (f"cell too thin for the cutoff: {thin}; the neighbour search would need "
+                   f"{images[s]:.3g} periodic images of each atom, more than the "
+                   f"{MAX_PERIODIC_IMAGES:,} any physical structure needs. Check the cell; if it "
+                   "is a strongly skewed description of an ordinary lattice, reduce it first "
+                   "(ase.build.niggli_reduce(atoms), or ase.geometry.minkowski_reduce)")
+    n, vol = int(counts[s]), float(volume[s])
+    return s, (f"cell too dense for the cutoff: {n} atoms in {vol:.3g} Å^3 ({n / vol:.3g} "
+               f"atoms per Å^3) would give about {per_atom[s]:.3g} neighbours per atom within the "
+               f"cutoff, more than the {MAX_NEIGHBORS_PER_ATOM:,} any physical structure has; "
+               f"{thin}. Check the cell (lengths in Å) and the positions")
 
 
 def completed_basis(cell: Tensor, pbc: Tensor) -> Tensor:

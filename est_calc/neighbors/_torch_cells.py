@@ -4,9 +4,9 @@ Algorithm (all steps vectorised over atoms, bins and systems; the only Python lo
 memory-bounded chunks of candidate pairs):
 
 1. Express every atom in a per-system basis (periodic lattice vectors plus an orthonormal
-   complement for non-periodic axes, see :func:`completed_basis`). Wrap the coordinates along
-   periodic axes into [0, 1) and remember the integer wrap so shifts refer to the input
-   positions.
+   complement for non-periodic axes, see :func:`._common.completed_basis`). Wrap the
+   coordinates along periodic axes into [0, 1) and remember the integer wrap so shifts refer to
+   the input positions.
 2. Cut each system into bins. Along axis 0 the bins are ``cutoff / _X_SPLIT`` wide, along axes
    1 and 2 ``cutoff / _YZ_SPLIT`` (widths are distances between lattice planes). Periodic axes
    span the cell, non-periodic axes the bounding box of the atoms. The bin count per system is

@@ -274,3 +274,96 @@ def test_auto_backend_choice_follows_the_measurements():
     assert resolve_backend("auto", "cuda", 8) == "torch"
     with pytest.raises(ValueError, match="unknown neighbour-list backend"):
         resolve_backend("fastest")
+
+
+# ------------------------------------------------------------------ cells too thin for the cutoff
+def _sliver_cell(eps: float) -> np.ndarray:
+    """a3 = a1 + a2 + eps z: a nearly singular cell whose heights are all about eps Å."""
+    a1, a2 = np.array([2.5, 0.0, 0.0]), np.array([0.0, 2.5, 0.0])
+    return np.stack([a1, a2, a1 + a2 + np.array([0.0, 0.0, eps])])
+
+
+def _reported_height(message: str) -> float:
+    import re
+
+    found = re.search(r"height ([-+0-9.eE]+) Å", message)
+    assert found, message
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("eps", [1e-4, 1e-2])
+def test_nearly_singular_cell_is_refused_at_once(backend, eps):
+    """Without the check each backend ran for seconds to minutes (1e-4: over 200 s)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"cutoff 4\.2 Å") as err:
+        neighbor_list(torch.zeros((1, 3), dtype=torch.float64), torch.tensor(_sliver_cell(eps)),
+                      [True] * 3, 4.2, backend=backend)
+    assert time.perf_counter() - start < 1.0
+    assert _reported_height(str(err.value)) == pytest.approx(eps, rel=1e-2)
+    assert "system 0" in str(err.value)
+
+
+def test_thin_cell_in_a_batch_names_the_system():
+    good = Atoms("H2", positions=[[0, 0, 0], [0.0, 0.0, 0.8]], cell=np.eye(3) * 5, pbc=True)
+    thin = Atoms("H", positions=[[0, 0, 0]], cell=_sliver_cell(1e-3), pbc=True)
+    batch = AtomsBatch.from_atoms([good, good, thin])
+    with pytest.raises(ValueError, match=r"system 2: .*height .*cutoff 3 Å"):
+        build_graph(batch, 3.0, backend="auto")
+
+
+def test_too_many_neighbours_per_atom_is_refused():
+    """A thousand atoms in a 2.5 x 2.5 x 0.1 Å box (few images, ~5e5 pairs per atom)."""
+    pos = torch.rand((1000, 3), dtype=torch.float64) * torch.tensor([2.5, 2.5, 0.1])
+    with pytest.raises(ValueError, match=r"neighbours per atom.*cutoff 4\.2 Å"):
+        neighbor_list(pos, torch.diag(torch.tensor([2.5, 2.5, 0.1])), [True] * 3, 4.2,
+                      backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cutoff", [6.0, 12.0])
+def test_primitive_cell_with_a_large_cutoff_still_works(backend, cutoff):
+    """One-atom fcc primitive cell: 343 images at 6 Å, 2,197 at 12 Å."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61)
+    pos, cell, pbc = atoms.positions, atoms.cell.array, np.array([True] * 3)
+    got = _our_rows(pos, cell, pbc, cutoff, backend)
+    np.testing.assert_array_equal(got, _ase_rows(pos, cell, pbc, cutoff))
+    if cutoff == 6.0:  # shells at 2.55, 3.61, 4.42, 5.11, 5.71 Å: 12 + 6 + 24 + 12 + 24
+        assert len(got) == 78
+
+
+def test_large_supercell_and_thin_periodic_film_still_work():
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((8, 8, 8))  # 2,048 atoms
+    ei, _ = neighbor_list(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array),
+                          [True] * 3, 6.0, backend="torch")
+    assert np.all(np.bincount(ei[0].numpy(), minlength=len(atoms)) == 78)
+    # One fcc (001) layer pair, 3-D periodic without vacuum: thinner than the cutoff along z.
+    film = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((10, 10, 1))
+    ei, _ = neighbor_list(torch.tensor(film.positions), torch.tensor(film.cell.array),
+                          [True] * 3, 6.0, backend="torch")
+    assert np.all(np.bincount(ei[0].numpy(), minlength=len(film)) == 78)
+
+
+def test_cell_problem_reports_the_first_bad_system():
+    """The shared validator (also used by ESTCalculator): None, or (system, reason)."""
+    from est_calc.neighbors import cell_problem
+
+    cell = torch.eye(3, dtype=torch.float64).repeat(4, 1, 1) * 10
+    pbc = torch.ones((4, 3), dtype=torch.bool)
+    counts = torch.full((4,), 66)
+    assert cell_problem(cell, pbc, 6.0, counts) is None
+    cell[1, 2] = cell[1, 0]
+    cell[3] = torch.tensor(_sliver_cell(1e-3))
+    system, reason = cell_problem(cell, pbc, 6.0, counts)
+    assert system == 1 and "zero-volume" in reason and "linearly dependent" in reason
+    system, reason = cell_problem(cell[2:], pbc[2:], 6.0, counts[2:])
+    assert system == 1 and "height" in reason and "cutoff 6 Å" in reason
+    # Non-periodic axes are not checked: a zero or tiny vector there is fine.
+    pbc[:] = torch.tensor([True, True, False])
+    assert cell_problem(cell[3:], pbc[3:], 6.0, counts[3:]) is None
