@@ -87,11 +87,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    return run_command(args)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Failures of the input or of the run, not of the program: bad values and damaged files
+    (ValueError), files and devices the system refuses (OSError: missing, unreadable, a folder,
+    disk full), running out of memory (MemoryError, whose message from the calculator says what
+    to change) and md_recipes' SimulationUnstable (a run that left the physical regime).
+    Anything else (TypeError, AttributeError, ...) is a bug and keeps its traceback."""
+    errors: tuple[type[Exception], ...] = (ValueError, OSError, MemoryError)
+    try:
+        from md_recipes.safety import SimulationUnstable
+    except ImportError:
+        return errors
+    return errors + (SimulationUnstable,)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.func(args)``; report a user error (see :func:`_user_errors`) as the single
+    line ``est <command>: error: <message>`` on stderr and return 2; let anything else through."""
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad input is reported in one line, not as a stack trace.
-        print(f"est {args.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:  # evaluated only when an exception arrives
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"est {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

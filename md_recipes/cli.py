@@ -3,6 +3,12 @@
 Each ``add_*_parser(subparsers)`` registers one subcommand whose handler returns an exit code;
 ``main_relax(argv)`` and friends run one of them on its own.
 
+Bad input (unreadable structure file, damaged restart file, a device that is not there,
+non-finite numbers, an output folder that is missing) and runs that stop with
+:class:`~md_recipes.safety.SimulationUnstable` end with one line ``est <command>: error: ...``
+and exit code 2, checked before any long computation where possible. Exit code 1: a relaxation
+that did not converge.
+
     est relax IN -o OUT.traj [--cell] [--fmax F] [--optimizer FIRE|BFGS|LBFGS]
     est md IN --ensemble nvt-langevin -T 500 --steps N -o OUT.traj [--timestep] [--log] [--restart]
     est adsorb --slab Cu111 --adsorbate O [--sites fcc,hcp] [--calc emt|est|PATH]
@@ -14,8 +20,33 @@ import argparse
 import os
 import sys
 
+from md_recipes.safety import atomic_output, check_output_path
+
 __all__ = ["add_relax_parser", "add_md_parser", "add_adsorb_parser", "make_calculator",
            "main_relax", "main_md", "main_adsorb"]
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` ("auto", "cpu", "cuda", "cuda:N", ...) names a torch
+    device that exists on this machine."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N"
+                         ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             "(use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
 
 
 def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
@@ -23,7 +54,8 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
     """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
 
     Raises:
-        ValueError: for a spec that is neither a known name nor an existing file.
+        ValueError: for a spec that is neither a known name nor an existing file, or (EST) a
+            device that does not exist here (see :func:`check_device`).
     """
     if spec.lower() == "emt":
         from ase.calculators.emt import EMT
@@ -31,6 +63,7 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
         return EMT()
     if spec.lower() != "est" and not os.path.exists(spec):
         raise ValueError(f"--calc {spec!r}: use 'est', 'emt' or the path of a potential file")
+    check_device(device)
     from est_calc.calculator import ESTCalculator
 
     return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
@@ -49,12 +82,58 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the EST network (GPU runs; the first step compiles)")
 
 
+def _bound(text: str) -> float | None:
+    """argparse type of a stability bound: a number, or "none"/"off" for no check."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return float(text)
+
+
 def _read(path: str):
+    """The last frame of a structure file; ValueError naming the file when it cannot be read."""
     from ase.io import read
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such structure file: {path}")
-    return read(path, index=-1)
+    if os.path.isdir(path):
+        raise ValueError(f"structure file {path} is a folder")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"structure file {path} is empty")
+    try:
+        atoms = read(path, index=-1)
+    except Exception as exc:  # noqa: BLE001 - ASE's readers fail in many ways on bad input
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"cannot read structure file {path} ({reason})") from exc
+    if isinstance(atoms, list) or len(atoms) == 0:
+        raise ValueError(f"structure file {path} holds no atoms")
+    return atoms
+
+
+def _check_structure_output(flag: str, path: str | None) -> None:
+    """ValueError unless ``path`` can be written by ``ase.io.write`` (folder exists, known
+    format that ASE can write)."""
+    if path is None:
+        return
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+    check_output_path(flag, path)
+    try:
+        fmt = filetype(path, read=False)
+    except UnknownFileTypeError:
+        fmt = None
+    if fmt not in ioformats or not ioformats[fmt].can_write:
+        raise ValueError(f"{flag} {path}: ASE cannot write this format; use a known extension "
+                         "(.traj, .xyz, .extxyz, .cif, .vasp, ...)")
+
+
+def _write_structures(path: str, images) -> None:
+    """``ase.io.write`` into a temporary file beside ``path``, renamed once complete."""
+    from ase.io import write
+    from ase.io.formats import filetype
+
+    fmt = filetype(path, read=False)
+    with atomic_output(path) as tmp:
+        write(tmp, images, format=fmt)
 
 
 # ---------------------------------------------------------------------------------- relax
@@ -70,21 +149,32 @@ def add_relax_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="FIRE", type=str.upper, choices=OPTIMIZERS)
     p.add_argument("--steps", type=int, default=500, help="most optimiser steps")
     p.add_argument("--log", default=None, help="optimiser log file")
+    _add_max_force_arg(p)
     _add_calc_args(p)
     p.set_defaults(func=_run_relax)
     return p
 
 
+def _add_max_force_arg(p: argparse.ArgumentParser) -> None:
+    from md_recipes.safety import DEFAULT_MAX_FORCE_EV_PER_A
+
+    p.add_argument("--max-force", type=_bound, default=DEFAULT_MAX_FORCE_EV_PER_A,
+                   metavar="F", help="stop when any atom's force exceeds F eV/Å "
+                   f"(default {DEFAULT_MAX_FORCE_EV_PER_A:g}; 'none': no check)")
+
+
 def _run_relax(args) -> int:
-    from ase.io import write
+    from md_recipes.relax import _check_common, relax
 
-    from md_recipes.relax import relax
-
+    _check_common(args.fmax, args.steps, args.optimizer, args.max_force)
+    _check_structure_output("-o/--output", args.output)
+    check_output_path("--log", args.log)
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, args.compile)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
-                optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log)
-    write(args.output, res.atoms)
+                optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
+                max_force_eV_per_A=args.max_force)
+    _write_structures(args.output, res.atoms)
     print(f"{'structure':<12}{res.atoms.get_chemical_formula()}")
     print(f"{'converged':<12}{res.converged} after {res.steps} steps ({args.optimizer})")
     print(f"{'energy':<12}{res.energies[0]:.6f} -> {res.energies[-1]:.6f} eV")
@@ -117,6 +207,13 @@ def add_md_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="PNG of energies and temperature vs time")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_max_force_arg(p)
+    p.add_argument("--max-temperature-ratio", type=_bound, default=10.0, metavar="R",
+                   help="thermostatted ensembles: stop when T > R x max(target, 100 K) "
+                        "(default 10; 'none': no check)")
+    p.add_argument("--max-energy-drift", type=_bound, default=0.1, metavar="E",
+                   help="nve: stop when the total energy moved by more than E eV/atom "
+                        "(default 0.1; 'none': no check)")
     _add_calc_args(p)
     p.set_defaults(func=_run_md)
     return p
@@ -125,15 +222,27 @@ def add_md_parser(sub) -> argparse.ArgumentParser:
 def _run_md(args) -> int:
     import numpy as np
 
-    from md_recipes.md import run_md
+    from md_recipes.md import _check_arguments, run_md
 
+    kwargs = dict(ensemble=args.ensemble, temperature_K=args.temperature,
+                  pressure_GPa=args.pressure, timestep_fs=args.timestep, n_steps=args.steps,
+                  trajectory=args.output, logfile=args.log, log_every=args.log_every,
+                  restart=args.restart, friction_per_fs=args.friction, plot=args.plot,
+                  max_force_eV_per_A=args.max_force,
+                  max_temperature_ratio=args.max_temperature_ratio,
+                  max_energy_drift_eV_per_atom=args.max_energy_drift)
+    _check_arguments(**kwargs)  # before the structure is read and the potential loaded
+    if args.restart is not None and os.path.exists(args.restart):
+        from md_recipes.md import read_checkpoint
+
+        read_checkpoint(args.restart)  # a damaged restart file is named before any work
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, args.compile)
-    res = run_md(atoms, calc, ensemble=args.ensemble, temperature_K=args.temperature,
-                 pressure_GPa=args.pressure, timestep_fs=args.timestep, n_steps=args.steps,
-                 seed=args.seed, trajectory=args.output, logfile=args.log,
-                 log_every=args.log_every, restart=args.restart, friction_per_fs=args.friction,
-                 progress=not args.no_progress, plot=args.plot)
+    res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
+    if args.restart is not None and res.start_step == res.n_steps > 0:
+        print(f"{'restart':<22}{args.restart} is already at step {res.n_steps}: "
+              "the run is finished, nothing was run or written")
+        return 0
     half = slice(len(res.time_fs) // 2, None)
     span_ps = (res.time_fs[-1] - res.time_fs[0]) / 1000.0
     drift = (res.etot[-1] - res.etot[0]) / len(atoms) / span_ps * 1000 if span_ps > 0 else 0.0
@@ -168,6 +277,7 @@ def add_adsorb_parser(sub) -> argparse.ArgumentParser:
 def _run_adsorb(args) -> int:
     from md_recipes.adsorption import adsorption_energy
 
+    _check_structure_output("-o/--output", args.output)
     slab = _read(args.slab) if os.path.exists(args.slab) else args.slab
     sites = "all" if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s]
     calc = make_calculator(args.calc, args.device, args.skin, args.compile)
@@ -177,9 +287,7 @@ def _run_adsorb(args) -> int:
     print(res.table())
     print(f"most stable: {res.best.site} ({res.best.E_ads_eV:.4f} eV)")
     if args.output:
-        from ase.io import write
-
-        write(args.output, [s.atoms for s in res.sites])
+        _write_structures(args.output, [s.atoms for s in res.sites])
         print(f"relaxed systems written to {args.output}")
     return 0
 
@@ -189,11 +297,9 @@ def _main(add, argv) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = add(sub)
     args = parser.parse_args([p.prog.split()[-1]] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"est {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from est_calc.cli import run_command
+
+    return run_command(args)
 
 
 def main_relax(argv=None) -> int:

@@ -24,6 +24,7 @@ Langevin and Bussi noise so that a checkpoint holding its state reproduces the r
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,11 +32,26 @@ import numpy as np
 from ase import Atoms, units
 
 from md_recipes.relax import default_calculator
+from md_recipes.safety import (
+    DEFAULT_MAX_FORCE_EV_PER_A,
+    SimulationUnstable,
+    atomic_output,
+    check_bound,
+    check_energy_forces,
+    check_finite_state,
+    check_output_path,
+)
 
-__all__ = ["ENSEMBLES", "MDResult", "run_md", "read_checkpoint"]
+__all__ = ["ENSEMBLES", "MDResult", "run_md", "read_checkpoint", "SimulationUnstable",
+           "TEMPERATURE_FLOOR_K"]
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-bussi", "nvt-nose-hoover", "npt")
 _CHECKPOINT_VERSION = 1
+_CHECKPOINT_ARRAYS = ("header", "numbers", "positions", "momenta", "cell", "pbc")
+
+#: Thermostatted runs stop when T > max_temperature_ratio * max(target, TEMPERATURE_FLOOR_K):
+#: the floor keeps a low target (10 K) from turning ordinary warming into an error.
+TEMPERATURE_FLOOR_K = 100.0
 
 
 @dataclass
@@ -53,6 +69,9 @@ class MDResult:
         pressure: (n_samples,) instantaneous pressure in GPa (virial + ideal gas) for fully
             periodic systems with stress, else None.
         n_steps: total step count reached (counting the steps of earlier restarted runs).
+        start_step: step this call started from: 0 for a fresh run, the checkpoint's step on
+            restart. ``start_step == n_steps`` on a restart means the run had already finished:
+            nothing was run or written, and the single sample is the checkpoint's state.
     """
 
     atoms: Atoms
@@ -64,6 +83,7 @@ class MDResult:
     temperature: np.ndarray
     pressure: np.ndarray | None
     n_steps: int
+    start_step: int = 0
 
 
 def _make_dynamics(atoms, ensemble, dt, temperature_K, pressure_GPa, friction_per_fs, rng,
@@ -123,7 +143,8 @@ def _restore_integrator(dyn, ensemble: str, state) -> None:
 
 
 def _write_checkpoint(path, atoms, dyn, ensemble, step, rng, meta) -> None:
-    """Atomically write an .npz checkpoint (no pickled objects)."""
+    """Atomically write an .npz checkpoint (no pickled objects): see
+    :func:`md_recipes.safety.atomic_output`."""
     header = dict(meta, version=_CHECKPOINT_VERSION, ensemble=ensemble, step=int(step),
                   rng_state=rng.bit_generator.state)
     arrays = dict(
@@ -136,10 +157,8 @@ def _write_checkpoint(path, atoms, dyn, ensemble, step, rng, meta) -> None:
     )
     arrays.update({f"integrator_{k}": np.asarray(v)
                    for k, v in _integrator_state(dyn, ensemble).items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_output(path) as tmp, open(tmp, "xb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:
@@ -148,10 +167,30 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     Returns:
         (header, arrays): the JSON header (ensemble, step, rng_state, run parameters) and a
         dict of arrays (numbers, positions, momenta, cell, pbc, integrator_*).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a folder, an unreadable, truncated or corrupt file (the message names it),
+            or a checkpoint of another version.
     """
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    header = json.loads(str(arrays.pop("header")))
+    if os.path.isdir(path):
+        raise ValueError(f"restart file {path}: is a folder, not a checkpoint")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such restart file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        header = json.loads(str(arrays.pop("header")))
+        missing = [k for k in _CHECKPOINT_ARRAYS[1:] if k not in arrays]
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+        missing += [k for k in ("version", "ensemble", "step", "rng_state") if k not in header]
+        if missing:
+            raise KeyError(f"missing {missing}")
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file means it is damaged
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"restart file {path} is unreadable or corrupt ({reason}); "
+                         "remove it to start afresh") from exc
     if header.get("version") != _CHECKPOINT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint version {header.get('version')}")
     return header, arrays
@@ -167,6 +206,52 @@ def _pressure_GPa(atoms) -> float | None:
     except PropertyNotImplementedError:
         return None
     return float(-np.trace(stress) / 3.0 / units.GPa)
+
+
+def _finite(name: str, value, *, positive: bool = False, allow_zero: bool = True) -> None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or (positive and (x < 0 or (x == 0 and not allow_zero))):
+        need = "finite" + ((" and >= 0" if allow_zero else " and > 0") if positive else "")
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    try:
+        ok = float(value).is_integer() and value >= minimum
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_arguments(*, ensemble="nve", temperature_K=300.0, pressure_GPa=0.0, timestep_fs=1.0,
+                     n_steps=0, log_every=10, friction_per_fs=0.01, taut_fs=None, taup_fs=None,
+                     max_force_eV_per_A=None, max_temperature_ratio=None,
+                     max_energy_drift_eV_per_atom=None, trajectory=None, logfile=None,
+                     restart=None, plot=None) -> None:
+    """Raise ValueError, naming the argument, for any value :func:`run_md` cannot use (before
+    any structure is read or any energy computed)."""
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {list(ENSEMBLES)}")
+    _integer("n_steps", n_steps, 0)
+    _integer("log_every", log_every, 1)
+    _finite("timestep_fs", timestep_fs, positive=True, allow_zero=False)
+    _finite("temperature_K", temperature_K, positive=True, allow_zero=ensemble == "nve")
+    _finite("pressure_GPa", pressure_GPa)
+    _finite("friction_per_fs", friction_per_fs, positive=True,
+            allow_zero=ensemble != "nvt-langevin")
+    for name, value in (("taut_fs", taut_fs), ("taup_fs", taup_fs)):
+        if value is not None:
+            _finite(name, value, positive=True, allow_zero=False)
+    check_bound("max_force_eV_per_A", max_force_eV_per_A)
+    check_bound("max_temperature_ratio", max_temperature_ratio, minimum=1.0)
+    check_bound("max_energy_drift_eV_per_atom", max_energy_drift_eV_per_atom)
+    for name, path in (("trajectory", trajectory), ("logfile", logfile), ("restart", restart),
+                       ("plot", plot)):
+        check_output_path(name, path)
 
 
 def run_md(
@@ -188,51 +273,87 @@ def run_md(
     taup_fs: float | None = None,
     progress: bool = True,
     plot: str | None = None,
+    max_force_eV_per_A: float | None = DEFAULT_MAX_FORCE_EV_PER_A,
+    max_temperature_ratio: float | None = 10.0,
+    max_energy_drift_eV_per_atom: float | None = 0.1,
 ) -> MDResult:
     """Run molecular dynamics in one of :data:`ENSEMBLES`.
+
+    The run watches itself: after every step (and at the start) it checks the state and stops
+    with :class:`SimulationUnstable`, naming the step and the quantity, when
+
+    * positions, momenta, the energy or the forces are not finite (a calculator's
+      ``FloatingPointError`` during a step is reported the same way);
+    * the largest per-atom force norm max_i |F_i| exceeds ``max_force_eV_per_A``;
+    * thermostatted ensembles (all but "nve"): the instantaneous temperature exceeds
+      ``max_temperature_ratio * max(temperature_K, TEMPERATURE_FLOOR_K)`` (3000 K for a
+      300 K target, 1000 K for any target up to 100 K);
+    * "nve": the total energy moved by more than ``max_energy_drift_eV_per_atom`` per atom,
+      |E_tot(step) - E_tot(start)| / N, with "start" the first step of this call. 0.1 eV/atom
+      would heat the system by 2 * 0.1 eV / (3 k_B) = 774 K; a sound NVE run stays far below.
+
+    The energy enters the checks at every step where the calculator produced it with the forces
+    (ASE calculators that compute both together, EMT and EST included), else every
+    ``log_every`` steps. Each bound is disabled by None. When the run stops, everything written
+    so far stays: trajectory and log up to the last sample (the log gets a "# " line with the
+    reason), and the checkpoint of the last good sample, from which the run can go on with a
+    smaller ``timestep_fs``.
 
     Args:
         atoms: starting structure (not modified). Zero momenta are replaced by a
             Maxwell-Boltzmann draw at ``temperature_K`` (seeded), non-zero momenta are kept.
         calc: ASE calculator; None means ``ESTCalculator(skin=1.0)``.
         ensemble: one of :data:`ENSEMBLES`.
-        temperature_K: thermostat target and initial temperature (K).
+        temperature_K: thermostat target and initial temperature (K); finite, >= 0 for "nve",
+            > 0 otherwise.
         pressure_GPa: barostat target (GPa), "npt" only.
-        timestep_fs: time step in fs.
+        timestep_fs: time step in fs (finite, > 0).
         n_steps: TOTAL number of steps of the run; a restarted run continues up to it.
         seed: seeds the Generator of the initial momenta and of the stochastic thermostats.
         trajectory: ASE .traj written every ``log_every`` steps (appended on restart).
         logfile: text log of step, time, Epot, Ekin, Etot, T (and P) every ``log_every`` steps.
         log_every: sampling interval in steps (log, trajectory, checkpoint, result arrays).
-        restart: checkpoint path (.npz); written every ``log_every`` steps and at the end. If
-            it exists, the run continues from it, step for step as if never interrupted.
+        restart: checkpoint path (.npz); written every ``log_every`` steps and at the end, each
+            time as a whole file (temporary file, then rename). If it exists, the run continues
+            from it, step for step as if never interrupted; if it already reached ``n_steps``,
+            nothing is run or written (``MDResult.start_step == n_steps``).
         friction_per_fs: Langevin friction (1/fs).
         taut_fs: thermostat time constant (fs) for Bussi, Nose-Hoover and NPT; 100 steps if None.
         taup_fs: barostat time constant (fs) for NPT; 1000 steps if None.
         progress: show a tqdm progress bar.
-        plot: PNG path for energies and temperature vs time.
+        plot: PNG path for energies and temperature vs time (not redrawn for a finished run).
+        max_force_eV_per_A: bound on max_i |F_i| (eV/Å); the default potential's training data
+            has no frame beyond 50 eV/Å.
+        max_temperature_ratio: runaway bound of thermostatted ensembles, relative to the target
+            (> 1).
+        max_energy_drift_eV_per_atom: bound on the total-energy change per atom in "nve".
 
     Returns:
         MDResult with the samples of this call.
+
+    Raises:
+        ValueError: bad arguments (non-finite or out of range, output folder missing, damaged
+            checkpoint), checked before any energy is computed.
+        SimulationUnstable: the run left the bounds above.
     """
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixCom
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
     from tqdm.auto import tqdm
 
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {list(ENSEMBLES)}")
-    if int(n_steps) != n_steps or n_steps < 0:
-        raise ValueError(f"n_steps must be a non-negative integer, got {n_steps}")
-    if int(log_every) != log_every or log_every < 1:
-        raise ValueError(f"log_every must be a positive integer, got {log_every}")
-    if not timestep_fs > 0:
-        raise ValueError(f"timestep_fs must be positive, got {timestep_fs}")
-    if temperature_K < 0 or (ensemble != "nve" and temperature_K == 0):
-        raise ValueError(f"temperature_K must be positive for {ensemble}, got {temperature_K}")
+    _check_arguments(ensemble=ensemble, temperature_K=temperature_K, pressure_GPa=pressure_GPa,
+                     timestep_fs=timestep_fs, n_steps=n_steps, log_every=log_every,
+                     friction_per_fs=friction_per_fs, taut_fs=taut_fs, taup_fs=taup_fs,
+                     max_force_eV_per_A=max_force_eV_per_A,
+                     max_temperature_ratio=max_temperature_ratio,
+                     max_energy_drift_eV_per_atom=max_energy_drift_eV_per_atom,
+                     trajectory=trajectory, logfile=logfile, restart=restart, plot=plot)
+    n_steps, log_every = int(n_steps), int(log_every)
     if len(atoms) == 0:
         raise ValueError("cannot run MD on an empty Atoms object")
 
+    resuming = restart is not None and os.path.exists(restart)
+    header, saved = (read_checkpoint(restart) if resuming else (None, None))
     work = atoms.copy()
     work.calc = default_calculator() if calc is None else calc
     if ensemble == "nvt-langevin" and not work.constraints:
@@ -240,10 +361,8 @@ def run_md(
     rng = np.random.default_rng(seed)
     meta = dict(timestep_fs=timestep_fs, temperature_K=temperature_K,
                 pressure_GPa=pressure_GPa, friction_per_fs=friction_per_fs, seed=seed)
-    resuming = restart is not None and os.path.exists(restart)
-    start, saved = 0, None
+    start = 0
     if resuming:
-        header, saved = read_checkpoint(restart)
         if header["ensemble"] != ensemble:
             raise ValueError(f"checkpoint {restart} is for ensemble {header['ensemble']!r}, "
                              f"not {ensemble!r}")
@@ -267,6 +386,7 @@ def run_md(
     elif not np.any(work.get_momenta()) and temperature_K > 0:
         thermalize_momenta(work, temperature_K, rng=rng)
         Stationary(work)
+    finished = resuming and start == n_steps
 
     dt = timestep_fs * units.fs
     dyn = _make_dynamics(work, ensemble, dt, temperature_K, pressure_GPa, friction_per_fs,
@@ -276,24 +396,70 @@ def run_md(
                                             if k.startswith("integrator_")})
     dyn.nsteps = start
 
+    t_limit = None
+    if ensemble != "nve" and max_temperature_ratio is not None:
+        t_limit = max_temperature_ratio * max(temperature_K, TEMPERATURE_FLOOR_K)
+    n_atoms = len(work)
+    etot_ref: list[float] = []  # E_tot at the first check of this call ("nve" only)
+
+    def check(step: int, energy: float | None) -> None:
+        """Stop with SimulationUnstable when the state at ``step`` is out of bounds."""
+        results = getattr(work.calc, "results", None) or {}
+        if energy is None:
+            energy = results.get("energy")
+        forces = results.get("forces")
+        if forces is None:
+            check_finite_state("MD", step, work)
+            forces = work.get_forces(apply_constraint=False)
+        check_energy_forces("MD", step, energy, forces, max_force_eV_per_A)  # causes first
+        check_finite_state("MD", step, work)
+        where = f"MD stopped at step {step} (t = {step * timestep_fs:g} fs)"
+        if t_limit is not None:
+            temp = float(work.get_temperature())
+            if not temp <= t_limit:
+                raise SimulationUnstable(
+                    f"{where}: temperature {temp:.4g} K exceeds {t_limit:.4g} K = "
+                    f"max_temperature_ratio={max_temperature_ratio:g} x max(target "
+                    f"{temperature_K:g} K, {TEMPERATURE_FLOOR_K:g} K); the dynamics ran away "
+                    "(try a smaller timestep_fs)",
+                    step=step, quantity="temperature", value=temp, limit=t_limit)
+        if ensemble == "nve" and max_energy_drift_eV_per_atom is not None and energy is not None:
+            etot = float(energy) + float(work.get_kinetic_energy())
+            if not etot_ref:
+                etot_ref.append(etot)
+            drift = (etot - etot_ref[0]) / n_atoms
+            if not abs(drift) <= max_energy_drift_eV_per_atom:
+                raise SimulationUnstable(
+                    f"{where}: total energy changed by {drift:+.4g} eV/atom since step {start}, "
+                    f"beyond max_energy_drift_eV_per_atom={max_energy_drift_eV_per_atom:g}; NVE "
+                    "is not conserving energy (try a smaller timestep_fs)",
+                    step=step, quantity="total energy", value=abs(drift),
+                    limit=max_energy_drift_eV_per_atom)
+
     records: list[tuple] = []
     traj = None
-    if trajectory is not None:
-        from ase.io import Trajectory
+    log = None
+    bar = None
+    if not finished:
+        if trajectory is not None:
+            from ase.io import Trajectory
 
-        traj = Trajectory(trajectory, "a" if resuming else "w", work)
-    log = open(logfile, "a" if resuming else "w") if logfile is not None else None
-    if log is not None and not resuming:
-        log.write(f"# {ensemble} dt={timestep_fs} fs T={temperature_K} K seed={seed}\n"
-                  "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa\n")
+            traj = Trajectory(trajectory, "a" if resuming else "w", work)
+        log = open(logfile, "a" if resuming else "w") if logfile is not None else None
+        if log is not None and not resuming:
+            log.write(f"# {ensemble} dt={timestep_fs} fs T={temperature_K} K seed={seed}\n"
+                      "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa\n")
 
-    def sample(step: int) -> None:
+    def sample(step: int, write: bool = True) -> None:
         epot = float(work.get_potential_energy())
+        check(step, epot)
         ekin = float(work.get_kinetic_energy())
         temp = float(work.get_temperature())
         pres = _pressure_GPa(work)
         records.append((step, step * timestep_fs, epot, ekin, epot + ekin, temp,
                         np.nan if pres is None else pres))
+        if not write:
+            return
         if log is not None:
             p = "nan" if pres is None else f"{pres:.5f}"
             log.write(f"{step:8d} {step * timestep_fs:12.3f} {epot:14.6f} {ekin:12.6f} "
@@ -303,24 +469,42 @@ def run_md(
             traj.write()
 
     try:
-        if not resuming:
-            sample(0)
-        bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step",
-                   desc=f"MD {ensemble}")
-        for step in range(start + 1, n_steps + 1):
-            dyn.step()
-            dyn.nsteps = step
-            bar.update(1)
-            if step % log_every == 0 or step == n_steps:
-                sample(step)
-                if restart is not None:
-                    _write_checkpoint(restart, work, dyn, ensemble, step, rng, meta)
-        bar.close()
-        if restart is not None and start == n_steps:
-            _write_checkpoint(restart, work, dyn, ensemble, n_steps, rng, meta)
-        if not records:
-            sample(n_steps)
+        if finished:
+            sample(n_steps, write=False)  # the checkpoint's state, for the result only
+        else:
+            if resuming:
+                check(start, float(work.get_potential_energy()))  # also the reference E_tot
+            else:
+                sample(0)
+                if restart is not None and n_steps == 0:
+                    _write_checkpoint(restart, work, dyn, ensemble, 0, rng, meta)
+            bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step",
+                       desc=f"MD {ensemble}")
+            for step in range(start + 1, n_steps + 1):
+                try:
+                    dyn.step()
+                except FloatingPointError as exc:
+                    raise SimulationUnstable(f"MD stopped at step {step}: {exc}", step=step,
+                                             quantity="model output") from exc
+                except ValueError as exc:
+                    # A calculator refusing non-finite positions: the dynamics blew up.
+                    check_finite_state("MD", step, work)
+                    raise
+                dyn.nsteps = step
+                bar.update(1)
+                if step % log_every == 0 or step == n_steps:
+                    sample(step)
+                    if restart is not None:
+                        _write_checkpoint(restart, work, dyn, ensemble, step, rng, meta)
+                else:
+                    check(step, None)
+    except SimulationUnstable as exc:
+        if log is not None:
+            log.write(f"# {exc}\n")
+        raise
     finally:
+        if bar is not None:
+            bar.close()
         if traj is not None:
             traj.close()
         if log is not None:
@@ -334,8 +518,8 @@ def run_md(
     results = {k: v for k, v in work.calc.results.items() if k in ("energy", "forces", "stress")}
     final.calc = SinglePointCalculator(final, **results)
     result = MDResult(final, rec[:, 0].astype(int), rec[:, 1], rec[:, 2], rec[:, 3], rec[:, 4],
-                      rec[:, 5], pressure, int(n_steps))
-    if plot is not None:
+                      rec[:, 5], pressure, n_steps, start)
+    if plot is not None and not finished:
         from md_recipes.plotting import plot_md
 
         plot_md(result, plot)

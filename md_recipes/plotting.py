@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+from md_recipes.safety import atomic_output
+
 __all__ = ["plot_md"]
 
 
 def plot_md(result, path: str) -> str:
     """Write a PNG of energies and temperature (and pressure when known) vs time.
+
+    The file is written whole (temporary file, then rename; see
+    :func:`md_recipes.safety.atomic_output`); its format follows the extension (PNG if none).
 
     Args:
         result: an :class:`md_recipes.md.MDResult`.
@@ -37,5 +44,7 @@ def plot_md(result, path: str) -> str:
         axes[2].set_ylabel("P (GPa)")
     axes[-1].set_xlabel("time (ps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=fmt)
     return path

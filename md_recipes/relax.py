@@ -5,16 +5,28 @@
 call. The FIRE update is the one of :class:`ase.optimize.FIRE` (same defaults, same global
 ``maxstep`` clip per structure), so ``relax_many`` and ``relax(optimizer="FIRE")`` follow the
 same path to float round-off.
+
+Both watch the run: a non-finite energy or force, or a largest per-atom force norm above
+``max_force_eV_per_A`` (default 500 eV/Å, see :mod:`md_recipes.safety`), at the start or after any
+step stops the relaxation with :class:`~md_recipes.safety.SimulationUnstable` naming the step.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+
+from md_recipes.safety import (
+    DEFAULT_RELAX_MAX_FORCE_EV_PER_A,
+    SimulationUnstable,
+    check_bound,
+    check_energy_forces,
+)
 
 __all__ = ["RelaxResult", "relax", "relax_many", "OPTIMIZERS", "default_calculator"]
 
@@ -58,11 +70,21 @@ def default_calculator():
     return ESTCalculator(skin=DEFAULT_SKIN_A)
 
 
-def _check_common(fmax_eV_per_A: float, max_steps: int, optimizer: str) -> str:
-    if not fmax_eV_per_A > 0:
-        raise ValueError(f"fmax_eV_per_A must be positive, got {fmax_eV_per_A}")
-    if int(max_steps) != max_steps or max_steps < 0:
-        raise ValueError(f"max_steps must be a non-negative integer, got {max_steps}")
+def _check_common(fmax_eV_per_A: float, max_steps: int, optimizer: str,
+                  max_force_eV_per_A: float | None) -> str:
+    try:
+        ok = math.isfinite(float(fmax_eV_per_A)) and fmax_eV_per_A > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"fmax_eV_per_A must be finite and > 0, got {fmax_eV_per_A!r}")
+    try:
+        ok = float(max_steps).is_integer() and max_steps >= 0
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}")
+    check_bound("max_force_eV_per_A", max_force_eV_per_A)
     name = str(optimizer).upper()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
@@ -99,6 +121,7 @@ def relax(
     relax_cell: bool = False,
     trajectory: str | None = None,
     logfile: str | None = None,
+    max_force_eV_per_A: float | None = DEFAULT_RELAX_MAX_FORCE_EV_PER_A,
 ) -> RelaxResult:
     """Relax atomic positions (and optionally the cell) until max |F| < fmax.
 
@@ -114,13 +137,20 @@ def relax(
             (stress criterion fmax in eV/Å, as ASE scales it by the volume).
         trajectory: optional ASE .traj path written at each step.
         logfile: optional text log path of the optimiser (None: silent).
+        max_force_eV_per_A: bound on max_i |F_i| (eV/Å) of the atoms' raw forces at every visited
+            geometry; None: no bound.
 
     Returns:
         RelaxResult; ``converged=False`` (with a RuntimeWarning) when the criterion was not met.
+
+    Raises:
+        SimulationUnstable: non-finite energy or forces (a calculator's FloatingPointError
+            included), or max_i |F_i| > ``max_force_eV_per_A``, at the step named. Trajectory and
+            log keep every step up to that one, the offending geometry included.
     """
     from ase.optimize import BFGS, FIRE, LBFGS
 
-    name = _check_common(fmax_eV_per_A, max_steps, optimizer)
+    name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
     if len(atoms) == 0:
         raise ValueError("cannot relax an empty Atoms object")
     work = atoms.copy()
@@ -135,8 +165,18 @@ def relax(
     cls = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[name]
     energies: list[float] = []
     with cls(target, logfile=logfile, trajectory=trajectory) as opt:  # closes log and traj
-        opt.attach(lambda: energies.append(float(work.get_potential_energy())), interval=1)
-        converged = bool(opt.run(fmax=fmax_eV_per_A, steps=int(max_steps)))
+
+        def watch():
+            energies.append(float(work.get_potential_energy()))
+            check_energy_forces("relaxation", opt.nsteps, energies[-1],
+                                work.get_forces(apply_constraint=False), max_force_eV_per_A)
+
+        opt.attach(watch, interval=1)
+        try:
+            converged = bool(opt.run(fmax=fmax_eV_per_A, steps=int(max_steps)))
+        except FloatingPointError as exc:
+            raise SimulationUnstable(f"relaxation stopped at step {opt.nsteps}: {exc}",
+                                     step=opt.nsteps, quantity="model output") from exc
     fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
     _report(converged, opt.nsteps, fmax, fmax_eV_per_A)
     return RelaxResult(_snapshot(work), converged, int(opt.nsteps), energies, fmax)
@@ -196,6 +236,7 @@ def relax_many(
     max_steps: int = 500,
     optimizer: str = "FIRE",
     relax_cell: bool = False,
+    max_force_eV_per_A: float | None = DEFAULT_RELAX_MAX_FORCE_EV_PER_A,
 ) -> list[RelaxResult]:
     """Relax many structures, batched when the calculator offers ``calculate_batch``.
 
@@ -211,18 +252,30 @@ def relax_many(
         max_steps: most FIRE steps per structure.
         optimizer: as in :func:`relax`; batching is only done for "FIRE".
         relax_cell: as in :func:`relax`; batching is only done without cell relaxation.
+        max_force_eV_per_A: as in :func:`relax`, per structure.
 
     Returns:
         One RelaxResult per input, in input order.
+
+    Raises:
+        SimulationUnstable: as in :func:`relax`, naming the structure and its step; the whole
+            call stops (no partial list is returned).
     """
-    name = _check_common(fmax_eV_per_A, max_steps, optimizer)
+    name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
     calc = default_calculator() if calc is None else calc
     if not hasattr(calc, "calculate_batch") or name != "FIRE" or relax_cell:
-        return [
-            relax(a, calc, fmax_eV_per_A=fmax_eV_per_A, max_steps=max_steps,
-                  optimizer=name, relax_cell=relax_cell)
-            for a in atoms_list
-        ]
+        out = []
+        for k, a in enumerate(atoms_list):
+            try:
+                out.append(relax(a, calc, fmax_eV_per_A=fmax_eV_per_A, max_steps=max_steps,
+                                 optimizer=name, relax_cell=relax_cell,
+                                 max_force_eV_per_A=max_force_eV_per_A))
+            except SimulationUnstable as exc:
+                raise SimulationUnstable(
+                    str(exc).replace("relaxation", f"relaxation of structure {k}", 1),
+                    step=exc.step, quantity=exc.quantity, value=exc.value, limit=exc.limit,
+                ) from exc
+        return out
     works = [a.copy() for a in atoms_list]
     if any(len(a) == 0 for a in works):
         raise ValueError("cannot relax an empty Atoms object")
@@ -234,9 +287,17 @@ def relax_many(
     last: list[dict] = [{} for _ in works]
     active = list(range(len(works)))
     while active:
-        results = calc.calculate_batch([works[k] for k in active], ["energy", "forces"])
+        try:
+            results = calc.calculate_batch([works[k] for k in active], ["energy", "forces"])
+        except FloatingPointError as exc:
+            step = max(steps[k] for k in active)
+            raise SimulationUnstable(
+                f"relaxation of structures {active[:10]} stopped at step {step}: {exc}",
+                step=step, quantity="model output") from exc
         still = []
         for k, res in zip(active, results):
+            check_energy_forces(f"relaxation of structure {k}", steps[k], res["energy"],
+                                res["forces"], max_force_eV_per_A)
             forces = _constrained_forces(works[k], res["forces"])
             energies[k].append(float(res["energy"]))
             last[k] = {"energy": float(res["energy"]), "forces": np.asarray(res["forces"])}

@@ -8,6 +8,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc111
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
+from ase.io import read
 
 from md_recipes import ENSEMBLES, read_checkpoint, run_md
 
@@ -139,3 +140,116 @@ def test_npt_refuses_constraints():
     slab.set_constraint(FixAtoms(indices=[0]))
     with pytest.raises(ValueError, match="constraints"):
         run_md(slab, EMT(), ensemble="npt", n_steps=1, progress=False)
+
+
+def test_rerunning_a_finished_run_writes_nothing(tmp_path):
+    traj, log, ck = tmp_path / "md.traj", tmp_path / "md.log", tmp_path / "ck.npz"
+    kw = dict(ensemble="nvt-bussi", n_steps=6, log_every=3, trajectory=str(traj),
+              logfile=str(log), restart=str(ck), progress=False)
+    first = run_md(_bulk(), EMT(), **kw)
+    before = {p: p.read_bytes() for p in (traj, log, ck)}
+    again = run_md(_bulk(), EMT(), **kw)
+    after = {p: p.read_bytes() for p in (traj, log, ck)}
+    assert after == before  # no duplicate frame, no duplicate log row, checkpoint untouched
+    assert len(read(traj, ":")) == 3
+    assert again.start_step == again.n_steps == 6 and first.start_step == 0
+    assert list(again.step) == [6]
+    np.testing.assert_allclose(again.atoms.positions, first.atoms.positions, atol=1e-12)
+    np.testing.assert_allclose(again.epot, first.epot[-1:], atol=1e-10)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_corrupt_restart_file_is_named(tmp_path, damage):
+    ck = tmp_path / "ck.npz"
+    run_md(_bulk(), EMT(), ensemble="nve", n_steps=2, restart=str(ck), progress=False)
+    data = ck.read_bytes()
+    ck.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                    "garbage": b"not a checkpoint"}[damage])
+    with pytest.raises(ValueError, match=r"ck\.npz.*(unreadable|corrupt)"):
+        run_md(_bulk(), EMT(), ensemble="nve", n_steps=4, restart=str(ck), progress=False)
+    with pytest.raises(ValueError, match=r"ck\.npz.*(unreadable|corrupt)"):
+        read_checkpoint(str(ck))
+
+
+def test_restart_that_is_a_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match="ck.npz"):
+        (tmp_path / "ck.npz").mkdir()
+        run_md(_bulk(), EMT(), ensemble="nve", n_steps=2, restart=str(tmp_path / "ck.npz"),
+               progress=False)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(temperature_K=float("nan")), "temperature_K"),
+    (dict(temperature_K=float("inf")), "temperature_K"),
+    (dict(temperature_K=-1.0), "temperature_K"),
+    (dict(timestep_fs=float("nan")), "timestep_fs"),
+    (dict(timestep_fs=float("inf")), "timestep_fs"),
+    (dict(timestep_fs=0.0), "timestep_fs"),
+    (dict(pressure_GPa=float("nan"), ensemble="npt"), "pressure_GPa"),
+    (dict(friction_per_fs=float("nan"), ensemble="nvt-langevin"), "friction_per_fs"),
+    (dict(taut_fs=-5.0, ensemble="nvt-bussi"), "taut_fs"),
+    (dict(n_steps=2.5), "n_steps"),
+    (dict(n_steps=-1), "n_steps"),
+])
+def test_bad_arguments_are_named_before_any_work(kw, name):
+    calls = []
+
+    class Counting(EMT):
+        def calculate(self, *args, **kwargs):
+            calls.append(1)
+            super().calculate(*args, **kwargs)
+
+    kw = dict(dict(n_steps=2), **kw)
+    with pytest.raises(ValueError, match=name):
+        run_md(_bulk(), Counting(), progress=False, **kw)
+    assert not calls
+
+
+def test_output_folders_are_checked_before_the_run(tmp_path):
+    calls = []
+
+    class Counting(EMT):
+        def calculate(self, *args, **kwargs):
+            calls.append(1)
+            super().calculate(*args, **kwargs)
+
+    for key in ("plot", "trajectory", "logfile", "restart"):
+        with pytest.raises(ValueError, match=f"{key}.*missing"):
+            run_md(_bulk(), Counting(), n_steps=2, progress=False,
+                   **{key: str(tmp_path / "missing" / "out")})
+    assert not calls
+
+
+def test_checkpoint_mode_follows_umask_and_failed_writes_leave_nothing(tmp_path, monkeypatch):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ck = tmp_path / "ck.npz"
+        run_md(_bulk(), EMT(), ensemble="nve", n_steps=2, restart=str(ck), progress=False)
+        assert ck.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    good = ck.read_bytes()
+
+    def broken_savez(fh, **arrays):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        run_md(_bulk(), EMT(), ensemble="nve", n_steps=4, restart=str(ck), progress=False)
+    assert ck.read_bytes() == good  # the last good checkpoint survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]  # no temp file left
+
+
+def test_plot_is_written_atomically_with_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run_md(_bulk(), EMT(), n_steps=2, progress=False, plot=str(tmp_path / "md.png"))
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["md.png"]
+    assert (tmp_path / "md.png").stat().st_mode & 0o777 == 0o644
