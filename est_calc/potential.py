@@ -167,7 +167,8 @@ def save_potential(potential: Potential, path: Union[str, os.PathLike]) -> Path:
     """Write ``potential`` to ``path`` atomically; returns the path.
 
     The file is first written to a temporary file in the same folder and then renamed over
-    ``path``, so a crash or a full disk never leaves a partial file under that name.
+    ``path``, so a crash or a full disk never leaves a partial file under that name; an
+    exception removes the temporary file. The file gets mode ``0o666 & ~umask``, as any new file.
     """
     path = Path(path)
     state = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 __all__ = ["add_training_parsers"]
 
 
@@ -10,7 +12,12 @@ def add_training_parsers(sub) -> None:
     p.add_argument("config", help="YAML file (see examples/train_small.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from output_dir/checkpoint.pt")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the run in output_dir (its checkpoint.pt, potential.pt, "
+                           "metrics.csv and learning_curves.png; other files stay)")
     p.add_argument("--init", default=None, metavar="POTENTIAL",
                    help="fine-tune this potential (registry name or path) instead of starting fresh")
     p.set_defaults(func=_train)
@@ -19,8 +26,8 @@ def add_training_parsers(sub) -> None:
     p.add_argument("potential", help="registry name or path of a potential")
     p.add_argument("data", help="data in any supported format")
     p.add_argument("--energy", choices=["total", "referenced"], default="total")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-frames", type=_positive_int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--all-atoms", action="store_true", help="force metrics on all atoms, not only free ones")
@@ -32,12 +39,22 @@ def add_training_parsers(sub) -> None:
     p.set_defaults(func=_convert)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _train(args) -> int:
     from est_calc.training.config import load_config
     from est_calc.training.trainer import train
 
     cfg = load_config(args.config, args.set)
-    path = train(cfg, init=args.init, resume=args.resume)
+    path = train(cfg, init=args.init, resume=args.resume, overwrite=args.overwrite)
     print(f"exported {path}")
     return 0
 
@@ -45,7 +62,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from est_calc.calculator import resolve_device, resolve_dtype
     from est_calc.potential import load_potential
-    from est_calc.training.datasets import open_dataset, validate_frames
+    from est_calc.training.datasets import (FrameSubset, check_species, open_dataset,
+                                            validate_frames)
     from est_calc.training.metrics import format_metrics
     from est_calc.training.trainer import evaluate
 
@@ -54,7 +72,8 @@ def _eval(args) -> int:
     data = open_dataset(args.data)
     good, report = validate_frames(data, policy="stop")
     good = list(good)[: args.max_frames] if args.max_frames else list(good)
-    frames = [data[i] for i in good]
+    frames = FrameSubset(data, good)
+    check_species(frames, pot.species, what=str(args.data), owner=f"potential {args.potential}")
     m = evaluate(pot, frames, energy_mode=args.energy, batch_size=args.batch_size, device=device,
                  free_atoms_only=not args.all_atoms)
     print(format_metrics(m, title=f"{args.potential} on {args.data} ({len(frames)} frames)"))

@@ -12,12 +12,17 @@ A config file looks like ``examples/train_small.yaml``::
       max_steps: 2000
       batch_size: 8
 
-Unknown keys are errors (a typo never silently falls back to a default).
+Unknown keys are errors (a typo never silently falls back to a default), and every value is
+checked (type, range, choice) by :meth:`TrainConfig.validate` before any work starts, ``--set``
+overrides included; an invalid value is a one-line ValueError naming the key, the value and
+what is expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,33 +145,200 @@ class TrainConfig:
         return _build(cls, d, "")
 
     def validate(self) -> None:
-        if not self.data.train:
+        """Check every value (types, ranges, choices) before any work starts.
+
+        Raises ValueError naming the key, the value and what is expected. Numbers that YAML
+        reads as text (YAML 1.1 reads ``1e-3``, without a dot, as a string) are accepted in
+        number fields and converted in place; nothing else is coerced (``2.5`` is not an
+        integer, ``"yes"`` is not a boolean).
+
+        Rules: ``max_steps``, ``batch_size``, ``eval_every``, ``checkpoint_every``,
+        ``log_every``, ``max_train_frames`` and ``max_val_frames`` are positive integers
+        (the last two may be None); ``warmup_steps`` and ``seed`` non-negative integers;
+        ``lr``, ``weight_decay`` and the loss weights finite numbers >= 0 (at least one loss
+        weight > 0); ``grad_clip``, ``huber_delta`` and ``time_budget_s`` finite numbers > 0;
+        ``min_lr_ratio`` in [0, 1]; ``ema_decay`` in [0, 1) (1 would never move the averaged
+        weights); the choices ``energy``, ``bad_frames``, ``kind``, ``dtype``,
+        ``neighbor_backend``, ``device`` ("auto" or a torch device string) and ``preset``;
+        ``model.overrides`` must make a valid ``ModelConfig`` with the preset. Whether paths
+        exist is checked by :meth:`check_paths`.
+        """
+        _check_text("output_dir", self.output_dir, "a folder path")
+        d = self.data
+        if d.train in ("", None, []):
             raise ValueError("data.train is required (a path to training data, or a list of paths)")
+        _check_paths_value("data.train", d.train)
+        if d.val is not None:
+            _check_paths_value("data.val", d.val)
+        _check_choice("data.energy", d.energy, ("total", "referenced"))
+        _check_choice("data.bad_frames", d.bad_frames, ("stop", "skip"))
+        for key in ("max_train_frames", "max_val_frames"):
+            if getattr(d, key) is not None:
+                _check_int(f"data.{key}", getattr(d, key), 1)
+
+        m = self.model
+        from est_calc.model import PRESETS, ModelConfig
+
+        _check_choice("model.preset", m.preset, tuple(sorted(PRESETS)))
+        if not isinstance(m.overrides, dict):
+            raise ValueError(f"model.overrides must be a mapping of ModelConfig fields, "
+                             f"got {m.overrides!r}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(str(k) for k in set(m.overrides) - known)
+        if unknown:
+            raise ValueError(f"model.overrides has unknown ModelConfig field(s) {unknown}; "
+                             f"known: {sorted(known)}")
+        try:
+            ModelConfig.preset(m.preset, **m.overrides)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model.overrides {m.overrides!r} do not make a valid model with "
+                             f"preset {m.preset!r}: {_first_line(err)}") from None
+
+        loss = self.loss
+        for key in ("energy_weight", "force_weight", "stress_weight"):
+            setattr(loss, key, _check_number(f"loss.{key}", getattr(loss, key), 0.0, None,
+                                             "a finite non-negative number"))
+        if not (loss.energy_weight > 0 or loss.force_weight > 0 or loss.stress_weight > 0):
+            raise ValueError("loss.energy_weight, loss.force_weight and loss.stress_weight are "
+                             "all 0: at least one must be positive")
+        _check_choice("loss.kind", loss.kind, ("l1", "l2", "huber"))
+        loss.huber_delta = _check_number("loss.huber_delta", loss.huber_delta, 0.0, None,
+                                         "a finite positive number", low_open=True)
+        _check_bool("loss.forces_on_free_atoms", loss.forces_on_free_atoms)
+
+        t = self.train
+        for key in ("max_steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
+            _check_int(f"train.{key}", getattr(t, key), 1)
+        for key in ("warmup_steps", "seed"):
+            _check_int(f"train.{key}", getattr(t, key), 0)
+        t.lr = _check_number("train.lr", t.lr, 0.0, None, "a finite non-negative number")
+        t.min_lr_ratio = _check_number("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0,
+                                       "a number in [0, 1]")
+        t.weight_decay = _check_number("train.weight_decay", t.weight_decay, 0.0, None,
+                                       "a finite non-negative number")
+        t.grad_clip = _check_number("train.grad_clip", t.grad_clip, 0.0, None,
+                                    "a finite positive number", low_open=True)
+        t.ema_decay = _check_number("train.ema_decay", t.ema_decay, 0.0, 1.0,
+                                    "a number in [0, 1)", high_open=True)
+        _check_device("train.device", t.device)
+        _check_choice("train.dtype", t.dtype, ("float32", "float64"))
+        from est_calc.neighbors import BACKENDS
+
+        _check_choice("train.neighbor_backend", t.neighbor_backend, tuple(BACKENDS))
+        _check_bool("train.progress", t.progress)
+        if t.init is not None:
+            _check_text("train.init", t.init,
+                        "a path or registry name of a potential, or a checkpoint path")
+        if t.time_budget_s is not None:
+            t.time_budget_s = _check_number("train.time_budget_s", t.time_budget_s, 0.0, None,
+                                            "a finite positive number of seconds",
+                                            low_open=True)
+
+    def check_paths(self, init: str | None = None) -> None:
+        """Check that the data (and an ``init`` given as a path) exist and that ``output_dir``
+        is not a file.
+
+        Args:
+            init: the effective init (``est train --init`` or ``train.init``); a registry name
+                (no ``/``, no ``.pt`` suffix) is not checked here.
+
+        Raises:
+            FileNotFoundError: a data path or an init path that does not exist (names the key).
+            ValueError: ``output_dir`` exists and is not a folder.
+        """
         for key in ("train", "val"):
             value = getattr(self.data, key)
-            paths = value if isinstance(value, list) else [value]
-            if value is not None and not all(isinstance(p, str) and p for p in paths):
-                raise ValueError(f"data.{key} must be a path or a list of paths, got {value!r}")
-        if self.data.energy not in ("total", "referenced"):
-            raise ValueError(f"data.energy must be 'total' or 'referenced', got {self.data.energy!r}")
-        if self.data.bad_frames not in ("stop", "skip"):
-            raise ValueError(f"data.bad_frames must be 'stop' or 'skip', got {self.data.bad_frames!r}")
-        if self.loss.kind not in ("l1", "l2", "huber"):
-            raise ValueError(f"loss.kind must be l1, l2 or huber, got {self.loss.kind!r}")
-        if self.train.max_steps < 1 or self.train.batch_size < 1:
-            raise ValueError("train.max_steps and train.batch_size must be positive")
-        budget = self.train.time_budget_s
-        if budget is not None and not (float(budget) > 0):
-            raise ValueError(f"train.time_budget_s must be a positive number of seconds, got {budget!r}")
+            for p in ([] if value is None else value if isinstance(value, list) else [value]):
+                if not Path(p).exists():
+                    raise FileNotFoundError(f"data.{key}: no such file or folder: {p}")
+        init = self.train.init if init is None else init
+        if init is not None:
+            looks_like_path = "/" in init or os.sep in init or init.endswith(".pt")
+            if looks_like_path and not Path(init).expanduser().exists():
+                raise FileNotFoundError(f"train.init: no such file: {init}")
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir {out} exists and is not a folder")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def _check_number(key: str, value: Any, low: float, high: float | None, what: str, *,
+                  low_open: bool = False, high_open: bool = False) -> float:
+    """The value as a float if it is a finite number within the bounds, else ValueError."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    ok = number is not None and math.isfinite(number)
+    if ok:
+        ok = (number > low if low_open else number >= low)
+        if high is not None:
+            ok = ok and (number < high if high_open else number <= high)
+    if not ok:
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+    return number
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(repr(c) for c in choices)}; "
+                         f"got {value!r}")
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _check_text(key: str, value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def _check_paths_value(key: str, value: Any) -> None:
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise ValueError(f"{key} must be a path or a list of paths, got {value!r}")
+
+
+def _check_device(key: str, value: Any) -> None:
+    expected = "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+    if value == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
 
 
 def _build(cls, d: Any, prefix: str):
+    if d is None:  # an empty section (``train:`` with nothing under it): the defaults
+        d = {}
     if not isinstance(d, dict):
-        raise ValueError(f"config section {prefix or '<root>'} must be a mapping, got {d!r}")
+        where = f"config section {prefix.rstrip('.')}" if prefix else "the config"
+        raise ValueError(f"{where} must be a mapping of keys to values, got {d!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(known))
+    unknown = sorted(str(k) for k in set(d) - set(known))
     if unknown:
-        where = prefix or "the top level"
+        where = prefix.rstrip(".") if prefix else "the top level"
         raise ValueError(f"unknown config keys at {where}: {unknown}; known: {sorted(known)}")
     kwargs = {}
     for name, value in d.items():
@@ -179,8 +351,12 @@ def _build(cls, d: Any, prefix: str):
     return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: the value is not valid YAML "
+                         f"({getattr(err, 'problem', None) or _first_line(err)})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -189,24 +365,51 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r} has an empty key")
+        node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, item)
     return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply overrides, validate."""
+    """Read a YAML config, apply overrides, validate.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a folder, an unreadable or empty file, invalid YAML, a file that is not a
+            mapping, unknown keys or invalid values (one line each, naming the file or key).
+    """
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"config {p} is a folder, not a YAML file")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read config file {p}: {_first_line(err)}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or _first_line(err)
+            raise ValueError(f"config file {p} is not valid YAML: {problem}{where}") from None
+        if raw is None:
+            raise ValueError(f"config file {p} is empty")
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {p} must hold a mapping of sections (output_dir, "
+                             f"data, model, loss, train), got a {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     cfg = TrainConfig.from_dict(raw)
     cfg.validate()

@@ -30,6 +30,10 @@ def plot_learning_curves(history: list[dict], path: str | Path) -> None:
     axes[2].set(title="validation force MAE (eV/Å)", xlabel="step", yscale="log")
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()

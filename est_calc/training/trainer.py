@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from est_calc.atomic_io import temp_files_of
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import build_graph
@@ -31,6 +32,7 @@ from est_calc.training import distributed as dist_utils
 from est_calc.training.batching import collate, fit_element_references, random_rotations, rotate_batch
 from est_calc.training.checkpoint import load_checkpoint, save_checkpoint
 from est_calc.training.config import TrainConfig
+from est_calc.training.datasets import FrameSubset, check_species, species_error
 from est_calc.training.loss import loss_terms
 from est_calc.training.metrics import S2EFMetrics, format_metrics
 
@@ -51,7 +53,11 @@ def _resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", dist_utils.local_rank())
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r}, but torch sees no CUDA device here "
+                         "(use cpu or auto)")
+    return device
 
 
 def _open(path: str, max_frames: int | None, bad_frames: str, label: str):
@@ -64,15 +70,48 @@ def _open(path: str, max_frames: int | None, bad_frames: str, label: str):
     return dataset, list(good), report
 
 
-class _Subset:
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
+#: The files a run writes into ``output_dir`` (``--overwrite`` removes these and nothing else).
+RUN_FILES = ("checkpoint.pt", "potential.pt", "metrics.csv", "learning_curves.png")
+#: Their presence marks a folder as holding a run (finished, interrupted or still running).
+_RUN_MARKERS = ("checkpoint.pt", "potential.pt", "metrics.csv")
+#: Temporary files of metrics.csv and learning_curves.png that a killed run leaves behind
+#: (those of checkpoint.pt and potential.pt are found by ``temp_files_of``).
+_TEMP_FILES = ("metrics.csv.tmp", "learning_curves.png.tmp.png")
 
-    def __len__(self):
-        return len(self.indices)
 
-    def __getitem__(self, k):
-        return self.dataset[self.indices[k]]
+def _check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that holds a run, unless resuming it or overwriting it.
+
+    A folder holds a run when any of checkpoint.pt, potential.pt or metrics.csv is in it.
+    ``resume`` needs its checkpoint.pt (a folder without one is refused only when it holds
+    another of the run's files, which a fresh run would replace).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} exists and is not a folder")
+    if overwrite or not out.is_dir():
+        return
+    present = [name for name in _RUN_MARKERS if (out / name).exists()]
+    if not present or (resume and (out / "checkpoint.pt").is_file()):
+        return
+    if resume:
+        raise ValueError(f"output_dir {out} holds {', '.join(present)} but no checkpoint.pt to "
+                         "resume from; pass --overwrite (overwrite=True) to replace that run, "
+                         "or choose another output_dir")
+    raise ValueError(f"output_dir {out} already holds a run ({', '.join(present)}); pass "
+                     "--resume to continue it or --overwrite to replace it (resume=True / "
+                     "overwrite=True in Python), or choose another output_dir")
+
+
+def _prepare_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Remove the temporary files killed runs left (and, to overwrite, the old run's files)."""
+    if not out.is_dir():
+        return
+    doomed = [out / name for name in RUN_FILES] if overwrite else []
+    doomed += [out / name for name in _TEMP_FILES]
+    doomed += temp_files_of(out / "checkpoint.pt") + temp_files_of(out / "potential.pt")
+    for path in doomed:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
 
 
 @torch.no_grad()
@@ -85,12 +124,28 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cpu",
              neighbor_backend="auto", free_atoms_only=True) -> dict[str, float]:
-    """OC20 S2EF metrics of ``potential`` on a sequence of frames."""
+    """OC20 S2EF metrics of ``potential`` on a sequence of frames.
+
+    Raises:
+        ValueError: a frame holds an element the potential does not know (naming the
+            elements, the frame and its file where the sequence knows it; checked batch by
+            batch, before that batch is evaluated). To refuse such data before any work, call
+            :func:`est_calc.training.datasets.check_species` first.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     potential.eval()
     dtype = next(potential.parameters()).dtype
+    known = set(potential.species)
     metrics = S2EFMetrics(free_atoms_only=free_atoms_only)
     for start in range(0, len(frames), batch_size):
         chunk = [frames[i] for i in range(start, min(start + batch_size, len(frames)))]
+        found = {start + j: tuple(sorted(set(np.unique(f.numbers).tolist()) - known))
+                 for j, f in enumerate(chunk)}
+        found = {k: v for k, v in found.items() if v}
+        if found:
+            raise species_error(frames, found, known, what="evaluation data",
+                                owner="the potential", complete=False)
         batch, tgt = collate(chunk, energy_mode, device, dtype)
         graph = build_graph(batch, potential.cutoff_A, backend=neighbor_backend, paired=True)
         pred = energy_forces_stress(potential, batch, graph)
@@ -134,17 +189,42 @@ def _load_init(init: str):
 class Trainer:
     """One training run described by a :class:`TrainConfig`.
 
+    Everything is checked before any work, in this order: the config values
+    (:meth:`TrainConfig.validate`), that the data and an init path exist, that ``output_dir``
+    holds no run (unless ``resume`` or ``overwrite``), the data frames, and that every element
+    of the training and validation data is one the model knows: from scratch the model's
+    elements are those of the training data, so a validation set with another element is
+    refused; with ``init`` or ``resume`` the training data must also hold only elements of the
+    init potential or the checkpoint. Then (rank 0) the temporary files a killed run left
+    beside the outputs are removed, and with ``overwrite`` the old run's files
+    (:data:`RUN_FILES`, nothing else).
+
     Args:
         cfg: the run's configuration.
         init: a potential (name or path) to fine-tune instead of starting from scratch.
-        resume: continue from ``output_dir/checkpoint.pt`` when it exists.
+        resume: continue from ``output_dir/checkpoint.pt`` (a fresh run where there is none).
+        overwrite: replace the run in ``output_dir`` (excludes ``resume``).
+
+    Raises:
+        ValueError: any of the checks above (one line naming the key, file or frame).
+        FileNotFoundError: data or an init path that does not exist.
     """
 
-    def __init__(self, cfg: TrainConfig, *, init: str | None = None, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, init: str | None = None, resume: bool = False,
+                 overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run "
+                             "in output_dir, overwrite replaces it")
+        cfg.validate()
         self.cfg = cfg
         init = init if init is not None else cfg.train.init
+        if init is not None and (not isinstance(init, str) or not init.strip()):
+            raise ValueError(f"init must be a potential name or path, got {init!r}")
         self.init = init
+        cfg.check_paths(init=init)
         self.out = Path(cfg.output_dir)
+        ckpt = self.out / "checkpoint.pt"
+        _check_output_dir(self.out, resume=resume, overwrite=overwrite)
         self.rank, self.world = dist_utils.setup()
         self.device = _resolve_device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
@@ -156,30 +236,41 @@ class Trainer:
                                         cfg.data.bad_frames, "train")
         if not good:
             raise ValueError(f"no usable training frames in {cfg.data.train}")
-        self.train_frames = _Subset(train_set, good)
+        self.train_frames = FrameSubset(train_set, good)
         self.data_report = report
         self.val_frames = None
         if cfg.data.val:
             val_set, vgood, _ = _open(cfg.data.val, cfg.data.max_val_frames, cfg.data.bad_frames, "val")
-            self.val_frames = _Subset(val_set, vgood)
+            if not vgood:
+                raise ValueError(f"no usable validation frames in {cfg.data.val}")
+            self.val_frames = FrameSubset(val_set, vgood)
         species = sorted({int(z) for i in range(len(self.train_frames))
                           for z in np.unique(self.train_frames[i].numbers)})
         torch.manual_seed(t.seed)  # model initialisation is a function of the seed
-        ckpt = self.out / "checkpoint.pt"
-        state = load_checkpoint(ckpt) if resume and ckpt.exists() else None
+        state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
+        if resume and state is None and self.rank == 0:
+            print(f"no checkpoint.pt in {self.out} to resume from: starting a fresh run",
+                  flush=True)
         if state is not None:
             # Rebuild exactly the model the checkpoint was trained with, whatever the presets
             # of this est_calc version say now.
             potential = Potential.from_config(ModelConfig.from_dict(state["model_config"]),
                                               species=state["species"])
+            owner = f"the model of checkpoint {ckpt}"
         elif init is not None:
             potential = _load_init(init)
-            missing = sorted(set(species) - set(potential.species))
-            if missing:
-                raise ValueError(f"init potential {init!r} does not know elements {missing}")
+            owner = f"the init potential {init}"
         else:
             mcfg = ModelConfig.preset(cfg.model.preset, **cfg.model.overrides)
             potential = Potential.from_config(mcfg, species=species)
+            owner = "the model (its elements are those of the training data)"
+        if set(species) - set(potential.species):
+            check_species(self.train_frames, potential.species, what="training data",
+                          owner=owner)
+        if self.val_frames is not None:
+            check_species(self.val_frames, potential.species, what="validation data",
+                          owner=owner)
+        if state is None and init is None:
             self._set_normalisation(potential, species)
         self.potential = potential.to(device=self.device, dtype=self.dtype)
         self.ema = copy.deepcopy(self.potential)
@@ -196,6 +287,8 @@ class Trainer:
         if state is not None:
             self._restore(state)
         dist_utils.broadcast_parameters(self.potential)
+        if self.rank == 0:
+            _prepare_output_dir(self.out, overwrite=overwrite)
 
     # ---------------------------------------------------------------- set-up
     def _set_normalisation(self, potential, species) -> None:
@@ -422,11 +515,15 @@ class Trainer:
             return
         keys = list(rows[-1].keys())
         tmp = self.out / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.out / "metrics.csv")
+        try:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.out / "metrics.csv")
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         from est_calc.training.plots import plot_learning_curves
 
         plot_learning_curves(self.history, self.out / "learning_curves.png")
@@ -456,9 +553,14 @@ class Trainer:
         save_potential(final, path)
 
 
-def train(cfg: TrainConfig, *, init: str | None = None, resume: bool = False) -> Path:
-    """Run (or resume) a training run and return the path of the exported potential."""
-    trainer = Trainer(cfg, init=init, resume=resume)
+def train(cfg: TrainConfig, *, init: str | None = None, resume: bool = False,
+          overwrite: bool = False) -> Path:
+    """Run (or resume) a training run and return the path of the exported potential.
+
+    See :class:`Trainer` for what is checked before any work (config values, data, elements,
+    an ``output_dir`` that already holds a run unless ``resume`` or ``overwrite``).
+    """
+    trainer = Trainer(cfg, init=init, resume=resume, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:

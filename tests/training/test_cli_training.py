@@ -121,7 +121,9 @@ def test_shipped_configs_run_on_the_generator_output(config, tmp_path, monkeypat
     root = Path(__file__).resolve().parents[2]
     raw = yaml.safe_load((root / config).read_text())
     monkeypatch.chdir(tmp_path)
-    for split, seed in (("train", 1), ("val", 2)):
+    # the same seed for both: a one-system validation set of another seed may hold elements the
+    # one-system training set lacks, which training from scratch refuses
+    for split, seed in (("train", 1), ("val", 1)):
         out = Path(raw["data"][split]).parent
         assert main(["generate", str(out), "--n-systems", "1", "--seed", str(seed),
                      "--formats", "hdf5", "--frames-per-system", "2", "--no-bulk", "--no-gas",

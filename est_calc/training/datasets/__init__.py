@@ -22,15 +22,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._frame import ConcatFrames, Frame, FrameDataset, frame_from_atoms
+from ._frame import ConcatFrames, Frame, FrameDataset, FrameSubset, frame_from_atoms, frame_source
 from .asedb import AseDBDataset, write_ase_db
 from .extxyz import ExtxyzDataset, read_sidecar, write_extxyz_with_sidecar
 from .hdf5 import HDF5Dataset, write_hdf5
 from .legacy_lmdb import LegacyLMDBDataset, RestrictedUnpickler, UnsafePickleError, safe_loads
-from .validate import ValidationReport, frame_problems, validate_frames
+from .validate import (ValidationReport, check_species, elements_outside, frame_problems,
+                       species_error, validate_frames)
 
 __all__ = [
-    "Frame", "FrameDataset", "ConcatFrames", "frame_from_atoms", "open_dataset", "convert",
+    "Frame", "FrameDataset", "ConcatFrames", "FrameSubset", "frame_from_atoms", "frame_source",
+    "open_dataset", "convert", "check_species", "elements_outside", "species_error",
     "detect_format", "ExtxyzDataset", "AseDBDataset", "LegacyLMDBDataset", "HDF5Dataset",
     "write_extxyz_with_sidecar", "write_ase_db", "write_hdf5", "read_sidecar",
     "RestrictedUnpickler", "UnsafePickleError", "safe_loads", "validate_frames",
@@ -76,7 +78,9 @@ def open_dataset(path, *, format: str | None = None, **options) -> FrameDataset:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: an empty folder/file, a folder mixing formats, or an unknown suffix.
+        ValueError: an empty folder/file, a folder mixing formats, an unknown suffix, or a
+            file or folder that cannot be read (permissions, not of the format its name says,
+            damaged); the message names the path.
     """
     if isinstance(path, (list, tuple)):
         if not path:
@@ -86,6 +90,23 @@ def open_dataset(path, *, format: str | None = None, **options) -> FrameDataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
+    try:
+        return _open_path(path, format, options)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - readers fail in many ways on a foreign file
+        raise ValueError(f"cannot read data {path}: {_describe(err)}") from None
+
+
+def _describe(err: BaseException) -> str:
+    """One line: what went wrong (an OSError's text and file, else the type and message)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f" ({err.filename})" if err.filename else "")
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _open_path(path: Path, format: str | None, options: dict) -> FrameDataset:
     if path.is_dir():
         files = []
         for item in sorted(path.iterdir()):
@@ -126,15 +147,37 @@ def convert(in_path, out_path, *, metadata: dict | None = None, **options) -> in
 
     Returns:
         The number of frames written.
+
+    Raises:
+        ValueError: unreadable input (also a frame that cannot be read, e.g. a pickle the
+            restricted unpickler refuses: the message names the file, the frame and what was
+            refused), or an output suffix that has no writer. Nothing is left under
+            ``out_path`` then.
     """
-    dataset = open_dataset(in_path, **options)
     kind = detect_format(out_path)
+    if kind == "legacy_lmdb":
+        raise ValueError(f"cannot write {out_path}: legacy LMDB output is not supported; "
+                         "use .h5, .aselmdb, .db, .json or .extxyz")
+    dataset = open_dataset(in_path, **options)
+    frames = _read_all(dataset, in_path)
     if kind == "hdf5":
         meta = {"source_format": type(dataset).__name__, **(metadata or {})}
-        return write_hdf5(iter(dataset), out_path, metadata=meta, source=os.fspath(in_path))
+        return write_hdf5(frames, out_path, metadata=meta, source=os.fspath(in_path))
     if kind == "asedb":
-        return write_ase_db(iter(dataset), out_path)
+        return write_ase_db(frames, out_path)
     if kind == "extxyz":
-        return write_extxyz_with_sidecar(iter(dataset), out_path)
-    raise ValueError(f"cannot write {out_path}: legacy LMDB output is not supported; "
-                     "use .h5, .aselmdb, .db, .json or .extxyz")
+        return write_extxyz_with_sidecar(frames, out_path)
+    raise ValueError(f"cannot write {out_path}: no writer for format {kind!r}")
+
+
+def _read_all(dataset, in_path):
+    """The frames of ``dataset`` one by one; a frame that cannot be read becomes a ValueError
+    naming its file and index."""
+    for index in range(len(dataset)):
+        try:
+            frame = dataset[index]
+        except Exception as err:  # noqa: BLE001 - a damaged or refused record, of any kind
+            source, local = frame_source(dataset, index)
+            raise ValueError(f"cannot convert {in_path}: frame {local} of {source or in_path} "
+                             f"cannot be read: {_describe(err)}") from None
+        yield frame

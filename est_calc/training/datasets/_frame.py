@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Frame", "FrameDataset", "ConcatFrames", "frame_from_atoms", "plain_value"]
+__all__ = ["Frame", "FrameDataset", "ConcatFrames", "FrameSubset", "frame_from_atoms",
+           "frame_source", "plain_value"]
 
 
 def plain_value(value):
@@ -201,6 +202,11 @@ class FrameDataset(Sequence):
         for i in range(len(self)):
             yield self._get(i)
 
+    def locate(self, index: int) -> tuple[Any, int]:
+        """Where frame ``index`` comes from: ``(file, index of the frame in that file)``;
+        the file is None where the dataset does not know it."""
+        return getattr(self, "path", None), int(index)
+
 
 class ConcatFrames(FrameDataset):
     """Several frame datasets read one after the other (e.g. a folder of shards, sorted by name)."""
@@ -212,7 +218,38 @@ class ConcatFrames(FrameDataset):
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def _get(self, index: int) -> Frame:
+    def _part(self, index: int) -> tuple[int, int]:
         part = bisect.bisect_right(self._ends, index)
-        start = self._ends[part - 1] if part else 0
-        return self.parts[part][index - start]
+        return part, index - (self._ends[part - 1] if part else 0)
+
+    def _get(self, index: int) -> Frame:
+        part, local = self._part(index)
+        return self.parts[part][local]
+
+    def locate(self, index: int) -> tuple[Any, int]:
+        part, local = self._part(int(index))
+        return frame_source(self.parts[part], local)
+
+
+class FrameSubset(FrameDataset):
+    """The frames ``indices`` of ``dataset``, in that order (frame ``k`` is
+    ``dataset[indices[k]]``)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _get(self, index: int) -> Frame:
+        return self.dataset[self.indices[index]]
+
+    def locate(self, index: int) -> tuple[Any, int]:
+        return frame_source(self.dataset, self.indices[int(index)])
+
+
+def frame_source(frames, index: int) -> tuple[Any, int]:
+    """``(file, index within that file)`` of frame ``index`` of any sequence of frames (a plain
+    list gives ``(None, index)``)."""
+    locate = getattr(frames, "locate", None)
+    return locate(index) if callable(locate) else (None, int(index))

@@ -26,6 +26,18 @@ def _is_aselmdb(path: Path) -> bool:
 _CONNECTIONS: dict[tuple, object] = {}
 
 
+def _probe_lmdb(path: Path) -> None:
+    """Refuse a file that is not an LMDB environment before ASE-LMDB opens it (a failed
+    ASE-LMDB connection fails once more, noisily, when it is garbage-collected)."""
+    import lmdb
+
+    try:
+        lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False,
+                  meminit=False).close()
+    except lmdb.Error as err:
+        raise ValueError(f"{path} is not a readable ASE-LMDB file: {err}") from None
+
+
 def _connect_readonly(path: Path):
     import ase.db
 
@@ -33,6 +45,7 @@ def _connect_readonly(path: Path):
     key = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, os.getpid())
     if key not in _CONNECTIONS:
         if _is_aselmdb(path):
+            _probe_lmdb(path)
             db = ase.db.connect(str(path), readonly=True, use_lock_file=False)
         else:
             db = ase.db.connect(str(path), use_lock_file=False)

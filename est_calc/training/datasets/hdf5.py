@@ -237,6 +237,23 @@ class HDF5Dataset(FrameDataset):
                      reference_energy=None if np.isnan(ref) else ref,
                      extra=json.loads(f["extra_json"]))
 
+    def elements_outside(self, allowed, *, block_frames: int = 65536) -> dict[int, tuple]:
+        """``{frame index: sorted atomic numbers not in allowed}`` for every frame holding one,
+        computed on the packed ``numbers`` array block by block."""
+        self._file()
+        allowed = np.asarray(sorted({int(z) for z in allowed}), dtype=np.int64)
+        found: dict[int, set] = {}
+        for first in range(0, len(self), block_frames):
+            last = min(first + block_frames, len(self))
+            a0, a1 = int(self._ptr[first]), int(self._ptr[last])
+            owner = np.repeat(np.arange(first, last), np.diff(self._ptr[first:last + 1]))
+            z = self._atom_dsets["numbers"][a0:a1]
+            bad = ~np.isin(z, allowed)
+            pairs = np.unique(np.stack([owner[bad], z[bad]]), axis=1)  # (frame, Z), distinct
+            for frame, number in zip(pairs[0].tolist(), pairs[1].tolist()):
+                found.setdefault(frame, set()).add(number)
+        return {k: tuple(sorted(v)) for k, v in sorted(found.items())}
+
     def frame_problems_bulk(self, *, allowed_species=None, require_energy: bool = True,
                             require_forces: bool = True, block_frames: int = 65536):
         """Problem kinds of every frame, computed on whole arrays (same kinds and rules as

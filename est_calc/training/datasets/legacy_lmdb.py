@@ -198,8 +198,16 @@ class _LmdbFile:
         self.path = path
         with self.env.begin() as txn:
             raw = txn.get(b"length")
-            self.length = (int(safe_loads(raw)) if raw is not None
-                           else self.env.stat()["entries"])
+            if raw is None:
+                self.length = self.env.stat()["entries"]
+                return
+        try:
+            length = safe_loads(raw)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read its length record: {err}") from None
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ValueError(f"{path}: its length record holds {length!r}, not a count")
+        self.length = length
 
     @property
     def env(self):
@@ -243,13 +251,29 @@ class LegacyLMDBDataset(FrameDataset):
     def __len__(self) -> int:
         return self._ends[-1]
 
-    def raw_fields(self, index: int) -> dict:
-        """The unpickled field dict of record ``index`` (tensors left as torch tensors)."""
+    def _part(self, index: int) -> tuple[int, int]:
         import bisect
 
         part = bisect.bisect_right(self._ends, index)
-        local = index - (self._ends[part - 1] if part else 0)
-        return _fields(safe_loads(self._files[part].get(local)))
+        return part, index - (self._ends[part - 1] if part else 0)
+
+    def locate(self, index: int) -> tuple[Path, int]:
+        """``(lmdb file, key)`` of frame ``index``."""
+        part, local = self._part(int(index))
+        return self._files[part].path, local
+
+    def raw_fields(self, index: int) -> dict:
+        """The unpickled field dict of record ``index`` (tensors left as torch tensors).
+
+        Raises:
+            pickle.UnpicklingError: (UnsafePickleError for a refused global) with the file and
+                key in the message.
+        """
+        part, local = self._part(index)
+        try:
+            return _fields(safe_loads(self._files[part].get(local)))
+        except pickle.UnpicklingError as err:
+            raise type(err)(f"{self._files[part].path} record {local}: {err}") from None
 
     def _get(self, index: int) -> Frame:
         return _frame_from_fields(self.raw_fields(index), self.default_pbc)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._frame import Frame
+from ._frame import ConcatFrames, Frame, FrameSubset, frame_source
 
-__all__ = ["ValidationReport", "frame_problems", "validate_frames"]
+__all__ = ["ValidationReport", "frame_problems", "validate_frames", "elements_outside",
+           "check_species", "species_error"]
 
 MAX_Z = 118
 
@@ -122,8 +122,7 @@ def validate_frames(dataset, *, policy: str = "stop", allowed_species=None,
         else:
             try:
                 problems = frame_problems(dataset[index], **options)
-            except (ValueError, KeyError, TypeError, IndexError,
-                    pickle.UnpicklingError) as err:
+            except Exception as err:  # noqa: BLE001 - a record that cannot be read, of any kind
                 problems = ["unreadable"]
                 report.messages[index] = f"{type(err).__name__}: {err}"
         if not problems:
@@ -136,7 +135,83 @@ def validate_frames(dataset, *, policy: str = "stop", allowed_species=None,
                 examples.append(index)
     report.n_kept = len(good)
     if policy == "stop" and report.counts:
+        unreadable = ""
+        if report.messages:
+            first = min(report.messages)
+            text = " ".join(report.messages[first].split())  # one line
+            unreadable = f"; frame {first} is unreadable: {text}"
         raise ValueError(f"bad frames in {getattr(dataset, 'path', 'dataset')}: "
-                         f"{report.summary()}; example indices {report.examples} "
+                         f"{report.summary()}; example indices {report.examples}{unreadable} "
                          "(use policy='skip' to train on the good frames only)")
     return good, report
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+def elements_outside(frames, allowed) -> dict[int, tuple]:
+    """``{k: sorted atomic numbers of frame k not in allowed}`` for every frame ``k`` of
+    ``frames`` that holds such an element (packed HDF5 files are scanned as whole arrays)."""
+    allowed = {int(z) for z in allowed}
+    bulk = getattr(frames, "elements_outside", None)
+    if callable(bulk):
+        return bulk(allowed)
+    if isinstance(frames, ConcatFrames):
+        found, start = {}, 0
+        for part in frames.parts:
+            found.update({start + k: v for k, v in elements_outside(part, allowed).items()})
+            start += len(part)
+        return found
+    if isinstance(frames, FrameSubset) and callable(getattr(frames.dataset, "elements_outside",
+                                                            None)):
+        inner = frames.dataset.elements_outside(allowed)
+        return {k: inner[i] for k, i in enumerate(frames.indices) if i in inner}
+    found = {}
+    for k in range(len(frames)):
+        present = {int(z) for z in np.unique(frames[k].numbers)}
+        if present - allowed:
+            found[k] = tuple(sorted(present - allowed))
+    return found
+
+
+def species_error(frames, found: dict, species, *, what: str = "data",
+                  owner: str = "the potential", complete: bool = True,
+                  max_examples: int = 5) -> ValueError:
+    """The one-line error for frames holding elements outside ``species``.
+
+    Args:
+        frames: the sequence the keys of ``found`` index (its frames are located in their
+            files with :func:`frame_source`).
+        found: ``{frame index: unknown atomic numbers}``, as :func:`elements_outside` returns.
+        species: the atomic numbers that are known.
+        what: what the frames are ("validation data", a path ...).
+        owner: who does not know the elements ("the potential", ...).
+        complete: ``found`` covers all of ``frames`` (the count of affected frames is given).
+    """
+    unknown = sorted({int(z) for zs in found.values() for z in zs})
+    examples = []
+    for k in list(found)[:max_examples]:
+        source, local = frame_source(frames, k)
+        where = f"frame {local}" + (f" of {source}" if source is not None else "")
+        examples.append(f"{where} ({', '.join(_symbol(z) for z in found[k])})")
+    more = ", ..." if len(found) > max_examples else ""
+    count = f" in {len(found)} of {len(frames)} frames" if complete else ""
+    return ValueError(
+        f"{what}: {owner} does not know element(s) {', '.join(_symbol(z) for z in unknown)} "
+        f"(it knows {', '.join(_symbol(int(z)) for z in sorted(species))}); found{count}: "
+        f"{', '.join(examples)}{more}")
+
+
+def check_species(frames, species, *, what: str = "data", owner: str = "the potential") -> None:
+    """Refuse frames holding elements outside ``species``.
+
+    Raises:
+        ValueError: one line naming the unknown elements, how many frames hold them and the
+            first few of those frames (index in their file, and the file where known).
+    """
+    found = elements_outside(frames, species)
+    if found:
+        raise species_error(frames, found, species, what=what, owner=owner)
