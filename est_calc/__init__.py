@@ -8,7 +8,14 @@ Public entry points:
 * :func:`est_calc.forces.energy_forces_stress` - the only place forces and stress are computed.
 """
 
-__version__ = "0.1.0"
+from est_calc.threads import set_passive_wait_policy
+
+__version__ = "0.2.0"
+
+# OpenMP reads its wait policy once, when torch loads: set it before anything imports torch
+# (unless the user chose one), so that threads waiting at a barrier sleep instead of spinning
+# on a core another process needs (est_calc/threads.py).
+set_passive_wait_policy()
 
 __all__ = ["ESTCalculator", "__version__"]
 

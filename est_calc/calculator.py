@@ -281,6 +281,10 @@ class ESTCalculator(Calculator):
             compiles (about 2 minutes for "small" on 2 CPU cores); on CPU the gain is small
             (benchmarks/README.md), the target is GPUs, where small systems are launch-bound.
             With ``low_memory=True`` the eager path runs.
+        threads: intra-op threads of every call; None (default) chooses per call
+            (:mod:`est_calc.threads`): one thread below ``PARALLEL_MIN_EDGES`` edges, else the
+            CPUs this process may use, never more than ``torch.get_num_threads()``; with
+            ``OMP_NUM_THREADS`` set, torch's count is left alone.
         **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
             (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
             passed on; any other name is refused.
@@ -333,6 +337,7 @@ class ESTCalculator(Calculator):
         low_memory: bool = False,
         attention_precision: str = "float32",
         tune_malloc: bool = True,
+        threads: int | None = None,
         **kwargs,
     ):
         _check_keywords(kwargs)
@@ -390,6 +395,11 @@ class ESTCalculator(Calculator):
 
         attention_precision_dtype(attention_precision)  # ValueError now, not at the first call
         self.attention_precision = attention_precision
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
+        self._last_n_edges = 0
         self.n_model_calls = 0
         from est_calc.neighbors.verlet import VerletNeighborList
 
@@ -431,12 +441,17 @@ class ESTCalculator(Calculator):
             MemoryError: the neighbour list or the model ran out of memory
                 (:meth:`_out_of_memory_guard`).
         """
-        if neighbor_list is not None:
-            graph = self._out_of_memory_guard(lambda: neighbor_list(batch), batch)
-        else:
-            graph = self._out_of_memory_guard(
-                lambda: build_graph(batch, self.cutoff_A, backend=self.neighbor_backend,
-                                    paired=True), batch)
+        from est_calc.threads import choose_threads, intra_op_threads
+
+        # The list's size is known only after it is built: its threads follow the last call's.
+        with intra_op_threads(choose_threads(self._last_n_edges, self.threads)):
+            if neighbor_list is not None:
+                graph = self._out_of_memory_guard(lambda: neighbor_list(batch), batch)
+            else:
+                graph = self._out_of_memory_guard(
+                    lambda: build_graph(batch, self.cutoff_A, backend=self.neighbor_backend,
+                                        paired=True), batch)
+        self._last_n_edges = graph.n_edges
         self._check_contacts(batch, graph)
         work = batch
         if stress_mask is not None and not all(stress_mask):
@@ -451,7 +466,8 @@ class ESTCalculator(Calculator):
         from est_calc.nn.attention import attention_precision
 
         def run():
-            with self.potential.model.checkpoint_layers(self.low_memory), \
+            with intra_op_threads(choose_threads(graph.n_edges, self.threads)), \
+                    self.potential.model.checkpoint_layers(self.low_memory), \
                     attention_precision(self.attention_precision), \
                     _frozen_parameters(self._model_parameters):
                 return energy_forces_stress(
@@ -583,7 +599,10 @@ class ESTCalculator(Calculator):
         """
         super().calculate(atoms, properties, system_changes)
         _check_atoms(self.atoms, self.potential)
-        want_stress = "stress" in properties
+        # Periodic in all three directions: stress comes with energy and forces from the same
+        # backward pass (one more gradient output), so ASE's get_forces(); get_stress() and every
+        # cell-filter or NPT step cost one model call. Slabs and molecules compute it on request.
+        want_stress = "stress" in properties or bool(self.atoms.pbc.all())
         if want_stress and not self.atoms.pbc.any():
             raise PropertyNotImplementedError(
                 "stress is only defined for periodic systems (atoms.pbc is all False)"

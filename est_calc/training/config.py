@@ -105,6 +105,9 @@ class TrainSection:
     second stage on more data): a potential (registry name or ``.pt`` path) or a training
     checkpoint of another run (its EMA weights). The optimiser and schedule start afresh; the
     element references and energy scale come with the weights. ``est train --init`` overrides it.
+
+    ``threads``: intra-op threads of every step; None chooses per step from its graph
+    (:func:`est_calc.threads.choose_threads`).
     """
 
     max_steps: int = 1000
@@ -125,6 +128,7 @@ class TrainSection:
     progress: bool = True
     init: str | None = None
     time_budget_s: float | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -153,8 +157,8 @@ class TrainConfig:
         integer, ``"yes"`` is not a boolean).
 
         Rules: ``max_steps``, ``batch_size``, ``eval_every``, ``checkpoint_every``,
-        ``log_every``, ``max_train_frames`` and ``max_val_frames`` are positive integers
-        (the last two may be None); ``warmup_steps`` and ``seed`` non-negative integers;
+        ``log_every``, ``max_train_frames``, ``max_val_frames`` and ``threads`` are positive
+        integers (the last three may be None); ``warmup_steps`` and ``seed`` non-negative integers;
         ``lr``, ``weight_decay`` and the loss weights finite numbers >= 0 (at least one loss
         weight > 0); ``grad_clip``, ``huber_delta`` and ``time_budget_s`` finite numbers > 0;
         ``min_lr_ratio`` in [0, 1]; ``ema_decay`` in [0, 1) (1 would never move the averaged
@@ -229,6 +233,8 @@ class TrainConfig:
         if t.init is not None:
             _check_text("train.init", t.init,
                         "a path or registry name of a potential, or a checkpoint path")
+        if t.threads is not None:
+            _check_int("train.threads", t.threads, 1)
         if t.time_budget_s is not None:
             t.time_budget_s = _check_number("train.time_budget_s", t.time_budget_s, 0.0, None,
                                             "a finite positive number of seconds",

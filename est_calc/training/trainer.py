@@ -27,6 +27,7 @@ from est_calc.atomic_io import temp_files_of
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import build_graph
+from est_calc.threads import choose_threads, intra_op_threads
 from est_calc.potential import Potential, load_potential, save_potential
 from est_calc.training import distributed as dist_utils
 from est_calc.training.batching import collate, fit_element_references, random_rotations, rotate_batch
@@ -369,7 +370,8 @@ class Trainer:
         # The lattice rotation is done on the data above (deterministic per step), so the model
         # runs with its fixed lattice: eval-mode semantics for the grid, training for the rest.
         self.potential.train()
-        with self.potential.model.fixed_grid():
+        with intra_op_threads(choose_threads(graph.n_edges, t.threads)), \
+                self.potential.model.fixed_grid():
             pred = energy_forces_stress(self.potential, batch, graph,
                                         compute_stress=want_stress, create_graph=True)
         terms = loss_terms(pred, tgt.energy, tgt.forces, tgt.stress if want_stress else None,
@@ -381,7 +383,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with intra_op_threads(choose_threads(graph.n_edges, t.threads)):
+            loss.backward()
         dist_utils.all_reduce_gradients(self.potential)  # zeros where the loss did not reach
         gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
         self.optimizer.step()
