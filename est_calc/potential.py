@@ -34,6 +34,7 @@ __all__ = [
     "load_potential",
     "list_potentials",
     "potential_dirs",
+    "RETIRED",
 ]
 
 FORMAT = "est_calc.potential"
@@ -194,6 +195,16 @@ def save_potential(potential: Potential, path: Union[str, os.PathLike]) -> Path:
 # registry
 
 
+#: Names of potentials that earlier versions shipped, and why they are gone (the files remain
+#: in the project's history and load by path, with a LegacyNormWarning in float32).
+RETIRED = {
+    "est-emt-small-v6": (
+        "retired in est_calc 0.2 because its l > 0 norm amplifies float32 rounding on ideal "
+        "crystals (forces of 1e5 eV/Å in float32; issue 21); use 'est-emt-small' (version 8), "
+        "or load the old file by path with dtype='float64'"),
+}
+
+
 def potential_dirs() -> list[Path]:
     """Folders searched for named potentials, in order: the source tree, then the install."""
     dirs = [
@@ -245,6 +256,8 @@ def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
         candidate = d / f"{name}.pt"
         if candidate.is_file():
             return candidate
+    if name in RETIRED:
+        raise FileNotFoundError(f"potential {name!r} is no longer shipped: {RETIRED[name]}")
     known = list_potentials()
     raise FileNotFoundError(
         f"unknown potential {name!r}: not a file and not a registered name "

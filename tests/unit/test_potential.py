@@ -180,3 +180,10 @@ def test_real_registry_is_consistent():
     for name in list_potentials():
         assert isinstance(load_potential(name), Potential)
     assert os.path.basename(str(potmod.potential_dirs()[0])) == "potentials"
+
+
+def test_a_retired_name_says_why_and_what_to_use():
+    from est_calc.potential import load_potential
+
+    with pytest.raises(FileNotFoundError, match="no longer shipped.*float32.*est-emt-small"):
+        load_potential("est-emt-small-v6")
