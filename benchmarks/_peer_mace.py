@@ -14,11 +14,17 @@ speed and memory do not depend on trained weights. Tasks (each prints one JSON l
 - ``train``: {"structures": extxyz path with "ref_energy" info and "ref_forces" arrays,
   "batch_size", "steps", "warmup", "device", "dtype"} -> {"structures_per_s", "median_step_s"}:
   forward with forces (create_graph), loss = MSE(E/atom) + 10 MSE(F), backward, AdamW step.
-  Neighbour lists are built once before timing (as MACE's own training does).
+  Neighbour lists are built once before timing (as MACE's own training does). The answer also
+  has "total_s" (the timed steps together) and "step_times_s".
 - ``serve``: {"device", "dtype"}: builds the model once, then answers one JSON line per request
   line read from stdin ({"structures", "repeats", "warmup"}, as ``infer``) until stdin closes.
   Lets a benchmark alternate EST and MACE timings in rounds without paying the peer's start-up
   for every round, so a change of machine load hits both sides alike.
+- ``busy_md``: {"structures": extxyz path (the first structure is used), "device", "dtype",
+  "reset_every", "temperature_K", "seed"}: a background load for ``contention.py``. Runs
+  VelocityVerlet MD (1 fs) with ``MACECalculator`` until it is killed, restarting from the
+  initial state every ``reset_every`` steps; prints ``{"ready": true, ...}`` after its first
+  step and nothing else. Never returns.
 
 This file is imported by nothing in est_calc; it only needs mace-torch, torch and ase.
 """
@@ -175,7 +181,8 @@ def task_train(opt: dict) -> dict:
         times.append(time.perf_counter() - t0)
         n_structs += int(b.num_graphs)
     return {"model": "MACE-small", "params": n_params, "median_step_s": statistics.median(times),
-            "structures_per_s": n_structs / sum(times), "steps": n_steps}
+            "structures_per_s": n_structs / sum(times), "steps": n_steps,
+            "total_s": sum(times), "step_times_s": times}
 
 
 def task_serve(opt: dict) -> None:
@@ -190,7 +197,83 @@ def task_serve(opt: dict) -> None:
         print(json.dumps(_time_structures(calc, n_params, request)), flush=True)
 
 
-TASKS = {"infer": task_infer, "memory": task_memory, "train": task_train, "serve": task_serve}
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent exits (Linux ``PR_SET_PDEATHSIG``).
+
+    Background loads call it first thing, so a benchmark that is killed outright (SIGKILL, a
+    timeout of ``run_all.py``) leaves none of them spinning. When the parent is already gone
+    (``$EST_BENCH_PARENT_PID`` differs from the parent's pid) the process exits at once.
+    No-op where ``prctl`` is missing.
+    """
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    expected = os.environ.get("EST_BENCH_PARENT_PID")
+    if expected and os.getppid() != int(expected):
+        os._exit(0)
+
+
+def md_until_killed(atoms, calc, *, reset_every: int = 200, temperature_K: float = 300.0,
+                    seed: int = 0, timestep_fs: float = 1.0) -> None:
+    """VelocityVerlet MD with ``calc`` on ``atoms`` forever: a simulation running beside a
+    benchmark. Every ``reset_every`` steps it starts again from the initial positions and the
+    same seeded velocities (so it never drifts into a state the calculator refuses); prints one
+    ``{"ready": true}`` JSON line after its first step. Used by ``busy_md`` and by
+    ``contention.py`` for EST (same loop, est_calc's calculator). Never returns."""
+    import os
+
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    start = atoms.copy()
+    start.calc = None
+    MaxwellBoltzmannDistribution(start, temperature_K=temperature_K,
+                                 rng=np.random.RandomState(seed))
+    steps = max(1, int(reset_every))
+    ready, failures = False, 0
+    while True:
+        atoms = start.copy()
+        atoms.calc = calc
+        dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+        try:
+            if not ready:
+                dyn.run(1)
+                print(json.dumps({"ready": True, "pid": os.getpid(), "n_atoms": len(atoms)}),
+                      flush=True)
+                ready = True
+                dyn.run(steps - 1)
+            else:
+                dyn.run(steps)
+        except Exception as err:  # a load must go on: restart from the start
+            failures += 1
+            if failures == 1:
+                print(f"md_until_killed: {type(err).__name__}: {err}; restarting",
+                      file=sys.stderr, flush=True)
+            if not ready:
+                raise
+
+
+def task_busy_md(opt: dict) -> None:
+    from ase.io import read
+
+    die_with_parent()
+    device, dtype = opt.get("device", "cpu"), opt.get("dtype", "float32")
+    atoms = read(opt["structures"], index=0)
+    model, _ = build_model(dtype, device)
+    md_until_killed(atoms, _calculator(model, device, dtype),
+                    reset_every=int(opt.get("reset_every", 200)),
+                    temperature_K=float(opt.get("temperature_K", 300.0)),
+                    seed=int(opt.get("seed", 0)))
+
+
+TASKS = {"infer": task_infer, "memory": task_memory, "train": task_train, "serve": task_serve,
+         "busy_md": task_busy_md}
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,7 @@ SCRIPTS = [
     ("batched.py", ["--quick"], ["--full"], True),
     ("memory.py", ["--quick"], ["--full"], True),
     ("training_throughput.py", ["--quick"], ["--full"], True),
+    ("contention.py", ["--quick"], ["--full"], True),
     ("neighbors.py", ["--quick"], [], False),
     ("equivariance.py", ["--quick"], [], False),
 ]
