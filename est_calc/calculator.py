@@ -180,6 +180,39 @@ def _is_out_of_memory(err: RuntimeError) -> bool:
     return any(phrase in text for phrase in _OOM_PHRASES)
 
 
+def _dispersion_term(dispersion, functional, neighbor_backend: str, device: torch.device):
+    """The DispersionD3 that ``dispersion`` and ``functional`` ask for, on ``device``, or None.
+
+    Raises:
+        ValueError: an unknown method or functional, a functional without a dispersion method,
+            a method without a functional, or a DispersionD3 with a different functional.
+    """
+    from est_calc.dispersion import DISPERSION_METHODS, DispersionD3
+
+    if dispersion is None:
+        if functional is not None:
+            raise ValueError(
+                f"functional={functional!r} selects the parameters of a dispersion correction; "
+                f"pass dispersion='d3bj' with it (or leave both out)")
+        return None
+    if isinstance(dispersion, DispersionD3):
+        if functional is not None and str(functional).strip().lower() != dispersion.functional:
+            raise ValueError(f"functional={functional!r} differs from the DispersionD3's own "
+                             f"({dispersion.functional!r}); give one or the other")
+        if dispersion.c6_ref.device != device:
+            dispersion = copy.deepcopy(dispersion)
+        return dispersion.to(device)
+    if not isinstance(dispersion, str) or dispersion.strip().lower() not in DISPERSION_METHODS:
+        raise ValueError(f"dispersion must be None, one of {list(DISPERSION_METHODS)} or an "
+                         f"est_calc.dispersion.DispersionD3, got {dispersion!r}")
+    if functional is None:
+        raise ValueError(
+            f"dispersion={dispersion!r} needs functional=..., the DFT functional the potential's "
+            "training data were computed with, which selects the D3(BJ) parameters (e.g. "
+            "'pbe' for Materials Project data, 'rpbe' for OC20)")
+    return DispersionD3(functional, neighbor_backend=neighbor_backend).to(device)
+
+
 def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     """Raise ValueError for input the model cannot evaluate (see ESTCalculator's Raises)."""
     if len(atoms) == 0:
@@ -285,6 +318,16 @@ class ESTCalculator(Calculator):
             (:mod:`est_calc.threads`): one thread below ``PARALLEL_MIN_EDGES`` edges, else the
             CPUs this process may use, never more than ``torch.get_num_threads()``; with
             ``OMP_NUM_THREADS`` set, torch's count is left alone.
+        dispersion: None (default) or "d3bj": add the two-body DFT-D3 dispersion energy with
+            Becke-Johnson damping (:mod:`est_calc.dispersion`) to the potential's energy, in the
+            same autograd pass, so forces and stress are derivatives of E_model + E_D3 and the
+            per-atom ``energies`` include each atom's half of its D3 pair terms. A
+            :class:`~est_calc.dispersion.DispersionD3` is taken as given (other cutoffs). Only
+            meaningful for a potential trained on data without dispersion.
+        functional: with ``dispersion="d3bj"`` (required there): the DFT functional of the
+            potential's training data, which selects the D3(BJ) parameters, e.g. "pbe"
+            (Materials Project) or "rpbe" (OC20); see
+            :func:`est_calc.dispersion.functionals`.
         **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
             (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
             passed on; any other name is refused.
@@ -295,10 +338,13 @@ class ESTCalculator(Calculator):
         FileNotFoundError: an unknown name or a missing file.
         UnknownArgumentError: an unknown keyword argument (a TypeError and a ValueError); the
             message names it, the closest valid name and every valid one.
-        ValueError: an unreadable potential file, a bad dtype, device or neighbour backend.
+        ValueError: an unreadable potential file, a bad dtype, device or neighbour backend, an
+            unknown dispersion method or functional, a functional without ``dispersion``, or
+            ``dispersion`` without a functional.
 
     Attributes:
         potential: the :class:`Potential` that runs.
+        dispersion: the :class:`~est_calc.dispersion.DispersionD3` term, or None.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
         neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` of
@@ -338,6 +384,8 @@ class ESTCalculator(Calculator):
         attention_precision: str = "float32",
         tune_malloc: bool = True,
         threads: int | None = None,
+        dispersion=None,
+        functional: str | None = None,
         **kwargs,
     ):
         _check_keywords(kwargs)
@@ -347,6 +395,7 @@ class ESTCalculator(Calculator):
         resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        dispersion = _dispersion_term(dispersion, functional, neighbor_backend, self.device)
         if tune_malloc and self.device.type == "cpu":
             from est_calc.allocator import tune_malloc as _tune_malloc
 
@@ -414,6 +463,13 @@ class ESTCalculator(Calculator):
 
         self.neighbor_list = verlet_list()
         self.batch_neighbor_list = verlet_list()
+        self.dispersion = dispersion
+        self._dispersion_pairs = self._batch_dispersion_pairs = None
+        if dispersion is not None:
+            dispersion.check_species(potential.species)
+            # Its own pair lists (each pair once, to its longer cutoff), with the same skin.
+            self._dispersion_pairs = dispersion.pair_list(skin)
+            self._batch_dispersion_pairs = dispersion.pair_list(skin)
 
     @property
     def cutoff_A(self) -> float:
@@ -426,13 +482,16 @@ class ESTCalculator(Calculator):
 
     # ------------------------------------------------------------------ core
     def _predict(self, batch: AtomsBatch, stress_mask: Sequence[bool] | None,
-                 neighbor_list=None):
+                 neighbor_list=None, dispersion_pairs=None):
         """One forward (and backward) pass over a batch of checked structures.
 
         Args:
             batch: the structures, on the calculator's device and dtype.
             stress_mask: per structure, whether its stress is wanted; None for no stress.
             neighbor_list: a VerletNeighborList to take the graph from; None builds it.
+            dispersion_pairs: with a dispersion term, the
+                :class:`~est_calc.dispersion.D3PairList` to take its pairs from; None builds
+                them.
 
         Returns:
             Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
@@ -451,6 +510,14 @@ class ESTCalculator(Calculator):
                 graph = self._out_of_memory_guard(
                     lambda: build_graph(batch, self.cutoff_A, backend=self.neighbor_backend,
                                         paired=True), batch)
+            extra_energy = None
+            if self.dispersion is not None:
+                d3_list = (dispersion_pairs if dispersion_pairs is not None
+                           else self.dispersion.pair_list())
+                d3_pairs = self._out_of_memory_guard(lambda: d3_list(batch), batch)
+
+                def extra_energy(strained):
+                    return self.dispersion(strained, d3_pairs)
         self._last_n_edges = graph.n_edges
         self._check_contacts(batch, graph)
         work = batch
@@ -471,7 +538,8 @@ class ESTCalculator(Calculator):
                     attention_precision(self.attention_precision), \
                     _frozen_parameters(self._model_parameters):
                 return energy_forces_stress(
-                    self.potential, work, graph, compute_stress=want_stress, create_graph=False
+                    self.potential, work, graph, compute_stress=want_stress, create_graph=False,
+                    extra_energy=extra_energy,
                 )
 
         return self._out_of_memory_guard(run, batch, graph)
@@ -609,7 +677,9 @@ class ESTCalculator(Calculator):
             )
         batch = AtomsBatch.from_atoms(self.atoms, device=self.device, dtype=self.dtype)
         mask = [True] if want_stress else None
-        self.results = self._results(self._predict(batch, mask, self.neighbor_list), batch, mask)[0]
+        pred = self._predict(batch, mask, self.neighbor_list,
+                             self._dispersion_pairs)
+        self.results = self._results(pred, batch, mask)[0]
 
     def calculate_batch(
         self, atoms_list: Sequence, properties: Iterable[str] = ("energy", "forces")
@@ -644,4 +714,6 @@ class ESTCalculator(Calculator):
         batch = _checked_batch(atoms_list, self.potential, self.device, self.dtype)
         periodic = batch.pbc.any(dim=1).tolist()
         mask = periodic if "stress" in properties and any(periodic) else None
-        return self._results(self._predict(batch, mask, self.batch_neighbor_list), batch, mask)
+        pred = self._predict(batch, mask, self.batch_neighbor_list,
+                             self._batch_dispersion_pairs)
+        return self._results(pred, batch, mask)

@@ -19,6 +19,7 @@ Equation -> code:
 | r', cell' = (r, cell)(I+e)| ``geometry.apply_strain``                        |
 | F = -dE/dr               | ``-grads[0]``                                     |
 | sigma = (1/V) dE/de0     | ``grads[1] / cell_volume(cell)``                  |
+| E = E_model + E_extra    | ``energy + extra_energy(work).energy``            |
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def energy_forces_stress(
     compute_forces: bool = True,
     compute_stress: bool = False,
     create_graph: bool = False,
+    extra_energy=None,
 ) -> Prediction:
     """Energy, and optionally forces and stress, of every structure of ``batch``.
 
@@ -107,6 +109,13 @@ def energy_forces_stress(
             must have a cell of non-zero volume (slabs: a full cell with vacuum along z).
         create_graph: keep the graph of the derivatives so that a loss on forces or stress can
             be differentiated again (training). Without it the outputs are detached.
+        extra_energy: optional callable mapping the batch to an object with ``energy``
+            (n_systems,) and ``energies`` (n_atoms,) in eV (e.g. a bound
+            :class:`est_calc.dispersion.DispersionD3`). It receives the same strained,
+            differentiable positions and cell as the model, and its energies are added to the
+            model's before differentiating, so forces and stress are derivatives of the sum
+            E = E_model + E_extra. It must compute its geometry from ``batch.positions`` and
+            ``batch.cell`` (its pair list may come from the unstrained batch).
 
     Returns:
         Prediction(energy, energies, forces or None, stress or None).
@@ -146,6 +155,10 @@ def energy_forces_stress(
         work = batch.replace(positions=positions, cell=cell) if need_grad else batch
         out = model(work, graph)
         energy, energies = out.energy, out.energies
+        if extra_energy is not None:
+            extra = extra_energy(work)
+            energy = energy + extra.energy.to(energy.dtype)
+            energies = energies + extra.energies.to(energies.dtype)
 
         forces = stress = None
         if need_grad:

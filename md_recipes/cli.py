@@ -12,6 +12,9 @@ that did not converge.
     est relax IN -o OUT.traj [--cell] [--fmax F] [--optimizer FIRE|BFGS|LBFGS]
     est md IN --ensemble nvt-langevin -T 500 --steps N -o OUT.traj [--timestep] [--log] [--restart]
     est adsorb --slab Cu111 --adsorbate O [--sites fcc,hcp] [--calc emt|est|PATH]
+
+Every command takes ``--dispersion d3bj --functional NAME`` to add DFT-D3(BJ) to the EST
+potential (:mod:`est_calc.dispersion`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from md_recipes.safety import atomic_output, check_output_path
 
 __all__ = ["add_relax_parser", "add_md_parser", "add_adsorb_parser", "make_calculator",
-           "main_relax", "main_md", "main_adsorb"]
+           "check_dispersion", "main_relax", "main_md", "main_adsorb"]
 
 
 def check_device(device: str) -> None:
@@ -49,14 +52,39 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: MPS is not available on this machine")
 
 
+def check_dispersion(dispersion: str | None, functional: str | None,
+                     spec: str = "est") -> None:
+    """Raise ValueError unless ``--dispersion`` / ``--functional`` go together and name a known
+    method and a functional with D3(BJ) parameters (``--calc emt`` takes neither)."""
+    if dispersion is None and functional is None:
+        return
+    if spec.lower() == "emt":
+        raise ValueError("--dispersion/--functional apply to EST potentials, not --calc emt")
+    if dispersion is None:
+        raise ValueError(f"--functional {functional} selects dispersion parameters; add "
+                         "--dispersion d3bj (or leave both out)")
+    if functional is None:
+        raise ValueError(f"--dispersion {dispersion} needs --functional, the DFT functional of "
+                         "the potential's training data (e.g. pbe, rpbe)")
+    from est_calc.dispersion import bj_parameters
+
+    bj_parameters(functional)  # ValueError naming valid functionals
+
+
 def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
-                    compile: bool = False):
+                    compile: bool = False, dispersion: str | None = None,
+                    functional: str | None = None):
     """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
 
+    ``dispersion`` ("d3bj") and ``functional`` (e.g. "rpbe") add DFT-D3(BJ) to an EST potential
+    (``ESTCalculator(..., dispersion=, functional=)``).
+
     Raises:
-        ValueError: for a spec that is neither a known name nor an existing file, or (EST) a
-            device that does not exist here (see :func:`check_device`).
+        ValueError: for a spec that is neither a known name nor an existing file, (EST) a
+            device that does not exist here (see :func:`check_device`), or a bad dispersion
+            option (see :func:`check_dispersion`).
     """
+    check_dispersion(dispersion, functional, spec)
     if spec.lower() == "emt":
         from ase.calculators.emt import EMT
 
@@ -67,7 +95,7 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
     from est_calc.calculator import ESTCalculator
 
     return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
-                         compile=compile)
+                         compile=compile, dispersion=dispersion, functional=functional)
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +108,11 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
                         "moved by more than skin/2 (pairs stay exact); 0 rebuilds every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the EST network (GPU runs; the first step compiles)")
+    p.add_argument("--dispersion", default=None, type=str.lower, choices=["d3bj"],
+                   help="add DFT-D3(BJ) dispersion to the EST potential (needs --functional)")
+    p.add_argument("--functional", default=None,
+                   help="DFT functional of the potential's training data, which selects the "
+                        "D3(BJ) parameters (e.g. pbe, rpbe)")
 
 
 def _bound(text: str) -> float | None:
@@ -167,10 +200,12 @@ def _run_relax(args) -> int:
     from md_recipes.relax import _check_common, relax
 
     _check_common(args.fmax, args.steps, args.optimizer, args.max_force)
+    check_dispersion(args.dispersion, args.functional, args.calc)
     _check_structure_output("-o/--output", args.output)
     check_output_path("--log", args.log)
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
+                           args.functional)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
                 max_force_eV_per_A=args.max_force)
@@ -232,12 +267,14 @@ def _run_md(args) -> int:
                   max_temperature_ratio=args.max_temperature_ratio,
                   max_energy_drift_eV_per_atom=args.max_energy_drift)
     _check_arguments(**kwargs)  # before the structure is read and the potential loaded
+    check_dispersion(args.dispersion, args.functional, args.calc)
     if args.restart is not None and os.path.exists(args.restart):
         from md_recipes.md import read_checkpoint
 
         read_checkpoint(args.restart)  # a damaged restart file is named before any work
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
+                           args.functional)
     res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
     if args.restart is not None and res.start_step == res.n_steps > 0:
         print(f"{'restart':<22}{args.restart} is already at step {res.n_steps}: "
@@ -277,10 +314,12 @@ def add_adsorb_parser(sub) -> argparse.ArgumentParser:
 def _run_adsorb(args) -> int:
     from md_recipes.adsorption import adsorption_energy
 
+    check_dispersion(args.dispersion, args.functional, args.calc)
     _check_structure_output("-o/--output", args.output)
     slab = _read(args.slab) if os.path.exists(args.slab) else args.slab
     sites = "all" if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s]
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile)
+    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
+                           args.functional)
     res = adsorption_energy(slab, args.adsorbate, calc, sites=sites, fmax_eV_per_A=args.fmax,
                             height_A=args.height, max_steps=args.steps)
     print(f"{args.adsorbate} on {args.slab} ({args.calc})")

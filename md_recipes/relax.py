@@ -61,13 +61,16 @@ class RelaxResult:
 DEFAULT_SKIN_A = 1.0
 
 
-def default_calculator():
+def default_calculator(dispersion: str | None = None, functional: str | None = None):
     """The project's calculator with the shipped potential and a 1 Å Verlet skin (as ``est
     relax`` / ``est md``), ``ESTCalculator(skin=DEFAULT_SKIN_A)``, imported lazily. The pairs are
-    those of a fresh build at every step; the skin only saves rebuilding them."""
+    those of a fresh build at every step; the skin only saves rebuilding them.
+
+    ``dispersion="d3bj"`` with ``functional`` (e.g. "rpbe") adds DFT-D3(BJ) (as ``est relax
+    --dispersion d3bj --functional rpbe``; see :class:`est_calc.calculator.ESTCalculator`)."""
     from est_calc.calculator import ESTCalculator
 
-    return ESTCalculator(skin=DEFAULT_SKIN_A)
+    return ESTCalculator(skin=DEFAULT_SKIN_A, dispersion=dispersion, functional=functional)
 
 
 def _check_common(fmax_eV_per_A: float, max_steps: int, optimizer: str,

@@ -95,6 +95,8 @@ def test_rotation_rotates_translation_changes_nothing(calc):
 
 # ----------------------------------------------------------------------- caching
 def test_caching_runs_model_only_when_needed(calc):
+    """ASE's cache answers repeated questions; a fully periodic cell gets its stress from the
+    forces' pass; a slab (pbc T, T, F) computes stress on request, in one more pass."""
     atoms = _slab_o()
     atoms.calc = calc
     atoms.get_forces()
@@ -102,15 +104,19 @@ def test_caching_runs_model_only_when_needed(calc):
     atoms.get_forces()
     atoms.get_potential_energy()
     atoms.get_potential_energies()
+    atoms.get_stress()  # pbc all True: computed with the forces
     assert calc.n_model_calls == 1
-    atoms.get_stress()  # not computed with the forces: one more pass
-    assert calc.n_model_calls == 2
-    atoms.get_stress()
-    atoms.get_forces()
-    assert calc.n_model_calls == 2
     atoms.positions[0, 0] += 0.01
     atoms.get_forces()
+    assert calc.n_model_calls == 2
+    atoms.pbc = (True, True, False)
+    atoms.get_forces()
     assert calc.n_model_calls == 3
+    atoms.get_stress()  # not computed with the forces of a slab: one more pass
+    assert calc.n_model_calls == 4
+    atoms.get_stress()
+    atoms.get_forces()
+    assert calc.n_model_calls == 4
 
 
 def test_results_are_consistent(calc):
