@@ -5,7 +5,8 @@ EMA weights the trainer exported, writes ``potentials/<name>.pt`` atomically and
 ``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``.
 
 Usage: python training_runs/ship_default.py RUN/potential.pt NAME [CHAIN]
-CHAIN names the data recipe recorded in the file: "fast" (default; est-emt-small version 7, the
+CHAIN names the data recipe recorded in the file: "v8" (default; est-emt-small version 8: version
+7 with the joint norm and ZBL, fine-tuned by est-emt-small-v8*.yaml), "fast" (version 7, the
 C = 24, S = 32, M = 1 architecture: est-emt-fast*.yaml) or "small48" (version 6 and earlier:
 est-emt-small*.yaml).
 """
@@ -25,6 +26,11 @@ FAST_DATA_RECIPE = (
     "-gpu2.yaml), and stage 3 continued those on the CPU on all 36,872 frames "
     "(training_runs/est-emt-fast-stage3.yaml); validation: --n-systems 24 --seed 12"
 )
+V8_DATA_RECIPE = (
+    f"version 7 ({FAST_DATA_RECIPE}) carried over to the joint l > 0 norm and the ZBL repulsion "
+    "(training_runs/upgrade_norm.py), then two CPU stages on all 36,872 frames "
+    "(training_runs/est-emt-small-v8.yaml, -v8-stage2.yaml); validation: --n-systems 24 --seed 12"
+)
 SMALL48_DATA_RECIPE = (
     "stage 1: est generate data/generated/train --n-systems 160 --seed 11 --formats hdf5 "
     "(1,769 frames); stage 2 adds --n-systems 320 with --seed 16 and --seed 17, stage 3 with --seed 18 "
@@ -41,12 +47,12 @@ def main(argv: list[str]) -> int:
 
     from est_calc.potential import load_potential, save_potential
 
-    recipes = {"fast": FAST_DATA_RECIPE, "small48": SMALL48_DATA_RECIPE}
+    recipes = {"v8": V8_DATA_RECIPE, "fast": FAST_DATA_RECIPE, "small48": SMALL48_DATA_RECIPE}
     if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in recipes):
         print(__doc__)
         return 2
     src, name = Path(argv[0]), argv[1]
-    recipe = recipes[argv[2] if len(argv) == 3 else "fast"]
+    recipe = recipes[argv[2] if len(argv) == 3 else "v8"]
     pot = load_potential(str(src), dtype=torch.float32)
     meta = dict(pot.metadata)
     meta.update({

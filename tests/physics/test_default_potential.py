@@ -30,7 +30,7 @@ def golden_structures() -> dict:
 
     out = {}
     slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
-    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
+    add_adsorbate(slab, Atoms("CO", positions=[[0, 0, 0], [0, 0, 1.15]]), 1.9, "ontop")  # C down
     slab.rattle(0.05, seed=1)
     out["CO/Cu(111)"] = slab
     pt = bulk("Pt", "fcc", a=3.95, cubic=True)
@@ -154,14 +154,15 @@ def test_default_potential_nve_conserves_energy():
     potential. (No chemistry is asserted: the teacher, EMT, does not hold CO together on
     Cu(111) - started unrelaxed at 600 K it dissociates CO and heats to ~8000 K - and the
     potential follows its teacher.)"""
-    from ase.build import add_adsorbate, fcc111, molecule
+    from ase import Atoms
+    from ase.build import add_adsorbate, fcc111
     from ase.constraints import FixAtoms
 
     from est_calc.calculator import ESTCalculator
     from md_recipes import relax, run_md
 
     slab = fcc111("Cu", size=(3, 3, 3), vacuum=8.0)
-    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
+    add_adsorbate(slab, Atoms("CO", positions=[[0, 0, 0], [0, 0, 1.15]]), 1.9, "ontop")  # C down
     slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.tag == 3]))
     calc = ESTCalculator(device="cpu", dtype="float64", skin=1.0)
     slab = relax(slab, calc, fmax_eV_per_A=0.05, max_steps=300).atoms

@@ -130,3 +130,16 @@ def test_shipped_potential_stress_by_finite_differences_on_ideal_crystals(shippe
         for dtype, tol in (("float64", 1e-7), ("float32", S_TOL)):
             _, stress = _results(pot, atoms, dtype)
             assert np.abs(stress - numeric).max() < tol, (name, dtype, stress, numeric)
+
+
+def test_md_on_a_perfect_lattice_with_the_default_potential_stays_physical():
+    """Issue 21: est md on a perfect fcc lattice went from 272 K to 26 million K in 3 steps
+    (float32 forces of 1e4 eV/Å). 30 NVT steps at 300 K from the ideal lattice: the temperature
+    stays within a factor 2 of the target, and the watchdogs do not fire."""
+    from md_recipes import run_md
+
+    atoms = ideal_crystals()["fcc Cu"]
+    calc = ESTCalculator(device="cpu", dtype="float32", skin=1.0)
+    res = run_md(atoms, calc, ensemble="nvt-langevin", temperature_K=300.0, timestep_fs=2.0,
+                 n_steps=30, seed=1, log_every=5, progress=False)
+    assert np.all(np.asarray(res.temperature) < 600.0), res.temperature
