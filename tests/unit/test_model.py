@@ -4,8 +4,6 @@ Forces, stress, finite differences and batched-vs-single live in tests/physics (
 All checks use the "tiny" preset in float64.
 """
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from est_calc.batch import AtomsBatch
 from est_calc.model import PRESETS, ESTModel, ModelConfig, ModelOutput, random_rotations
+from est_calc.neighbors import Graph
 
 
 def graph_of(atoms_list, cutoff_A):
@@ -26,8 +25,8 @@ def graph_of(atoms_list, cutoff_A):
         edges.append(np.stack([i + offset, j + offset]))
         shifts.append(s)
         offset += len(atoms)
-    return SimpleNamespace(edge_index=torch.from_numpy(np.concatenate(edges, 1)).long(),
-                           shifts=torch.from_numpy(np.concatenate(shifts)).long().reshape(-1, 3))
+    return Graph(torch.from_numpy(np.concatenate(edges, 1)).long(),
+                 torch.from_numpy(np.concatenate(shifts)).long().reshape(-1, 3))
 
 
 def run(model, atoms_list):

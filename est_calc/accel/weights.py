@@ -7,7 +7,7 @@ degree-wise layers gather one matrix per component. In training these must be re
 calls, and for a 66-atom slab these small operations are a few per cent of the call.
 
 :func:`derived` caches the result on the module while none of the source tensors requires grad
-(the calculator freezes the parameters for the duration of each call). The cache key holds the
+(an inference-accelerated model freezes its parameters for each call). The cache key holds the
 source tensors themselves, their version counters and their data pointers: any in-place update
 (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.to(dtype/device)`` misses the
 cache, and holding the tensors (and their data) means their memory cannot be reused by another

@@ -26,8 +26,8 @@ with A', b' the radial layer's rows permuted by sigma and SO2Linear' the map who
 permuted by sigma and multiplied by s (a permutation of a product's summation index). Both halves
 then read the same z: no (E, K_M, 2C) expansion at all, forward or backward.
 
-Only for frozen weights in eager mode (the calculator); training and ``torch.compile`` keep the
-whole-tensor form. The backward is computed with differentiable operations when a graph of it is
+Only for frozen weights in eager mode (``accelerate(model, inference=True)``: the calculator);
+training and ``torch.compile`` keep the whole-tensor form. The backward is computed with differentiable operations when a graph of it is
 requested (a Hessian of a frozen potential).
 """
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from est_calc.nn.message_so2 import SO2Linear
+    from est_calc.accel.so2_linear import FastSO2Linear as SO2Linear
 
 __all__ = ["CHUNK", "ModulatedMap", "modulated_weights", "swap_halves"]
 
@@ -135,7 +135,7 @@ class ModulatedMap(torch.autograd.Function):
     :func:`modulated_weights` (frozen). Returns the m-groups (E, rows, Cout) and the extra
     scalars (E, extra), as ``SO2Linear.map_groups``. Only the layout of ``linear`` is read
     (``_group_sizes``, ``l_max``, ``out_channels``, ``split_groups``): the message block's last
-    layer passes the m = 0 restriction of conv1 (``message_so2._ScalarRows``) with the matching
+    layer passes the m = 0 restriction of conv1 (``so2_message._ScalarRows``) with the matching
     rows of the weights.
     """
 
