@@ -230,9 +230,11 @@ class ESTCalculator(Calculator):
     Args:
         model: a registry name ("default" is the shipped default potential), a path to a
             potential file, or a :class:`~est_calc.potential.Potential`. A Potential that already
-            has the requested device and dtype is used as is (shared, switched to eval mode);
-            otherwise the calculator works on a converted copy and the caller's object is left
-            untouched.
+            has the requested device and dtype shares its weights with the calculator (it is
+            switched to eval mode, and its later in-place weight changes are seen); otherwise the
+            calculator works on a converted copy. Either way the calculator runs the inference
+            acceleration of it (:func:`est_calc.accel.accelerate`), and the caller's modules are
+            left as they are.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
             this machine lacks is refused (:func:`resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
@@ -278,7 +280,8 @@ class ESTCalculator(Calculator):
         ValueError: an unreadable potential file, a bad dtype, device or neighbour backend.
 
     Attributes:
-        potential: the :class:`Potential` that runs.
+        potential: the :class:`Potential` that runs: the accelerated view
+            (``accelerate(..., inference=True)``) of the one given or loaded.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
         neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` of

@@ -124,6 +124,7 @@ def is_accelerated(module: nn.Module) -> bool:
 def _view(module: nn.Module, options: AccelerationOptions) -> nn.Module:
     """``module`` with its swappable descendants swapped; shares parameters and buffers (the
     ``_parameters`` and ``_buffers`` dicts themselves) and returns untouched subtrees as they are.
+    Hooks present are copied; hooks registered later on one tree do not reach the other.
     """
     cls = type(module)
     fast = cls if cls in _ACCELERATED else SWAPS.get(cls)
@@ -134,6 +135,9 @@ def _view(module: nn.Module, options: AccelerationOptions) -> nn.Module:
     new = object.__new__(fast or cls)
     new.__dict__.update(module.__dict__)
     new._modules = children
+    for key, value in module.__dict__.items():  # hooks registered on one tree stay on it
+        if "hooks" in key and isinstance(value, dict):
+            new.__dict__[key] = type(value)(value)
     if fast is not None:
         new._accelerate(options)
     return new
