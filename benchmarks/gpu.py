@@ -381,16 +381,18 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
     atoms = cu_bulk(n_rep)
     batch = AtomsBatch.from_atoms(atoms, device=device, dtype=torch.float32)
     graph = build_graph(batch, pot.cutoff_A)
+    from contextlib import nullcontext
 
-    def run():
-        return energy_forces_stress(pot, batch, graph, compute_stress=True)
+    from est_calc.accel import accelerate
+
+    fast = accelerate(pot, inference=True)
+    bf16_core = accelerate(pot, inference=True, attention_dtype=torch.bfloat16)
+
+    def run(model=fast):
+        return energy_forces_stress(model, batch, graph, compute_stress=True)
 
     ref = run()
     rows = []
-    from contextlib import nullcontext
-
-    from est_calc.nn.attention import attention_precision
-
     modes = [("float32", None), ("bf16 attention core only", "bf16-attention")]
     if device.startswith("cuda"):
         modes += [("TF32 matmul", "tf32"), ("bf16 autocast (whole model)", "bf16")]
@@ -399,15 +401,11 @@ def precision(report: Report, device: str, n_rep: int, potential: str | None) ->
         try:
             if mode == "tf32":
                 torch.backends.cuda.matmul.allow_tf32 = True
-            if mode == "bf16":
-                ctx = torch.autocast("cuda", dtype=torch.bfloat16)
-            elif mode == "bf16-attention":
-                ctx = attention_precision("bfloat16")
-            else:
-                ctx = nullcontext()
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
+            model = bf16_core if mode == "bf16-attention" else fast
             with ctx:
-                out = run()
-                t = median_time(run, repeats=3, device=device)
+                out = run(model)
+                t = median_time(lambda: run(model), repeats=3, device=device)
         finally:
             if old is not None:
                 torch.backends.cuda.matmul.allow_tf32 = old

@@ -6,6 +6,9 @@ Public entry points:
 * :class:`est_calc.batch.AtomsBatch` and :func:`est_calc.neighbors.build_graph` - the batch object
   and graph that every code path (calculator, training, recipes, benchmarks) shares.
 * :func:`est_calc.forces.energy_forces_stress` - the only place forces and stress are computed.
+* :mod:`est_calc.nn` and :class:`est_calc.model.ESTModel` - the plain EST (the reference);
+  :func:`est_calc.accel.accelerate` - the same function with every speed-up, which the
+  calculator and the trainer run.
 """
 
 from est_calc.threads import set_passive_wait_policy

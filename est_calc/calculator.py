@@ -13,7 +13,6 @@ one pass; stress is computed only when asked for and only for periodic systems.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import inspect
@@ -29,6 +28,7 @@ from ase.calculators.calculator import (
 )
 from ase.data import chemical_symbols
 
+from est_calc.accel import ATTENTION_DTYPES, accelerate
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph, cell_problem
@@ -126,26 +126,6 @@ def _voigt(stress: np.ndarray) -> np.ndarray:
     return np.array(
         [stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]]
     )
-
-
-@contextlib.contextmanager
-def _frozen_parameters(parameters: Sequence[torch.nn.Parameter]):
-    """Parameters that require gradients do not for the duration of one call, then do again.
-
-    Forces and stress are derivatives with respect to positions and strain only; with trainable
-    parameters autograd also records and keeps what their gradients would need (measured 3-8 %
-    of a call on the shipped potential, results bitwise equal). A potential the calculator loads
-    itself is frozen once; this covers a caller's Potential without changing it. The caller
-    passes the parameter list (walking the module tree each call costs ~1 ms).
-    """
-    changed = [p for p in parameters if p.requires_grad]
-    for p in changed:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in changed:
-            p.requires_grad_(True)
 
 
 def _check_keywords(kwargs: dict) -> None:
@@ -283,9 +263,11 @@ class ESTCalculator(Calculator):
     Args:
         model: a registry name ("default" is the shipped default potential), a path to a
             potential file, or a :class:`~est_calc.potential.Potential`. A Potential that already
-            has the requested device and dtype is used as is (shared, switched to eval mode);
-            otherwise the calculator works on a converted copy and the caller's object is left
-            untouched.
+            has the requested device and dtype shares its weights with the calculator (it is
+            switched to eval mode, and its later in-place weight changes are seen); otherwise the
+            calculator works on a converted copy. Either way the calculator runs the inference
+            acceleration of it (:func:`est_calc.accel.accelerate`), and the caller's modules are
+            left as they are.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
             this machine lacks is refused (:func:`resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
@@ -343,7 +325,8 @@ class ESTCalculator(Calculator):
             ``dispersion`` without a functional.
 
     Attributes:
-        potential: the :class:`Potential` that runs.
+        potential: the :class:`Potential` that runs: the accelerated view
+            (``accelerate(..., inference=True)``) of the one given or loaded.
         dispersion: the :class:`~est_calc.dispersion.DispersionD3` term, or None.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
@@ -431,19 +414,20 @@ class ESTCalculator(Calculator):
                 "it (training_runs/upgrade_norm.py, then est train with train.init)",
                 LegacyNormWarning, stacklevel=2)
         self._close_pairs: frozenset = frozenset()
+        if attention_precision not in ATTENTION_DTYPES:
+            raise ValueError(f"attention precision must be one of {sorted(ATTENTION_DTYPES)}, "
+                             f"got {attention_precision!r}")
+        self.attention_precision = attention_precision
+        # Every speed-up, made once: a view of the potential that shares its parameters (the
+        # caller's object is left as it is; est_calc.accel).
+        potential = accelerate(potential, inference=True,
+                               attention_dtype=ATTENTION_DTYPES[attention_precision])
         if compile:
-            if potential is model:  # compile our own copy, never the caller's object
-                potential = copy.deepcopy(model)
             potential.model.enable_compile()
         self.compile = bool(compile)
         self.potential = potential
-        self._model_parameters = tuple(potential.parameters())
         self.neighbor_backend = neighbor_backend
         self.low_memory = bool(low_memory)
-        from est_calc.nn.attention import attention_precision_dtype
-
-        attention_precision_dtype(attention_precision)  # ValueError now, not at the first call
-        self.attention_precision = attention_precision
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -530,13 +514,10 @@ class ESTCalculator(Calculator):
             work = batch.replace(cell=torch.where(keep[:, None, None], batch.cell, eye))
         self.n_model_calls += 1
         want_stress = stress_mask is not None
-        from est_calc.nn.attention import attention_precision
 
         def run():
             with intra_op_threads(choose_threads(graph.n_edges, self.threads)), \
-                    self.potential.model.checkpoint_layers(self.low_memory), \
-                    attention_precision(self.attention_precision), \
-                    _frozen_parameters(self._model_parameters):
+                    self.potential.model.checkpoint_layers(self.low_memory):
                 return energy_forces_stress(
                     self.potential, work, graph, compute_stress=want_stress, create_graph=False,
                     extra_energy=extra_energy,

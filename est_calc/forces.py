@@ -53,22 +53,6 @@ class Prediction(NamedTuple):
     stress: Optional[Tensor]
 
 
-def _fused_attention_context(create_graph: bool):
-    """Allow fused SDPA kernels when no double backward is needed.
-
-    Fused attention kernels have no second derivative. ``est_calc.nn.attention.fused_attention``
-    (when the attention module provides it) switches them on; with ``create_graph=True`` (force
-    training) the math kernel, which can be differentiated twice, stays in use.
-    """
-    if create_graph:
-        return contextlib.nullcontext()
-    try:
-        from est_calc.nn.attention import fused_attention
-    except ImportError:
-        return contextlib.nullcontext()
-    return fused_attention(True)
-
-
 def _check_volumes(cell: Tensor) -> Tensor:
     """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume."""
     volume = cell_volume(cell.detach())
@@ -130,7 +114,6 @@ def energy_forces_stress(
     volume = _check_volumes(batch.cell) if compute_stress else None
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fused_attention_context(create_graph))
         # Inference callers often run under no_grad / inference_mode; derivatives need autograd.
         if need_grad:
             stack.enter_context(torch.enable_grad())

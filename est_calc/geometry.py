@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["edge_vectors", "cell_volume", "apply_strain", "symmetrize"]
+__all__ = ["edge_vectors", "cell_volume", "apply_strain", "symmetrize", "random_rotations"]
 
 
 def edge_vectors(
@@ -48,3 +48,17 @@ def apply_strain(
     new_pos = torch.einsum("na,nab->nb", positions, deform[system_idx])
     new_cell = torch.bmm(cell, deform)
     return new_pos, new_cell
+
+
+def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) -> Tensor:
+    """(n, 3, 3) uniformly distributed rotation matrices (normalised Gaussian quaternions, drawn
+    in float64 on the CPU from ``generator``, then cast)."""
+    q = torch.randn(n, 4, dtype=torch.float64, generator=generator).to(device)
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    rot = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ], dim=-1).view(n, 3, 3)
+    return rot.to(dtype)

@@ -2,43 +2,56 @@
 
 ESTModel(batch, graph) computes
 
+    batch       <- batch on the model's device and in its dtype   (the one cast)
     r_ij        = edge_vectors(...)                       inside autograd (forces/stress by grad)
     r_ij       <- R_b r_ij   (train mode only, one uniform random rotation per structure b)
-    x           = AtomEmbedding(Z) + EdgeDegreeEmbedding
-    x           = [UpdateBlock(MessageBlock(x))] x n_layers
+    edges       = EdgeFeatures(r_ij, Z)                   harmonics, radial basis, envelope, rotations
+    x           = AtomEmbedding(Z) + EdgeDegreeEmbedding(edges)
+    x           = UpdateBlock(MessageBlock(x, edges))     for each of n_layers layers
     e_i         = head(LN(x_i)^(0)) - head_isolated(Z_i)   (exactly 0 for an atom without neighbours)
     energies_i  = e_i * energy_scale / avg_atoms + energy_shift + element_reference[Z_i]
                   + (1/2) sum_j E_ZBL(Z_i, Z_j, r_ij)        (config.zbl; nn/repulsion.py)
     energy_b    = sum_{i in b} energies_i
 
 so an isolated atom has energy element_reference[Z] + energy_shift exactly and zero force.
-Only the l = 0 row of the last layer's output reaches the energy, so the last layer computes that
-row alone (``forward_scalars``: no spherical attention or experts there, only the m = 0 rows of
-its SO(2) messages); the numbers are those of the full layer.
+Only the l = 0 row of the last layer's output reaches the energy, so the last layer is built
+scalar-only (``ScalarSO2MessageBlock`` / ``ScalarESTMessageBlock`` and ``ScalarUpdateBlock``:
+no spherical attention or experts there, only the m = 0 rows of its SO(2) messages); the numbers
+are those of the full layer's l = 0 row.
 Rotating the edge vectors by R is equivalent to rotating the sphere lattice by R^T (stochastic
 frame averaging of the lattice discretisation error, EST_SPEC 5); eval mode is deterministic.
+
+The model here is the plain reference; ``est_calc.accel.accelerate(model)`` gives the same
+function with every speed-up (the calculator and the trainer use that).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
 import torch.utils.checkpoint
+from e3nn import o3
 from torch import Tensor, nn
 
-from est_calc.geometry import edge_vectors
-from est_calc.neighbors.pairing import is_paired
+from est_calc.geometry import edge_vectors, random_rotations
+from est_calc.nn.block import ESTUpdateBlock, ScalarUpdateBlock
+from est_calc.nn.edges import EdgeFeatures, encode_edges
 from est_calc.nn.embedding import (
     N_ELEMENTS,
     AtomEmbedding,
     EdgeDegreeEmbedding,
     check_atomic_numbers,
 )
+from est_calc.nn.message import ESTMessageBlock, ScalarESTMessageBlock
+from est_calc.nn.message_so2 import ScalarSO2MessageBlock, SO2MessageBlock
 from est_calc.nn.radial import PolynomialEnvelope, make_radial_basis
 from est_calc.nn.repulsion import ZBLRepulsion
+from est_calc.nn.so3 import EquivariantLayerNorm
+from est_calc.nn.wigner import EdgeRotation
+from est_calc.sphere import make_grid
 
 __all__ = ["PRESETS", "ESTModel", "ModelConfig", "ModelOutput", "random_rotations"]
 
@@ -225,53 +238,22 @@ class ModelOutput(NamedTuple):
     energies: Tensor
 
 
-def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) -> Tensor:
-    """(n, 3, 3) uniformly distributed rotation matrices (normalised Gaussian quaternions)."""
-    q = torch.randn(n, 4, dtype=torch.float64, generator=generator).to(device)
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    rot = torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ], dim=-1).view(n, 3, 3)
-    return rot.to(dtype)
+def _layer(message: nn.Module, update: nn.Module, x: Tensor, edges: EdgeFeatures) -> Tensor:
+    """One (message block, update block) layer, as a function for activation checkpointing."""
+    return update(message(x, edges))
 
 
-def _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=None,
-           attention=None, pair_rot=None, scalars=False):
-    """One (message block, update block) layer, as a function for activation checkpointing.
-
-    ``attention``: the attention settings of the forward pass (``attention_state()``), restored
-    for the recomputation, which for CUDA tensors runs in autograd's own thread. ``scalars``:
-    return the l = 0 row (N, C) only (the last layer, see ``ESTModel._features``).
-    """
-    from est_calc.nn.attention import restored_attention_state
-
-    with restored_attention_state(attention) if attention is not None else nullcontext():
-        x = _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot,
-                     pair_rot, scalars)
-        return update.forward_scalars(x) if scalars else update(x)
-
-
-def _message(message, x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot, pair_rot=None,
-             scalars=False):
-    """The message block's result, or only its l = 0 row (N, C) with ``scalars``."""
-    if edge_rot is None:  # blocks without SO(2) rotations take none of the extra arguments
-        x = message(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
-        return x[:, 0] if scalars else x
-    return message(x, edge_index, edge_sh, edge_rbf, env, atom_emb, edge_rot=edge_rot,
-                   pair_rot=pair_rot, scalars_only=scalars)
-
-
-def _message_block(config: ModelConfig, grid: nn.Module) -> nn.Module:
-    if config.message == "est":
-        from est_calc.nn.message import ESTMessageBlock
-
-        return ESTMessageBlock(config, grid)
-    from est_calc.nn.message_so2 import SO2MessageBlock
-
-    return SO2MessageBlock(config, grid)
+def _message_block(c: ModelConfig, grid: nn.Module, scalar: bool) -> nn.Module:
+    """The message block of one layer (``scalar``: the last layer's l = 0-only form)."""
+    if c.message == "est":
+        cls = ScalarESTMessageBlock if scalar else ESTMessageBlock
+        return cls(c.l_max, c.channels, grid, fourier_channels=c.fourier_channels,
+                   n_heads=c.message_heads, l_roe=c.l_roe, n_rbf=c.n_rbf,
+                   species_channels=c.species_channels, radial_hidden=c.radial_hidden,
+                   hidden_mult=c.hidden_mult, avg_degree=c.avg_degree)
+    cls = ScalarSO2MessageBlock if scalar else SO2MessageBlock
+    return cls(c.l_max, c.so2_m_max, c.channels, n_heads=c.n_heads, n_rbf=c.n_rbf,
+               species_channels=c.species_channels, radial_hidden=c.radial_hidden)
 
 
 class ESTModel(nn.Module):
@@ -279,32 +261,29 @@ class ESTModel(nn.Module):
 
     Args:
         config: a :class:`ModelConfig` (or the name of a preset).
+        scalar_last_layer: build the last layer scalar-only (the default: the energy reads only
+            its l = 0 row). False builds it in full, the same parameters and numbers; the
+            reference the scalar-only layer is tested against.
 
     Buffers (set by training): ``element_reference`` (119,) eV, ``energy_scale`` () and
     ``energy_shift`` () eV.
     """
 
-    def __init__(self, config: ModelConfig | str):
+    def __init__(self, config: ModelConfig | str, *, scalar_last_layer: bool = True):
         super().__init__()
-        from e3nn import o3
-
-        from est_calc.nn.block import ESTUpdateBlock
-        from est_calc.nn.so3 import EquivariantLayerNorm
-        from est_calc.sphere import make_grid
-
         if isinstance(config, str):
             config = ModelConfig.preset(config)
         if not isinstance(config, ModelConfig):
             raise ValueError(f"ESTModel needs a ModelConfig or preset name, got {type(config)}")
         self.config = config
+        self.scalar_last_layer = bool(scalar_last_layer)
         c = config
-        self._sh_irreps = o3.Irreps.spherical_harmonics(c.l_max)
-        # Built once (no state): constructing it per call is pure overhead, and torch.compile
-        # cannot trace its constructor.
-        self.edge_sh = o3.SphericalHarmonics(self._sh_irreps, normalize=True, normalization="component")
+        self.edge_sh = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(c.l_max),
+                                             normalize=True, normalization="component")
         self.grid = make_grid(c.grid, c.l_max, n_points=c.n_points, inverse=c.inverse)
         self.rbf = make_radial_basis(c.rbf, c.n_rbf, c.cutoff_A)
         self.envelope = PolynomialEnvelope(c.cutoff_A, p=c.envelope_p)
+        self.edge_rotation = EdgeRotation(c.l_max, c.so2_m_max) if c.message == "so2" else None
         self.atom_embedding = AtomEmbedding(c.l_max, c.channels)
         self.species_embedding = nn.Embedding(N_ELEMENTS, c.species_channels)
         self.edge_embedding = EdgeDegreeEmbedding(c.l_max, c.channels, c.n_rbf, c.species_channels,
@@ -313,12 +292,14 @@ class ESTModel(nn.Module):
         if c.message_n_points is not None and c.message == "est":
             message_grid = make_grid(c.grid, c.l_max, n_points=c.message_n_points,
                                      inverse=c.inverse)
-        self.messages = nn.ModuleList(_message_block(c, message_grid) for _ in range(c.n_layers))
+        last = c.n_layers - 1
+        scalar = [self.scalar_last_layer and k == last for k in range(c.n_layers)]
+        self.messages = nn.ModuleList(_message_block(c, message_grid, s) for s in scalar)
         self.updates = nn.ModuleList(
-            ESTUpdateBlock(c.l_max, c.channels, self.grid, n_heads=c.n_heads, l_roe=c.l_roe,
-                           n_steerable=c.n_steerable, n_spherical=c.n_spherical,
-                           hidden_mult=c.hidden_mult)
-            for _ in range(c.n_layers))
+            (ScalarUpdateBlock if s else ESTUpdateBlock)(
+                c.l_max, c.channels, self.grid, n_heads=c.n_heads, l_roe=c.l_roe,
+                n_steerable=c.n_steerable, n_spherical=c.n_spherical, hidden_mult=c.hidden_mult)
+            for s in scalar)
         self.final_norm = EquivariantLayerNorm(c.l_max, c.channels)
         for module in self.modules():
             if isinstance(module, EquivariantLayerNorm):
@@ -331,8 +312,7 @@ class ESTModel(nn.Module):
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self._rotate_grid = True
         self._checkpoint_layers = False
-        self._compiled_features = None
-        self._scalar_readout = True
+        self._compiled_network = None
 
     def enable_compile(self, *, mode: str | None = None, dynamic: bool = True):
         """Run the network (everything between edge vectors and per-atom scalars) through
@@ -343,19 +323,20 @@ class ESTModel(nn.Module):
         strain, so forces and stress by autograd are unchanged (first derivatives through the
         compiled backward). Training mode, which needs second derivatives, and
         :meth:`checkpoint_layers` keep the eager path. The first call compiles (minutes on CPU).
+        Accelerate first (``est_calc.accel.accelerate``), then compile the accelerated model.
 
         Args:
             mode: ``torch.compile`` mode (None, "reduce-overhead", "max-autotune", ...).
             dynamic: compile for symbolic atom and edge counts.
         """
-        self._compiled_features = torch.compile(self._features, mode=mode, dynamic=dynamic,
-                                                fullgraph=True)
+        self._compiled_network = torch.compile(self.network, mode=mode, dynamic=dynamic,
+                                               fullgraph=True)
         return self
 
     @property
     def is_compiled(self) -> bool:
         """Whether :meth:`enable_compile` was called (the compiled path serves eval-mode calls)."""
-        return self._compiled_features is not None
+        return self._compiled_network is not None
 
     @contextmanager
     def checkpoint_layers(self, enabled: bool = True):
@@ -390,82 +371,57 @@ class ESTModel(nn.Module):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def _features(self, z: Tensor, edge_index: Tensor, vec: Tensor, paired: bool = False
-                  ) -> Tensor:
-        """Final per-atom scalar features (N, C) for atoms z and edges with vectors vec (E, 3);
-        ``paired``: the second half of the edges reverses the first (``Graph.paired``)."""
-        atom_emb = self.species_embedding(z)
-        x = self.atom_embedding(z)
-        pair_rot = None
-        if edge_index.shape[1] > 0:
-            r = vec.norm(dim=-1)
-            # The per-edge Wigner rotations (SO(2) blocks) depend on the edges only: computed
-            # once here for every layer instead of once per layer. Their m = 0 rows are the edge
-            # SH up to a constant per degree, which saves evaluating the harmonics. With paired
-            # edges, only the first half's are evaluated (the reversed edges' are the same
-            # rows up to fixed signs, see SO2MessageBlock.pair_rotation).
-            so2 = self.messages and hasattr(self.messages[0], "edge_rotation")
-            if so2 and paired:
-                pair_rot = self.messages[0].edge_rotation(vec[: vec.shape[0] // 2])
-                edge_rot = self.messages[0].pair_rotation(pair_rot)
-            else:
-                edge_rot = self.messages[0].edge_rotation(vec) if so2 else None
-            edge_sh = (self.messages[0].edge_sh_from_rotation(edge_rot) if edge_rot is not None
-                       else self.edge_sh(vec))
-            edge_rbf = self.rbf(r)
-            env = self.envelope(r)
-            x = self.edge_embedding(x, edge_index, edge_sh, edge_rbf, env, atom_emb)
-        else:
-            edge_sh = edge_rbf = env = edge_rot = None
-        checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
-        if checkpoint:
-            from est_calc.nn.attention import attention_state
+    def edge_features(self, species_emb: Tensor, graph, vectors: Tensor) -> EdgeFeatures:
+        """The :class:`EdgeFeatures` of the graph's edges with vectors (E, 3) Å, for atoms with
+        the scalar species embedding ``species_emb`` (N, Cz)."""
+        return encode_edges(graph.edge_index, vectors, species_emb, rbf=self.rbf,
+                            envelope=self.envelope, harmonics=self.edge_sh,
+                            rotation=self.edge_rotation)
 
-            attention = attention_state()
-        # The energy reads only the l = 0 row of the last layer's output, and that row depends
-        # on the l = 0 row of the last message block's result only (every operation of the
-        # update block maps l = 0 to l = 0, the spherical branch's l = 0 row is replaced by
-        # scalar_out): the last layer computes that row alone (``forward_scalars``, and
-        # ``scalars_only`` of the SO(2) message block), skipping its spherical attention and
-        # experts and the m > 0 rows of its messages. Same numbers (tests/unit/
-        # test_scalar_readout.py); ``_scalar_readout = False`` computes every row.
-        n_layers = len(self.messages)
-        for k, (message, update) in enumerate(zip(self.messages, self.updates)):
-            scalars = self._scalar_readout and k == n_layers - 1
-            if checkpoint and edge_sh is not None:
-                x = torch.utils.checkpoint.checkpoint(
-                    _layer, message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                    edge_rot, attention, pair_rot, scalars, use_reentrant=False)
-            elif edge_sh is not None:
-                x = _layer(message, update, x, edge_index, edge_sh, edge_rbf, env, atom_emb,
-                           edge_rot, None, pair_rot, scalars)
-            else:
-                x = update.forward_scalars(x[:, 0]) if scalars else update(x)
-        if self._scalar_readout:
-            return self.final_norm.forward_scalars(x)
-        return self.final_norm(x)[:, 0, :]
+    def _checkpointed_layer(self, message: nn.Module, update: nn.Module, x: Tensor,
+                            edges: EdgeFeatures) -> Tensor:
+        """One layer whose activations are recomputed in the backward pass."""
+        return torch.utils.checkpoint.checkpoint(_layer, message, update, x, edges,
+                                                 use_reentrant=False)
+
+    def network(self, z: Tensor, graph, vectors: Tensor) -> Tensor:
+        """Per-atom scalar features (N, C), the input of the energy head, for atoms z (N,) and
+        the graph's edges with vectors (E, 3) Å."""
+        species_emb = self.species_embedding(z)
+        edges = self.edge_features(species_emb, graph, vectors)
+        x = self.edge_embedding(self.atom_embedding(z), edges)
+        checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
+        for message, update in zip(self.messages, self.updates):
+            x = (self._checkpointed_layer(message, update, x, edges) if checkpoint
+                 else _layer(message, update, x, edges))
+        # The scalar-only last layer gives the l = 0 row (N, C) alone; the final norm's l = 0
+        # part is an ordinary LayerNorm of that row.
+        return self.final_norm.scalar_norm(x) if self.scalar_last_layer else self.final_norm(x)[:, 0]
 
     def forward(self, batch, graph) -> ModelOutput:
         """Energies of a batch of structures.
 
         Args:
-            batch: ``est_calc.batch.AtomsBatch`` (positions in Å).
+            batch: ``est_calc.batch.AtomsBatch`` (positions in Å), cast here (differentiably) to
+                the model's device and dtype if it is not on them.
             graph: ``est_calc.neighbors.Graph`` (edge_index (2, E), shifts (E, 3) int64).
 
         Returns:
             ModelOutput(energy (n_systems,) eV, energies (n_atoms,) eV).
         """
+        dtype, device = self.element_reference.dtype, self.element_reference.device
+        if batch.dtype != dtype or batch.device != device:
+            batch = batch.to(device=device, dtype=dtype)
+        if graph.edge_index.ndim != 2 or graph.edge_index.shape[0] != 2:
+            raise ValueError(f"graph.edge_index must be (2, E), got {tuple(graph.edge_index.shape)}")
+        if graph.edge_index.device != device:
+            graph = graph.to(device)
         z = batch.atomic_numbers
-        dtype = self.element_reference.dtype
-        pos = batch.positions.to(dtype)
-        edge_index = graph.edge_index.to(pos.device)
-        if edge_index.ndim != 2 or edge_index.shape[0] != 2:
-            raise ValueError(f"graph.edge_index must be (2, E), got {tuple(edge_index.shape)}")
-        vec = edge_vectors(pos, batch.cell.to(dtype), edge_index, graph.shifts.to(pos.device),
-                           batch.system_idx)
+        edge_index = graph.edge_index
+        vec = edge_vectors(batch.positions, batch.cell, edge_index, graph.shifts, batch.system_idx)
         rotate = self.training and self.config.rotate_grid_in_training and self._rotate_grid
         if rotate and vec.shape[0] > 0:
-            rot = random_rotations(batch.n_systems, dtype, device=pos.device)
+            rot = random_rotations(batch.n_systems, dtype, device=device)
             rot_e = rot[batch.system_idx[edge_index[0]]]  # (E, 3, 3)
             vec = torch.einsum("eab,eb->ea", rot_e, vec)
 
@@ -476,21 +432,21 @@ class ESTModel(nn.Module):
         n_atoms = z.shape[0]
         check_atomic_numbers(z)
         species, inverse = torch.unique(z, return_inverse=True)
-        features = self._features
-        if self._compiled_features is not None and not self.training and not self._checkpoint_layers:
-            features = self._compiled_features
-        paired = bool(getattr(graph, "paired", False)) and is_paired(edge_index, graph.shifts)
-        e_all = self.head(features(torch.cat([z, species]), edge_index, vec, paired)).squeeze(-1)
+        network = self.network
+        if self._compiled_network is not None and not self.training and not self._checkpoint_layers:
+            network = self._compiled_network
+        e_all = self.head(network(torch.cat([z, species]), graph, vec)).squeeze(-1)
         e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
+        r = vec.norm(dim=-1)
         if vec.shape[0] > 0:
             has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-            has_neighbour[edge_index[0][vec.norm(dim=-1) < self.config.cutoff_A]] = True
+            has_neighbour[edge_index[0][r < self.config.cutoff_A]] = True
             e = torch.where(has_neighbour, e, torch.zeros_like(e))
         else:
             e = torch.zeros_like(e)
         energies = (e * self.energy_scale / self.config.avg_atoms + self.energy_shift
                     + self.element_reference[z])
         if self.repulsion is not None:
-            energies = energies + self.repulsion(z, edge_index, vec.norm(dim=-1))
+            energies = energies + self.repulsion(z, edge_index, r)
         energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
         return ModelOutput(energy=energy, energies=energies)

@@ -155,12 +155,9 @@ class Potential(nn.Module):
     def forward(self, batch, graph):
         """``ModelOutput(energy (n_systems,), energies (n_atoms,))`` in eV.
 
-        The batch is cast to the potential's dtype and device on entry (differentiably, so
-        forces still flow back to the caller's positions).
+        The model casts the batch to its dtype and device on entry (differentiably, so forces
+        still flow back to the caller's positions).
         """
-        dtype, device = self.dtype, self.device
-        if batch.dtype != dtype or batch.device != device:
-            batch = batch.to(device=device, dtype=dtype)
         return self.model(batch, graph)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from est_calc.nn.gather import gather_rows
+from est_calc.nn.edges import EdgeFeatures
 from est_calc.nn.radial import RadialMLP
 
 __all__ = ["AtomEmbedding", "EdgeDegreeEmbedding", "N_ELEMENTS", "degree_of_index"]
@@ -91,33 +91,26 @@ class EdgeDegreeEmbedding(nn.Module):
                                 (self.l_max + 1) * self.channels)
         self.register_buffer("degree_index", degree_of_index(self.l_max), persistent=False)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_sh: Tensor, edge_rbf: Tensor,
-                envelope: Tensor, atom_emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, edges: EdgeFeatures) -> Tensor:
         """Add the edge-degree embedding to x.
 
         Args:
             x: (N, K, C) node features.
-            edge_index: (2, E) int64, rows (i = centre, j = neighbour).
-            edge_sh: (E, K) component-normalised spherical harmonics of r_hat_ij.
-            edge_rbf: (E, n_rbf) radial basis of |r_ij|.
-            envelope: (E,) polynomial envelope u(|r_ij|).
-            atom_emb: (N, Cz) scalar species embedding.
+            edges: the batch's :class:`EdgeFeatures` (sh, radial_in, envelope, center).
 
         Returns:
             (N, K, C) x plus the aggregated embedding (x itself where a node has no edges).
         """
-        n_edges = edge_index.shape[1]
+        n_edges = edges.n_edges
         if n_edges == 0:
             return x
-        i, j = edge_index[0], edge_index[1]
-        radial_in = torch.cat([edge_rbf, gather_rows(atom_emb, i), gather_rows(atom_emb, j)],
-                              dim=-1)
-        coeff = self.radial(radial_in).view(n_edges, self.l_max + 1, self.channels)
+        coeff = self.radial(edges.radial_in).view(n_edges, self.l_max + 1, self.channels)
         # c_l broadcast over the 2l+1 orders of each degree, times u Y^l_m, as one batched
         # product (E, K, L+1) x (E, L+1, C) with the envelope and 1/<deg> folded into the
         # small left factor (no (E, K, C) gather, and its backward needs no zero-filled scatter).
+        sh = edges.sh
         onehot = (self.degree_index[:, None]
-                  == torch.arange(self.l_max + 1, device=edge_sh.device)).to(edge_sh.dtype)
-        scale = (envelope / self.avg_degree).view(n_edges, 1, 1)
-        edge_feat = torch.bmm(edge_sh.unsqueeze(-1) * onehot * scale, coeff)
-        return x.index_add(0, i, edge_feat.to(x.dtype))
+                  == torch.arange(self.l_max + 1, device=sh.device)).to(sh.dtype)
+        scale = (edges.envelope / self.avg_degree).view(n_edges, 1, 1)
+        edge_feat = torch.bmm(sh.unsqueeze(-1) * onehot * scale, coeff)
+        return x.index_add(0, edges.center, edge_feat)

@@ -3,13 +3,13 @@
 ==============================================================  ====================================
 equation                                                        code
 ==============================================================  ====================================
-g = softmax(G(LN(x^0))), G = Linear-SiLU-Linear, E_st + E_sp    ``self.gate_norm``, ``self.gate``
+g = softmax(G(LN(x^0))), G = Linear-SiLU-Linear, E_st + E_sp    ``gates()``: ``gate_norm``, ``gate``
 y_st = sum_k g_k FFN^st_k(x)                                    ``self.steerable``
   FFN^st = EqLN -> DWLinear(C, hC) -> Gate -> DWLinear(hC, C)   ``steerable_expert``
 O = SphericalAttention(F(x))                                    ``self.attention``
 y_sp = F^-1( sum_k g_{E_st+k} FFN^sp_k(O) )                     ``self.spherical``
   FFN^sp = LN -> Linear(C, hC) -> SiLU -> Linear(hC, C)         ``spherical_expert``
-y_sp^0 <- SiLU(W_0 LN(x^0) + b_0)                               ``self.scalar_out``
+y_sp^0 <- SiLU(W_0 LN(x^0) + b_0)                               ``gates()``: ``scalar_out``
 y = y_st + y_sp   (the caller adds the residual)
 ==============================================================  ====================================
 
@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from est_calc.nn.attention import SphericalAttention
-from est_calc.nn.derived import derived
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm, Gate
 from est_calc.sphere import SphericalGrid
 
@@ -91,48 +90,14 @@ class MixtureOfHybridExperts(nn.Module):
         else:
             self.grid = self.attention = self.spherical = self.scalar_out = None
 
-    def _gates(self, x0: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Expert weights g (N, E_st + E_sp) and scalar_out's pre-activation (None without
-        spherical experts) from the l = 0 row x0 (N, C) of the block input."""
-        x0 = self.gate_norm(x0)
-        c = self.channels
-        if self.spherical is not None:
-            # The gate's first layer and scalar_out read the same x0: one matrix product.
-            w, b = derived(self, "gate_scalar",
-                           [self.gate[0].weight, self.gate[0].bias, self.scalar_out.weight,
-                            self.scalar_out.bias],
-                           lambda: (torch.cat([self.gate[0].weight, self.scalar_out.weight], dim=0),
-                                    torch.cat([self.gate[0].bias, self.scalar_out.bias], dim=0)))
-            both = torch.nn.functional.linear(x0, w, b)
-            gate_hidden, scalar_pre = both[:, :c], both[:, c:]
-        else:
-            gate_hidden, scalar_pre = self.gate[0](x0), None
-        # (N, E_st + E_sp), rotation invariant
-        return torch.softmax(self.gate[2](self.gate[1](gate_hidden)), dim=-1), scalar_pre
-
-    def forward_scalars(self, x0: Tensor) -> Tensor:
-        """The l = 0 row of :meth:`forward` from the l = 0 row x0 (N, C) of x alone.
-
-        That row is sum_k g_k FFN^st_k(x)^0 + SiLU(W_0 x0 + b_0): the gate reads x0 only, each
-        layer of a steerable expert maps l = 0 to l = 0, and the spherical branch's l = 0 row is
-        replaced by scalar_out. The spherical branch (grid, attention, spherical experts) and
-        the l > 0 rows are not computed: what the model's last layer needs, with the same numbers.
-        """
-        if x0.dim() != 2 or x0.shape[1] != self.channels:
-            raise ValueError(f"MixtureOfHybridExperts: expected x0 of shape [N, C={self.channels}], "
-                             f"got {tuple(x0.shape)}")
-        g, scalar_pre = self._gates(x0)
-        y = None
-        for e, expert in enumerate(self.steerable):
-            h = x0
-            for layer in expert:
-                h = layer.forward_scalars(h)
-            term = g[:, e, None] * h
-            y = term if y is None else y + term
-        if scalar_pre is not None:
-            s = torch.nn.functional.silu(scalar_pre)
-            y = s if y is None else y + s
-        return y
+    def gates(self, x0: Tensor) -> tuple[Tensor, Tensor | None]:
+        """From the l = 0 row x0 (N, C) of the block input: the expert weights
+        g = softmax(G(LN(x0))) (N, E_st + E_sp), invariant, and the spherical branch's l = 0 row
+        SiLU(W_0 LN(x0) + b_0) (N, C) (None without spherical experts)."""
+        h = self.gate_norm(x0)
+        g = torch.softmax(self.gate(h), dim=-1)
+        scalars = torch.nn.functional.silu(self.scalar_out(h)) if self.spherical is not None else None
+        return g, scalars
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, C] -> update y [N, K, C]."""
@@ -140,7 +105,7 @@ class MixtureOfHybridExperts(nn.Module):
         if x.dim() != 3 or x.shape[1] != k or x.shape[2] != self.channels:
             raise ValueError(f"MixtureOfHybridExperts: expected x of shape [N, K={k}, "
                              f"C={self.channels}], got {tuple(x.shape)}")
-        g, scalar_pre = self._gates(x[:, 0])
+        g, scalars = self.gates(x[:, 0])
         y = None
         for e, expert in enumerate(self.steerable):
             term = g[:, e, None, None] * expert(x)
@@ -152,8 +117,7 @@ class MixtureOfHybridExperts(nn.Module):
                 term = g[:, self.n_steerable + e, None, None] * expert(o)
                 mix = term if mix is None else mix + term
             y_sp = self.grid.from_grid(mix)
-            scalars = torch.nn.functional.silu(scalar_pre)[:, None]
-            sp = torch.cat([scalars, y_sp[:, 1:]], dim=1)
+            sp = torch.cat([scalars[:, None], y_sp[:, 1:]], dim=1)
             y = sp if y is None else y + sp
         return y
 

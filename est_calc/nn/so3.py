@@ -8,8 +8,8 @@ block-diagonal Wigner matrix D(R) acting on the K axis:
 * :class:`EquivariantLayerNorm` normalises with rotation-invariant statistics (|x^l|^2 summed over m).
 * :class:`Gate` multiplies each l > 0 block by an invariant sigmoid gate from the l = 0 channels.
 
-The l = 0 output of each of them depends on the l = 0 input only; ``forward_scalars`` computes
-that row alone (the model's last layer, whose l > 0 outputs nothing reads).
+The l = 0 output of each of them depends on the l = 0 input only (what lets the model's last
+layer compute that row alone, :class:`est_calc.nn.block.ScalarUpdateBlock`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-
-from est_calc.nn.derived import derived
 
 __all__ = ["degree_index", "DWLinear", "EquivariantLayerNorm", "Gate"]
 
@@ -63,22 +61,10 @@ class DWLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, K, Cin] -> [N, K, Cout]."""
         _check_features(x, (self.l_max + 1) ** 2, self.in_channels, "DWLinear")
-        weight = derived(self, "weight", [self.weight, self._degree],
-                         lambda: self.weight.index_select(0, self._degree))
-        y = torch.einsum("nki,kio->nko", x, weight)
-        if self.bias is not None and self.l_max > 0:
-            # split rather than slices: the backward of two slices zero-fills two full tensors.
-            y0, y_rest = y.split([1, y.shape[1] - 1], dim=1)
-            y = torch.cat([y0 + self.bias, y_rest], dim=1)
-        elif self.bias is not None:
-            y = y + self.bias
-        return y
-
-    def forward_scalars(self, x0: Tensor) -> Tensor:
-        """The l = 0 row of :meth:`forward` from the l = 0 row alone: x0 [N, Cin] -> [N, Cout]."""
+        y = torch.einsum("nki,kio->nko", x, self.weight[self._degree])
         if self.bias is None:
-            return x0 @ self.weight[0]
-        return torch.addmm(self.bias, x0, self.weight[0])
+            return y
+        return torch.cat([y[:, :1] + self.bias, y[:, 1:]], dim=1)
 
     def extra_repr(self) -> str:
         return (f"l_max={self.l_max}, in_channels={self.in_channels}, "
@@ -111,7 +97,7 @@ class EquivariantLayerNorm(nn.Module):
       affected to visible precision). Kept only to evaluate such potentials as they were trained.
 
     Then x^l_{m,c} <- x^l_{m,c} g_{l,c} / sqrt(rms^2 + eps) for l > 0. The l = 0 output depends
-    on the l = 0 input only in both forms (``forward_scalars``).
+    on the l = 0 input only in both forms: it is ``scalar_norm`` of that row.
 
     Args:
         l_max: maximum degree L.
@@ -136,26 +122,15 @@ class EquivariantLayerNorm(nn.Module):
         _check_features(x, (self.l_max + 1) ** 2, self.channels, "EquivariantLayerNorm")
         if self.l_max == 0:
             return self.scalar_norm(x)
-        x0, vec = x.split([1, x.shape[1] - 1], dim=1)
-        scalars = self.scalar_norm(x0)
-        # 1 / ((2l + 1) n C) per component with n = L + 1 (joint) or L, built in the input dtype
-        # (exact in float64).
+        x0, vec = x[:, :1], x[:, 1:]
         n_degrees = self.l_max + 1 if self.joint else self.l_max
-        balance = derived(self, f"balance_{x.dtype}_{n_degrees}", [self._degree], lambda: 1.0 / (
-            (2.0 * self._degree.to(x.dtype) + 3.0) * (n_degrees * self.channels)))
-        mean_sq = torch.mv((vec * vec).sum(dim=-1), balance)
+        l = (self._degree + 1).to(x.dtype)                          # degree of each l > 0 row
+        balance = 1.0 / ((2 * l + 1) * (n_degrees * self.channels))  # (K - 1,)
+        mean_sq = ((vec * vec).sum(dim=-1) * balance).sum(dim=-1)   # (N,)
         if self.joint:
-            var0 = x0.squeeze(1).var(dim=-1, unbiased=False)
-            mean_sq = mean_sq + var0 / n_degrees
+            mean_sq = mean_sq + x0[:, 0].var(dim=-1, unbiased=False) / n_degrees
         inv = torch.rsqrt(mean_sq + self.eps)[:, None, None]
-        weight = derived(self, "weight", [self.weight, self._degree],
-                         lambda: self.weight.index_select(0, self._degree))
-        return torch.cat([scalars, vec * inv * weight], dim=1)
-
-    def forward_scalars(self, x0: Tensor) -> Tensor:
-        """The l = 0 row of :meth:`forward` from the l = 0 row alone (the l > 0 statistics do
-        not enter it): x0 [N, C] -> [N, C]."""
-        return self.scalar_norm(x0)
+        return torch.cat([self.scalar_norm(x0), vec * inv * self.weight[self._degree]], dim=1)
 
     def extra_repr(self) -> str:
         return (f"l_max={self.l_max}, channels={self.channels}, eps={self.eps}, "
@@ -190,10 +165,6 @@ class Gate(nn.Module):
         # index_select (not fancy indexing): its backward is an index_add, not an accumulating put.
         return torch.cat([torch.nn.functional.silu(x0),
                           x_rest * gates.index_select(1, self._degree)], dim=1)
-
-    def forward_scalars(self, x0: Tensor) -> Tensor:
-        """The l = 0 row of :meth:`forward` from the l = 0 row alone: SiLU(x0), [N, C]."""
-        return torch.nn.functional.silu(x0)
 
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, channels={self.channels}"

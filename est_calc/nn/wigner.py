@@ -37,11 +37,11 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
-from est_calc.nn.derived import constant
+from est_calc.geometry import random_rotations
 from est_calc.sphere.grid import ExactBufferModule, real_sh
 from est_calc.sphere.points import fibonacci
 
-__all__ = ["edge_axis", "edge_frame", "roll_about_axis", "so2_index", "WignerD"]
+__all__ = ["EdgeRotation", "edge_axis", "edge_frame", "roll_about_axis", "so2_index", "WignerD"]
 
 
 @lru_cache(maxsize=None)
@@ -84,12 +84,14 @@ def _axis_basis_np() -> np.ndarray:
     return basis
 
 
-def edge_frame(edge_vec: Tensor) -> Tensor:
+def edge_frame(edge_vec: Tensor, basis: Tensor | None = None) -> Tensor:
     """Rotations R_e (E, 3, 3) with R_e r_hat_e = a (the edge axis), differentiable in edge_vec.
 
     Args:
         edge_vec: (E, 3) edge vectors r_ij in Å (any positive length; zero-length vectors are
             clamped to 1e-12 Å instead of producing NaN).
+        basis: the fixed rotation B (3, 3) with B e_y = a in edge_vec's dtype and device
+            (:class:`EdgeRotation` keeps it as a buffer); built from constants when None.
 
     Returns:
         (E, 3, 3) proper rotation matrices, same dtype/device as edge_vec.
@@ -104,7 +106,8 @@ def edge_frame(edge_vec: Tensor) -> Tensor:
     u = u / u.norm(dim=1, keepdim=True)          # |u| >= sqrt(2/3): never degenerate
     w = torch.linalg.cross(u, r, dim=1)
     frame = torch.stack([u, r, w], dim=1)        # rows (u, r, w): maps r -> e_y, det = +1
-    basis = constant(_AXIS_BASIS, r)
+    if basis is None:
+        basis = torch.tensor(_AXIS_BASIS, dtype=r.dtype, device=r.device)
     return basis @ frame
 
 
@@ -191,8 +194,6 @@ class WignerD(ExactBufferModule):
     def _fit_polynomial(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Constant (R*K,), linear (9, R*K) and quadratic (81, R*K) float64 coefficients with
         D(R).flatten() = c + vec(R) A_1 + vec(R (x) R) A_2 for every rotation R (L <= 2)."""
-        from est_calc.model import random_rotations  # the model imports this module
-
         rot = random_rotations(256, torch.float64, generator=torch.Generator().manual_seed(12345))
         target = self._sampled(rot, torch.float64).flatten(1).numpy()       # (n, R*K)
         feats = self._features(rot).numpy()                                  # (n, 1 + 9 [+ 81])
@@ -250,3 +251,36 @@ class WignerD(ExactBufferModule):
     def extra_repr(self) -> str:
         return f"l_max={self.l_max}, rows={self.rows.numel()}, n_points={self.points.shape[0]}"
 
+
+
+class EdgeRotation(ExactBufferModule):
+    """Wigner-D rows into each edge's frame: D(R_e)[rows, :] (E, K_M, K) for the rows |m| <= M of
+    :func:`so2_index`, with R_e = :func:`edge_frame` (R_e r_hat_e = a).
+
+    Depends on the edges only, so a model computes it once per call for every SO(2) block
+    (``EdgeFeatures.rotation``). Features rotate into the edge frame as z = D x along K.
+
+    Args:
+        l_max: maximum degree L.
+        m_max: maximum order M (<= L).
+    """
+
+    def __init__(self, l_max: int, m_max: int):
+        super().__init__()
+        if not 0 <= m_max <= l_max:
+            raise ValueError(f"EdgeRotation: need 0 <= m_max <= l_max, got {m_max}, {l_max}")
+        self.l_max, self.m_max = l_max, m_max
+        self.wigner = WignerD(l_max, rows=so2_index(l_max, m_max))
+        self.register_exact_buffer("axis_basis", _axis_basis_np())
+
+    @property
+    def n_rows(self) -> int:
+        """K_M, the number of rows kept in the edge frame."""
+        return int(self.wigner.rows.numel())
+
+    def forward(self, edge_vec: Tensor) -> Tensor:
+        """edge_vec (E, 3) Å -> Wigner rows (E, K_M, K) in edge_vec's dtype."""
+        return self.wigner(edge_frame(edge_vec, self.axis_basis))
+
+    def extra_repr(self) -> str:
+        return f"l_max={self.l_max}, m_max={self.m_max}"

@@ -96,7 +96,3 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=0)
-    # The broadcast writes past the version counters that key the inference caches.
-    from est_calc.nn.derived import clear_derived
-
-    clear_derived(module)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from est_calc.accel import accelerate
 from est_calc.atomic_io import temp_files_of
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
@@ -135,6 +136,7 @@ def evaluate(potential, frames, *, energy_mode="total", batch_size=8, device="cp
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    potential = accelerate(potential, inference=True)  # shares the weights; est_calc.accel
     potential.eval()
     dtype = next(potential.parameters()).dtype
     known = set(potential.species)
@@ -288,6 +290,9 @@ class Trainer:
         if state is not None:
             self._restore(state)
         dist_utils.broadcast_parameters(self.potential)
+        # What the steps run: every speed-up, made once, sharing the parameters of
+        # self.potential (which the optimizer, the EMA and the checkpoints hold).
+        self.fast = accelerate(self.potential)
         if self.rank == 0:
             _prepare_output_dir(self.out, overwrite=overwrite)
 
@@ -369,10 +374,10 @@ class Trainer:
         force_mask = (tgt.fixed == 0) if cfg.loss.forces_on_free_atoms else torch.ones_like(tgt.fixed, dtype=torch.bool)
         # The lattice rotation is done on the data above (deterministic per step), so the model
         # runs with its fixed lattice: eval-mode semantics for the grid, training for the rest.
-        self.potential.train()
+        self.fast.train()
         with intra_op_threads(choose_threads(graph.n_edges, t.threads)), \
-                self.potential.model.fixed_grid():
-            pred = energy_forces_stress(self.potential, batch, graph,
+                self.fast.model.fixed_grid():
+            pred = energy_forces_stress(self.fast, batch, graph,
                                         compute_stress=want_stress, create_graph=True)
         terms = loss_terms(pred, tgt.energy, tgt.forces, tgt.stress if want_stress else None,
                            tgt.has_stress, tgt.n_atoms, force_mask, cfg.loss.kind, cfg.loss.huber_delta)

@@ -88,7 +88,7 @@ def test_training_mode_and_low_memory_keep_the_eager_path(make_potential, cu_sla
     def refuse(*args, **kwargs):
         raise AssertionError("the compiled path was used")
 
-    pot.model._compiled_features = refuse
+    pot.model._compiled_network = refuse
     batch = AtomsBatch.from_atoms([cu_slab_co], dtype=torch.float64)
     graph = build_graph(batch, pot.cutoff_A)
     pot.train()
@@ -98,7 +98,7 @@ def test_training_mode_and_low_memory_keep_the_eager_path(make_potential, cu_sla
     assert any(p.grad is not None for p in pot.parameters())
     pot.eval()
     calc = ESTCalculator(pot, dtype="float64", low_memory=True)
-    calc.potential.model._compiled_features = refuse
+    calc.potential.model._compiled_network = refuse
     calc.calculate(cu_slab_co, ["energy", "forces"])
     with pytest.raises(AssertionError, match="compiled path"):
         energy_forces_stress(pot, batch, graph)  # eval mode without checkpointing: compiled

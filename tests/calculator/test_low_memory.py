@@ -63,28 +63,29 @@ def test_bf16_attention_option(make_potential, cu_slab_co):
 
 def test_recomputation_in_another_thread_keeps_the_attention_settings(make_potential, cu_slab_co):
     """On CUDA, autograd runs the backward (and so the checkpointed layers' recomputation) in
-    its own thread, where the thread-local attention settings would be the defaults. Here the
-    backward is run in another thread on purpose: with a bf16 attention core set for the
-    forward, the recomputation must use it too (else checkpoint refuses the mismatch, as it did
-    on an H100 at 97k atoms) and give the forces of the one-thread path."""
+    its own thread. Here the backward is run in another thread on purpose: with a bf16 attention
+    core (a setting of the accelerated model's modules, not of the thread) the recomputation must
+    use it too (else checkpoint refuses the mismatch, as it did on an H100 at 97k atoms when the
+    setting was thread-local) and give the forces of the one-thread path."""
     import dataclasses
     import threading
 
     import torch
 
+    from est_calc.accel import accelerate
     from est_calc.batch import AtomsBatch
     from est_calc.neighbors import build_graph
-    from est_calc.nn.attention import attention_precision
 
     pot = make_potential(message="so2", n_layers=2)
+    fast = accelerate(pot, inference=True, attention_dtype=torch.bfloat16)
     batch = AtomsBatch.from_atoms(cu_slab_co, dtype=torch.float32)
     graph = build_graph(batch, pot.cutoff_A)
 
     def forces(other_thread: bool):
         pos = batch.positions.clone().requires_grad_(True)
         b = dataclasses.replace(batch, positions=pos)
-        with pot.model.checkpoint_layers(), attention_precision("bfloat16"):
-            energy = pot.model(b, graph).energy.sum()
+        with fast.model.checkpoint_layers():
+            energy = fast.model(b, graph).energy.sum()
         out, errors = {}, []
 
         def grad():
@@ -97,8 +98,7 @@ def test_recomputation_in_another_thread_keeps_the_attention_settings(make_poten
             t.start()
             t.join()
         else:
-            with attention_precision("bfloat16"):
-                grad()
+            grad()
         assert not errors, errors
         return out["f"]
 

@@ -8,7 +8,8 @@ import torch
 from e3nn import o3
 from scipy.special import eval_legendre
 
-from est_calc.nn.attention import SphericalAttention, fused_attention, fused_attention_enabled
+from est_calc.accel import accelerate
+from est_calc.nn.attention import SphericalAttention
 from est_calc.sphere import SphericalGrid, lat_long, make_grid
 
 F64 = torch.float64
@@ -57,19 +58,17 @@ def test_log_weights_enter_the_bias_for_key_points_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_explicit_and_fused_paths_agree_and_chunking_is_invisible(dtype):
-    grid = make_grid("lebedev", l_max=2)
-    att = SphericalAttention(C, grid, n_heads=4, chunk_size=3).to(dtype)
-    f = torch.randn(10, grid.n_points, C, dtype=dtype)
-    assert not fused_attention_enabled()
+def test_plain_and_accelerated_paths_agree_and_chunking_is_invisible(dtype, torch_device):
+    """The plain softmax(QK^T/sqrt(d) + B)V, the accelerated core (and, with inference on a GPU,
+    the fused SDPA kernels), with and without chunking."""
+    grid = make_grid("lebedev", l_max=2).to(torch_device)
+    att = SphericalAttention(C, grid, n_heads=4, chunk_size=3).to(torch_device, dtype)
+    f = torch.randn(10, grid.n_points, C, dtype=dtype, device=torch_device)
     out = att(f)
     assert out.shape == f.shape and out.dtype == dtype
-    with fused_attention(True):
-        assert fused_attention_enabled()
-        fused = att(f)
-    assert not fused_attention_enabled()
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert (out - fused).abs().max() < tol
+    for inference in (False, True):
+        assert (accelerate(att, inference=inference)(f) - out).abs().max() < tol
     att.chunk_size = 1000
     assert (att(f) - out).abs().max() < tol
 
@@ -152,31 +151,19 @@ def test_legendre_helper_matches_scipy():
                                    atol=1e-13)
 
 
-def test_attention_precision_casts_only_the_core():
-    import pytest
-    import torch
-
-    from est_calc.nn.attention import SphericalAttention, attention_precision
-    from est_calc.sphere import make_grid
-
+def test_attention_dtype_casts_only_the_core():
     torch.manual_seed(0)
     grid = make_grid("fibonacci", 2)
     att = SphericalAttention(16, grid, n_heads=4, l_roe=2)
     f = torch.randn(5, grid.n_points, 16)
-    ref = att(f)
-    with attention_precision("float32"):
-        same = att(f)
-    torch.testing.assert_close(same, ref, rtol=0, atol=0)
-    with attention_precision("bfloat16"):
-        low = att(f)
+    ref = accelerate(att)(f)
+    low = accelerate(att, attention_dtype=torch.bfloat16)(f)
     assert low.dtype == torch.float32
     err = float((low - ref).detach().abs().max() / ref.detach().abs().max())
     assert 0 < err < 2e-2, err  # bf16 rounding is visible but small
     low.sum().backward()  # the cast is differentiable
     assert att.query.weight.grad is not None
-    with pytest.raises(ValueError, match="attention precision"):
-        with attention_precision("int8"):
-            pass
+    assert type(att) is SphericalAttention  # accelerate left the plain module as it was
 
 
 @pytest.mark.parametrize("n_heads,with_bias", [(1, True), (3, True), (2, False)])
@@ -185,7 +172,7 @@ def test_attention_core_equals_softmax_product_with_first_and_second_derivatives
     """The core computes every product transposed (for speed) with its own backward: values,
     gradients (including the bias, a trainable function of roe_weight) and second derivatives
     equal those of the plain softmax(q k^T + B) V."""
-    from est_calc.nn.attention import _AttentionCore, _scores
+    from est_calc.accel.attention import _AttentionCore, _scores
 
     torch.manual_seed(0)
     b, s, d = 2, 5, 3

@@ -1,11 +1,12 @@
-"""The inference fast paths give the same numbers as the general constructions they replace.
+"""The parts the accelerations are built from give the numbers of what they replace.
 
 * WignerD for L <= 2 applies a fitted polynomial in the entries of R instead of evaluating the
   harmonics at rotated points;
-* the SO(2) block reads the edge SH off the m = 0 rows of the Wigner rotations;
+* the accelerated model reads the edge SH off the m = 0 rows of the Wigner rotations;
 * parameter-only tensors (block matrices, gathered weights) are cached while the parameters are
-  frozen (est_calc.nn.derived), and rebuilt whenever they change;
-* segment_softmax skips its max shift when the logits have a small known bound.
+  frozen (est_calc.accel.weights), and rebuilt whenever they change;
+* the accelerated softmax skips its max shift when the logits have a small known bound;
+* the whole-tensor SO(2) maps (_SO2Map) of frozen weights.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import pytest
 import torch
 from e3nn import o3
 
-from est_calc.model import ModelConfig
-from est_calc.nn.derived import clear_derived, derived
-from est_calc.nn.message_so2 import SO2MessageBlock, segment_softmax, smooth_leaky_relu
+from est_calc.accel import accelerate
+from est_calc.accel.so2_message import bounded_segment_softmax
+from est_calc.accel.weights import clear_derived, derived
+from est_calc.model import ESTModel, ModelConfig
+from est_calc.neighbors import Graph
+from est_calc.nn.message_so2 import SO2Linear, SO2MessageBlock, segment_softmax, smooth_leaky_relu
 from est_calc.nn.so3 import DWLinear, EquivariantLayerNorm
 from est_calc.nn.wigner import WignerD, edge_frame, so2_index
 
 F64 = torch.float64
+
+
+def so2_block(**overrides) -> SO2MessageBlock:
+    """The SO(2) message block of the "small" preset (with overrides)."""
+    c = ModelConfig.preset("small", **overrides)
+    return SO2MessageBlock(c.l_max, c.so2_m_max, c.channels, n_heads=c.n_heads, n_rbf=c.n_rbf,
+                           species_channels=c.species_channels, radial_hidden=c.radial_hidden)
 
 
 @pytest.mark.parametrize("l_max,m_max", [(0, 0), (1, 1), (2, 1), (2, 2), (2, None)])
@@ -54,16 +65,24 @@ def test_polynomial_wigner_gradients_match_sampled():
     assert (g_poly - g_samp).abs().max() < 1e-11
 
 
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("l_max,m_max", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_edge_sh_read_off_the_wigner_rotation(l_max, m_max):
-    cfg = ModelConfig.preset("small", l_max=l_max, so2_m_max=m_max)
-    block = SO2MessageBlock(cfg).to(F64)
+def test_edge_sh_read_off_the_wigner_rotation(l_max, m_max, paired):
+    model = accelerate(ESTModel(ModelConfig.preset("small", l_max=l_max, so2_m_max=m_max))
+                       .to(F64), inference=True)
     vec = torch.randn(30, 3, dtype=F64) * 3.0
     vec[0] = torch.tensor([1.0, 1.0, 1.0], dtype=F64)          # helper-axis tie of the frame
     vec[1] = torch.tensor([0.0, 2.0, 0.0], dtype=F64)          # along the edge axis
+    index = torch.randint(0, 4, (2, 30))
+    if paired:  # the second half reverses the first
+        vec, index = torch.cat([vec, -vec]), torch.cat([index, index.flip(0)], dim=1)
+    graph = Graph(index, torch.zeros(index.shape[1], 3, dtype=torch.long), paired=paired)
+    edges = model.edge_features(torch.zeros(4, 16, dtype=F64), graph, vec)
     ref = o3.spherical_harmonics(list(range(l_max + 1)), vec, normalize=True,
                                  normalization="component")
-    assert (block.edge_sh_from_rotation(block.edge_rotation(vec)) - ref).abs().max() < 1e-12
+    assert (edges.sh - ref).abs().max() < 1e-12
+    assert (edges.rotation - model.edge_rotation(vec)).abs().max() < 1e-12
+    assert (edges.pair_rotation is not None) == paired
 
 
 # ----------------------------------------------------------------------------- derived
@@ -106,7 +125,7 @@ def test_frozen_blocks_equal_trainable_blocks_after_weight_changes():
     torch.manual_seed(0)
     layers = [DWLinear(2, 6, 5).to(F64), EquivariantLayerNorm(2, 6).to(F64)]
     x = torch.randn(4, 9, 6, dtype=F64)
-    for layer in layers:
+    for layer in (accelerate(m, inference=True) for m in layers):
         for step in range(2):
             ref = layer(x)
             for p in layer.parameters():
@@ -131,25 +150,27 @@ def test_segment_softmax_without_shift_matches_shifted():
     seg = torch.randint(0, 12, (50,), generator=g)
     seg[seg == 11] = 10                                          # segment 11 stays empty
     ref = segment_softmax(logits, u, seg, 12)
-    fast = segment_softmax(logits, u, seg, 12, bound=20.0)
+    fast = bounded_segment_softmax(logits, u, seg, 12, bound=20.0)
     assert (fast - ref).abs().max() < 1e-12
     (g_ref,) = torch.autograd.grad((ref * torch.arange(3.0, dtype=F64)).sum(), logits)
     (g_fast,) = torch.autograd.grad((fast * torch.arange(3.0, dtype=F64)).sum(), logits)
     assert (g_fast - g_ref).abs().max() < 1e-12
     # A bound above the safe range keeps the shifted path (here: it must, exp(700) overflows).
     big = torch.tensor([[700.0], [690.0]], dtype=torch.float32)
-    out = segment_softmax(big, torch.ones(2), torch.zeros(2, dtype=torch.long), 1, bound=700.0)
+    out = bounded_segment_softmax(big, torch.ones(2), torch.zeros(2, dtype=torch.long), 1,
+                                  bound=700.0)
     assert torch.isfinite(out).all() and abs(float(out.sum()) - 1.0) < 1e-6
 
 
 def test_logit_bound_bounds_the_attention_logits():
     torch.manual_seed(1)
-    block = SO2MessageBlock(ModelConfig.preset("small"))
+    plain = so2_block()
     with torch.no_grad():                                        # larger, varied weights
-        block.alpha_norm.weight.normal_(0.0, 2.0)
-        block.alpha_norm.bias.normal_(0.0, 1.0)
-    for p in block.parameters():
+        plain.alpha_norm.weight.normal_(0.0, 2.0)
+        plain.alpha_norm.bias.normal_(0.0, 1.0)
+    for p in plain.parameters():
         p.requires_grad_(False)
+    block = accelerate(plain, inference=True)
     bound = block._logit_bound()
     s = torch.randn(5000, block.n_heads, block.d_alpha) * torch.logspace(-3, 3, 5000)[:, None, None]
     s[:10] = 0.0
@@ -157,9 +178,7 @@ def test_logit_bound_bounds_the_attention_logits():
     logits = (smooth_leaky_relu(block.alpha_norm(s)) * block.alpha_dot).sum(-1)
     assert float(logits.abs().max()) <= bound * (1 + 1e-6)
     assert float(logits.abs().max()) > 0.3 * bound               # and the bound is not loose
-    for p in block.parameters():
-        p.requires_grad_(True)
-    assert block._logit_bound() is None                          # training keeps the shift
+    assert accelerate(plain)._logit_bound() is None              # training keeps the shift
 
 
 def test_smooth_leaky_relu_is_the_defining_formula():
@@ -180,7 +199,7 @@ def test_row_repeated_radial_equals_per_group_modulation():
     """The block modulates all K_M rows with the radial MLP's last layer repeated per +-m row;
     SO2Linear's own per-m-group broadcast of the unrepeated output gives the same numbers."""
     torch.manual_seed(3)
-    block = SO2MessageBlock(ModelConfig.preset("small", so2_m_max=2)).to(F64)
+    block = accelerate(so2_block(so2_m_max=2).to(F64))
     e = 11
     z = torch.randn(e, block.conv1.n_rows, block.conv1.in_channels, dtype=F64)
     radial_in = torch.randn(e, block.radial.in_features, dtype=F64)
@@ -193,7 +212,7 @@ def test_row_repeated_radial_equals_per_group_modulation():
 
 
 def test_constant_is_built_once_per_dtype_and_device():
-    from est_calc.nn.derived import constant
+    from est_calc.accel.weights import constant
 
     like32, like64 = torch.zeros(1), torch.zeros(1, dtype=F64)
     a = constant((1.0, 2.0), like32)
@@ -218,10 +237,9 @@ def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_
     """With frozen weights SO2Linear reads a whole input / writes a whole output through _SO2Map;
     values, gradients and gradients of gradients equal those of map_groups (on the GPU too,
     whose matrix products write into the same row-block views)."""
-    from est_calc.nn.message_so2 import SO2Linear
-
     torch.manual_seed(4)
-    lin = _frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra).to(torch_device, F64))
+    lin = accelerate(_frozen(SO2Linear(l_max, m_max, 3, 4, extra_scalars=extra)
+                             .to(torch_device, F64)), inference=True)
     e = 7
     kw = {"dtype": F64, "device": torch_device}
     x = torch.randn(e, lin.n_rows, 3, **kw).requires_grad_(True)
@@ -258,10 +276,8 @@ def test_fused_so2_maps_equal_map_groups_in_values_and_input_gradients(l_max, m_
                 assert (a - b).abs().max() < 1e-12
 
 
-def test_so2_maps_with_trainable_weights_stay_on_autograd():
-    from est_calc.nn.message_so2 import SO2Linear
-
-    lin = SO2Linear(2, 1, 3, 4, extra_scalars=2).to(F64)
+def test_so2_maps_of_training_stay_on_autograd():
+    lin = accelerate(SO2Linear(2, 1, 3, 4, extra_scalars=2).to(F64))
     x = torch.randn(5, lin.n_rows, 3, dtype=F64, requires_grad=True)
     parts, extra_out = lin.map_whole_input(x)
     assert "_SO2Map" not in type(extra_out.grad_fn).__name__

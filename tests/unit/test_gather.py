@@ -1,9 +1,9 @@
-"""gather_rows and gather_pairs: row gathers with fast, contiguous backwards (est_calc.nn.gather)."""
+"""gather_rows and gather_pairs: row gathers with fast, contiguous backwards (est_calc.accel.gather)."""
 
 import pytest
 import torch
 
-from est_calc.nn.gather import gather_pairs, gather_rows, pair_index
+from est_calc.accel.gather import gather_pairs, gather_rows, pair_index
 
 
 def _inputs():

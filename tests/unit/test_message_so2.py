@@ -1,6 +1,6 @@
 """Tests for the edge-frame Wigner-D (est_calc.nn.wigner) and the SO(2) message block.
 
-Everything runs in float64 with a small config (L = 2, C = 8). Node features are built from
+Everything runs in float64 with a small block (L = 2, C = 8). Node features are built from
 spherical harmonics of the relative positions, so rotating the positions rotates the features
 exactly; equivariance of the output is checked by evaluating the output functions
 sum_k x_k Y_k(v) at rotated points (independent of any Wigner-D implementation).
@@ -9,15 +9,22 @@ sum_k x_k Y_k(v) at rotated points (independent of any Wigner-D implementation).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from e3nn import o3
 
+from est_calc.nn.edges import EdgeFeatures
 from est_calc.nn.message_so2 import SO2Linear, SO2MessageBlock, segment_softmax
 from est_calc.nn.radial import GaussianBasis, PolynomialEnvelope
-from est_calc.nn.wigner import WignerD, edge_axis, edge_frame, roll_about_axis, so2_index
+from est_calc.nn.wigner import (
+    EdgeRotation,
+    WignerD,
+    edge_axis,
+    edge_frame,
+    roll_about_axis,
+    so2_index,
+)
 
 F64 = torch.float64
 CUTOFF = 4.0
@@ -28,16 +35,10 @@ def sh(l_max, v):
                                   normalization="component")
 
 
-def config(l_max=2, channels=8, **kw):
-    base = dict(l_max=l_max, channels=channels, n_heads=2, so2_m_max=2, n_rbf=8,
-                species_channels=4, radial_hidden=16, cutoff_A=CUTOFF)
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
-def make_block(cfg=None, seed=0):
+def make_block(l_max=2, channels=8, m_max=2, seed=0):
     torch.manual_seed(seed)
-    return SO2MessageBlock(cfg or config()).to(F64)
+    return SO2MessageBlock(l_max, m_max, channels, n_heads=2, n_rbf=8, species_channels=4,
+                           radial_hidden=16).to(F64)
 
 
 def radius_graph(pos, cutoff=CUTOFF):
@@ -47,9 +48,10 @@ def radius_graph(pos, cutoff=CUTOFF):
 
 
 class Inputs:
-    """Rotation-covariant block inputs built from positions (fixed random per-atom weights)."""
+    """Rotation-covariant block inputs built from positions (fixed random per-atom weights):
+    node features x and the EdgeFeatures of the edges."""
 
-    def __init__(self, n_atoms, l_max=2, channels=8, seed=1):
+    def __init__(self, n_atoms, l_max=2, channels=8, m_max=2, seed=1, rotation=None):
         g = torch.Generator().manual_seed(seed)
         self.l_max, self.channels = l_max, channels
         self.decay = 0.3 + torch.rand(channels, generator=g, dtype=F64)
@@ -57,6 +59,7 @@ class Inputs:
         self.scalar = torch.randn(n_atoms, channels, generator=g, dtype=F64)
         self.rbf = GaussianBasis(8, CUTOFF).to(F64)
         self.env = PolynomialEnvelope(CUTOFF).to(F64)
+        self.rotation = EdgeRotation(l_max, m_max).to(F64) if rotation is None else rotation
 
     def __call__(self, pos, edge_index):
         i, j = edge_index
@@ -69,7 +72,11 @@ class Inputs:
         x = torch.zeros(len(pos), y.shape[1], self.channels, dtype=F64)
         x = x.index_add(0, i, y[:, :, None] * w[:, None, :])
         x = torch.cat([x[:, :1] + self.scalar[:, None], x[:, 1:]], dim=1)
-        return (x, edge_index, y, self.rbf(r), u, self.species), vec
+        rbf = self.rbf(r)
+        edges = EdgeFeatures(i, j, r, y, rbf, u,
+                             torch.cat([rbf, self.species[i], self.species[j]], dim=-1),
+                             self.rotation(vec))
+        return (x, edges), vec
 
 
 def cluster(n_atoms=6, seed=3, scale=1.4):
@@ -207,10 +214,10 @@ def test_segment_softmax_weights_and_empty_segments():
 # ----------------------------------------------------------------------------- the block
 
 
-def run_block(block, inputs, pos, edge_index=None, **kw):
+def run_block(block, inputs, pos, edge_index=None):
     edge_index = radius_graph(pos) if edge_index is None else edge_index
     args, vec = inputs(pos, edge_index)
-    return block(*args, **kw), args, vec
+    return block(*args), args, vec
 
 
 def test_block_rotation_equivariance():
@@ -230,26 +237,21 @@ def test_block_rotation_equivariance():
     assert (out_rot - torch.einsum("ab,nbc->nac", d, out)).abs().max() < 1e-5
 
 
-def test_block_edge_vec_argument_matches_sh_direction():
+def test_block_needs_the_rotations_of_its_order():
+    """The block reads the edge rotations the model computed once (EdgeFeatures.rotation); the
+    rows must be those of its m_max."""
     block, inputs, pos = make_block(), Inputs(6), cluster(6)
-    out, args, vec = run_block(block, inputs, pos)
-    assert (block(*args, edge_vec=vec) - out).abs().max() < 1e-12
+    _, (x, edges), _ = run_block(block, inputs, pos)
+    assert edges.rotation.shape == (edges.n_edges, block.conv1.n_rows, 9)
+    with pytest.raises(ValueError, match="rotation"):
+        block(x, edges._replace(rotation=edges.rotation[:, :5]))
+    with pytest.raises(ValueError, match="rotation"):
+        block(x, edges._replace(rotation=None))
 
 
-def test_block_precomputed_edge_rotation_is_the_same_computation():
-    """A model computes the Wigner rotations once and hands them to every block (edge_rot):
-    identical to the block computing them itself; a wrong shape is refused."""
-    block, inputs, pos = make_block(), Inputs(6), cluster(6)
-    out, args, vec = run_block(block, inputs, pos)
-    rot = block.edge_rotation(vec)
-    assert rot.shape == (vec.shape[0], block.conv1.n_rows, 9)
-    assert torch.equal(block(*args, edge_rot=rot), block(*args, edge_vec=vec))
-    with pytest.raises(ValueError, match="edge_rot"):
-        block(*args, edge_rot=rot[:, :5])
-
-
-def test_model_shares_one_edge_rotation_across_layers():
-    """ESTModel passes one edge_rot to every so2 block, equal to what each block computes."""
+def test_model_computes_the_edges_once_for_every_layer():
+    """ESTModel builds one EdgeFeatures per call and hands it to every message block; its
+    rotations are the model's EdgeRotation of the edge vectors."""
     from est_calc.batch import AtomsBatch
     from est_calc.model import ESTModel, ModelConfig
     from est_calc.neighbors import build_graph
@@ -264,61 +266,55 @@ def test_model_shares_one_edge_rotation_across_layers():
                                    dtype=F64)
     graph = build_graph(batch, cfg.cutoff_A)
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw.get("edge_rot")),
-                                         with_kwargs=True) for m in model.messages]
-    energy = model(batch, graph).energy
+    hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(a[1])) for m in model.messages]
+    model(batch, graph)
     for h in hooks:
         h.remove()
-    assert len(seen) == 2 and seen[0] is not None and seen[0] is seen[1]
-    # Each block computing its own rotations gives the same energy.
-    originals = [m.forward for m in model.messages]
-    for m, fwd in zip(model.messages, originals):
-        m.forward = lambda *a, _f=fwd, **kw: _f(*a, **{k: v for k, v in kw.items() if k != "edge_rot"})
-    try:
-        assert torch.allclose(model(batch, graph).energy, energy, rtol=0, atol=1e-12)
-    finally:
-        for m in model.messages:
-            del m.forward
+    assert len(seen) == 2 and seen[0] is seen[1] and isinstance(seen[0], EdgeFeatures)
+    from est_calc.geometry import edge_vectors
+
+    vec = edge_vectors(batch.positions, batch.cell, graph.edge_index, graph.shifts,
+                       batch.system_idx)
+    assert torch.equal(seen[0].rotation, model.edge_rotation(vec))
 
 
 def test_block_float32_matches_float64():
     block, inputs, pos = make_block(), Inputs(6), cluster(6)
-    out, args, _ = run_block(block, inputs, pos)
-    out32 = block.float()(*[a.float() if a.is_floating_point() else a for a in args])
+    out, (x, edges), _ = run_block(block, inputs, pos)
+    edges32 = EdgeFeatures(*[t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+                             for t in edges])
+    out32 = block.float()(x.float(), edges32)
     assert out32.dtype == torch.float32
     assert (out32.double() - out).detach().abs().max() < 1e-4 * max(1.0, float(out.detach().abs().max()))
 
 
-class RolledBlock(SO2MessageBlock):
-    """Same block with a random roll about the edge axis added to every edge frame."""
+class RolledRotation(EdgeRotation):
+    """Edge rotations with a random roll about the edge axis added to every edge frame."""
 
-    def _edge_frames(self, edge_dir):
+    def forward(self, edge_vec):
         g = torch.Generator().manual_seed(11)
-        phi = 2 * math.pi * torch.rand(edge_dir.shape[0], generator=g, dtype=edge_dir.dtype)
-        return roll_about_axis(phi) @ super()._edge_frames(edge_dir)
+        phi = 2 * math.pi * torch.rand(edge_vec.shape[0], generator=g, dtype=edge_vec.dtype)
+        return self.wigner(roll_about_axis(phi) @ edge_frame(edge_vec, self.axis_basis))
 
 
 def test_block_independent_of_frame_roll():
-    block = make_block()
-    rolled = RolledBlock(config()).to(F64)
-    rolled.load_state_dict(block.state_dict())
-    inputs, pos = Inputs(6), cluster(6)
-    out, args, _ = run_block(block, inputs, pos)
-    assert (rolled(*args) - out).abs().max() < 1e-10
+    block, pos = make_block(), cluster(6)
+    out, _, _ = run_block(block, Inputs(6), pos)
+    rolled, _, _ = run_block(block, Inputs(6, rotation=RolledRotation(2, 2).to(F64)), pos)
+    assert (rolled - out).abs().max() < 1e-10
 
 
 def test_block_permutation_equivariance():
     block, inputs, pos = make_block(), Inputs(6), cluster(6)
-    out, args, _ = run_block(block, inputs, pos)
+    out, _, _ = run_block(block, inputs, pos)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(2))
     inv = torch.argsort(perm)
     ei = radius_graph(pos)
-    ei_p = inv[ei]                                        # old atom a is new atom inv[a]
     shuffle = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(4))
-    args_p = list(inputs(pos, ei)[0])
-    args_p = [args_p[0][perm], ei_p[:, shuffle], args_p[2][shuffle], args_p[3][shuffle],
-              args_p[4][shuffle], args_p[5][perm]]
-    assert (block(*args_p) - out[perm]).abs().max() < 1e-12
+    (x, edges), _ = inputs(pos, ei)
+    edges_p = EdgeFeatures(*[t[shuffle] if torch.is_tensor(t) else t for t in edges])
+    edges_p = edges_p._replace(center=inv[edges_p.center], neighbor=inv[edges_p.neighbor])
+    assert (block(x[perm], edges_p) - out[perm]).abs().max() < 1e-12
 
 
 def test_isolated_atoms_get_zero_message_and_finite_gradients():
@@ -339,7 +335,7 @@ def test_isolated_atoms_get_zero_message_and_finite_gradients():
 
 
 def small_energy_setup():
-    block, inputs = make_block(config(channels=4)), Inputs(4, channels=4)
+    block, inputs = make_block(channels=4), Inputs(4, channels=4)
     pos = cluster(4, scale=1.0)
     ei = radius_graph(pos)
     readout = torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(8))
@@ -408,20 +404,16 @@ def test_continuous_as_neighbour_crosses_cutoff():
 
 def test_bad_input_raises():
     block, inputs, pos = make_block(), Inputs(6), cluster(6)
-    _, args, _ = run_block(block, inputs, pos)
+    _, (x, edges), _ = run_block(block, inputs, pos)
     with pytest.raises(ValueError):
-        block(args[0][:, :4], *args[1:])
+        block(x[:, :4], edges)
     with pytest.raises(ValueError):
-        block(args[0], args[1][0], *args[2:])
-    with pytest.raises(ValueError):
-        block(*args[:4], args[4][:-1], args[5])
+        block(x[..., :5], edges)
 
 
 def test_so2linear_radial_modulation_equals_row_indexed_product():
     """The grouped, broadcast radial modulation equals multiplying every K_M row by its radial
     row (the same radial weights shared by +m and -m)."""
-    from est_calc.nn.message_so2 import SO2Linear
-
     gen = torch.Generator().manual_seed(5)
     for l_max, m_max in ((2, 2), (3, 1), (1, 0)):
         lin = SO2Linear(l_max, m_max, 6, 5, extra_scalars=2).double()
@@ -437,8 +429,6 @@ def test_so2linear_radial_modulation_equals_row_indexed_product():
 def test_so2linear_m_pairs_follow_the_complex_rule_with_the_stored_weight_layout():
     """For m > 0 the stored fc.weight is W_r stacked over W_i, and the pair maps as
     y+ = W_r x+ - W_i x-, y- = W_i x+ + W_r x- (what checkpoints were trained with)."""
-    from est_calc.nn.message_so2 import SO2Linear
-
     gen = torch.Generator().manual_seed(8)
     l_max, m_max, cin, cout = 3, 2, 4, 5
     lin = SO2Linear(l_max, m_max, cin, cout).double()

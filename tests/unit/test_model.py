@@ -4,8 +4,6 @@ Forces, stress, finite differences and batched-vs-single live in tests/physics (
 All checks use the "tiny" preset in float64.
 """
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from est_calc.batch import AtomsBatch
 from est_calc.model import PRESETS, ESTModel, ModelConfig, ModelOutput, random_rotations
+from est_calc.neighbors import Graph
 
 
 def graph_of(atoms_list, cutoff_A):
@@ -26,8 +25,8 @@ def graph_of(atoms_list, cutoff_A):
         edges.append(np.stack([i + offset, j + offset]))
         shifts.append(s)
         offset += len(atoms)
-    return SimpleNamespace(edge_index=torch.from_numpy(np.concatenate(edges, 1)).long(),
-                           shifts=torch.from_numpy(np.concatenate(shifts)).long().reshape(-1, 3))
+    return Graph(torch.from_numpy(np.concatenate(edges, 1)).long(),
+                 torch.from_numpy(np.concatenate(shifts)).long().reshape(-1, 3))
 
 
 def run(model, atoms_list):
@@ -230,3 +229,32 @@ def test_edges_beyond_the_cutoff_change_nothing(model, ethanol, copper):
         assert skin_graph.edge_index.shape[1] > 0
         skin = model(batch, skin_graph)
         torch.testing.assert_close(skin.energies, plain.energies, rtol=0, atol=1e-12)
+
+
+#: sha256 (first 16 hex digits) of the sorted state_dict keys with their shapes and of the ordered
+#: parameter names, per preset and message block, as the code of commit 38bbe70 (before the
+#: plain/accelerated split) wrote them: files and optimizer states written then load now.
+STATE_LAYOUT = {
+    "tiny-est": "15a6fee4b0883998",
+    "tiny-so2": "118e53d7b2b8cfb7",
+    "small-est": "afef875ab604ab1e",
+    "small-so2": "5128dc5e4162583a",
+    "medium-est": "c31508dee641702b",
+    "medium-so2": "2810d74fffeb8332",
+}
+
+
+@pytest.mark.parametrize("key", sorted(STATE_LAYOUT))
+def test_state_dict_keys_shapes_and_parameter_order_are_pinned(key):
+    import hashlib
+    import json
+
+    from est_calc.accel import accelerate
+
+    preset, message = key.split("-")
+    model = ESTModel(ModelConfig.preset(preset, message=message))
+    for m in (model, accelerate(model), accelerate(model, inference=True)):
+        state = [(k, list(v.shape)) for k, v in m.state_dict().items()]
+        params = [k for k, _ in m.named_parameters()]
+        text = json.dumps({"state": sorted(state), "params": params})
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == STATE_LAYOUT[key]

@@ -1,32 +1,36 @@
-"""ModulatedMap (est_calc.nn.modulated_map): the radial modulation and the first SO(2) map of the
-message block in blocks of rows, both halves of a paired edge list from the first half's
+"""ModulatedMap (est_calc.accel.modulated_map): the radial modulation and the first SO(2) map of
+the message block in blocks of rows, both halves of a paired edge list from the first half's
 features, equal to the whole-tensor form it replaces in values, gradients and gradients of
-gradients; and the model takes it only with frozen weights."""
+gradients; and the model takes it only when accelerated for inference (frozen weights)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from est_calc.accel import accelerate, modulated_map
+from est_calc.accel.modulated_map import ModulatedMap, swap_halves
+from est_calc.accel.so2_message import FastSO2MessageBlock, _pair_expand
+from est_calc.accel.weights import constant
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import build_graph
-from est_calc.nn import modulated_map
-from est_calc.nn.derived import constant
-from est_calc.nn.message_so2 import SO2MessageBlock, _pair_expand
-from est_calc.nn.modulated_map import ModulatedMap, swap_halves
+from est_calc.nn.message_so2 import SO2MessageBlock
 from est_calc.potential import Potential
 
 F64 = torch.float64
 
 
-def _block(device, seed=0, **overrides):
+def _block(device, seed=0, inference=True, **overrides):
     torch.manual_seed(seed)
-    block = SO2MessageBlock(ModelConfig.preset("small", **overrides)).to(device, F64)
+    c = ModelConfig.preset("small", **overrides)
+    block = SO2MessageBlock(c.l_max, c.so2_m_max, c.channels, n_heads=c.n_heads, n_rbf=c.n_rbf,
+                            species_channels=c.species_channels, radial_hidden=c.radial_hidden)
+    block = block.to(device, F64)
     for p in block.parameters():
         p.requires_grad_(False)
-    return block
+    return accelerate(block, inference=inference)
 
 
 def _whole_tensor_form(block, paired, x, hid):
@@ -132,8 +136,8 @@ def _slab_batch(device):
 
 @pytest.mark.parametrize("paired", [False, True])
 def test_model_with_the_fused_map_equals_the_whole_tensor_path(paired, torch_device, monkeypatch):
-    """Energies, forces and stress of a frozen potential, fused against whole-tensor, with the
-    rows split into several blocks."""
+    """Energies, forces and stress of a frozen potential, inference (fused) against training
+    (whole-tensor) acceleration, with the rows split into several blocks."""
     from est_calc import neighbors
 
     monkeypatch.setattr(modulated_map, "CHUNK", 50)
@@ -154,21 +158,15 @@ def test_model_with_the_fused_map_equals_the_whole_tensor_path(paired, torch_dev
         return original(ctx, linear, is_paired, x, hid, *weights)
 
     monkeypatch.setattr(ModulatedMap, "forward", staticmethod(spy))
-    got = energy_forces_stress(pot, batch, graph, compute_stress=True)
+    got = energy_forces_stress(accelerate(pot, inference=True), batch, graph, compute_stress=True)
     assert calls == [(paired, graph.n_edges // (2 if paired else 1))] * 2  # both layers
-    monkeypatch.setattr(SO2MessageBlock, "_modulated_fusable", lambda self: False)
-    ref = energy_forces_stress(pot, batch, graph, compute_stress=True)
+    ref = energy_forces_stress(accelerate(pot), batch, graph, compute_stress=True)
     assert len(calls) == 2
     assert (got.energy - ref.energy).abs().max() < 1e-11
     assert (got.forces - ref.forces).abs().max() < 1e-11
     assert (got.stress - ref.stress).abs().max() < 1e-11
 
 
-def test_trainable_weights_keep_the_whole_tensor_path():
-    block = _block("cpu")
-    assert block._modulated_fusable()
-    block.radial.last.weight.requires_grad_(True)
-    assert not block._modulated_fusable()  # the radial layer trains
-    block.radial.last.weight.requires_grad_(False)
-    block.conv1.fc0.weight.requires_grad_(True)
-    assert not block._modulated_fusable()  # conv1 trains
+def test_only_inference_acceleration_takes_the_blocked_map():
+    assert isinstance(_block("cpu"), FastSO2MessageBlock)
+    assert _block("cpu").inference and not _block("cpu", inference=False).inference

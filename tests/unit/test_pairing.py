@@ -1,8 +1,9 @@
 """Reversed-pair edge order (est_calc.neighbors.pairing) and the SO(2) block's use of it.
 
-A paired list holds the reverse of edge p at P + p. The SO(2) block then rotates only the first
-half: the reversed edge's frame is diag(-1, -1, 1) times the forward one (bitwise), so its Wigner
-rows are the forward rows times fixed signs. Everything here compares against the unpaired path.
+A paired list holds the reverse of edge p at P + p. The accelerated model then rotates only the
+first half: the reversed edge's frame is diag(-1, -1, 1) times the forward one (bitwise), so its
+Wigner rows are the forward rows times fixed signs. Everything here compares against the
+unpaired path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from est_calc.model import ModelConfig
 from est_calc.neighbors import Graph, build_graph
 from est_calc.neighbors.pairing import is_paired, pair_edges
 from est_calc.neighbors.verlet import VerletNeighborList
-from est_calc.nn.message_so2 import SO2MessageBlock, _pair_expand, _pair_signs
+from est_calc.accel import accelerate
+from est_calc.accel.model import FastESTModel
+from est_calc.accel.so2_message import _pair_expand, pair_signs
 from est_calc.nn.wigner import WignerD, edge_frame, so2_index
 from est_calc.potential import Potential
 
@@ -101,7 +104,7 @@ def test_reversed_edge_frame_is_a_fixed_sign_flip_of_the_forward_frame(dtype):
 @pytest.mark.parametrize("l_max,m_max", [(1, 1), (2, 1), (2, 2), (3, 2)])
 def test_reversed_edge_wigner_rows_are_signed_forward_rows(l_max, m_max):
     wigner = WignerD(l_max, rows=so2_index(l_max, m_max)).to(F64)
-    sign = torch.tensor(_pair_signs(wigner), dtype=F64)
+    sign = torch.tensor(pair_signs(l_max, m_max), dtype=F64)
     assert set(sign.tolist()) == {-1.0, 1.0}
     vec = torch.randn(200, 3, dtype=F64)
     d_fwd, d_rev = wigner(edge_frame(vec)), wigner(edge_frame(-vec))
@@ -145,15 +148,26 @@ def test_paired_graph_gives_the_unpaired_energy_forces_and_stress(frozen, torch_
     perm = perm.to(torch_device)
     shuffled = Graph(plain.edge_index[:, perm], plain.shifts[perm])
     paired = build_graph(batch, pot.cutoff_A, paired=True)
+    fast = accelerate(pot, inference=frozen)
     calls = []
-    original = SO2MessageBlock.pair_rotation
-    SO2MessageBlock.pair_rotation = lambda self, r: calls.append(r.shape[0]) or original(self, r)
+    original = FastESTModel.edge_features
+
+    def spy(self, emb, graph, vectors):
+        edges = original(self, emb, graph, vectors)
+        calls.append(None if edges.pair_rotation is None else edges.pair_rotation.shape[0])
+        return edges
+
+    FastESTModel.edge_features = spy
     try:
-        ref = energy_forces_stress(pot, batch, shuffled, compute_stress=True)
-        got = energy_forces_stress(pot, batch, paired, compute_stress=True)
+        ref = energy_forces_stress(fast, batch, shuffled, compute_stress=True)
+        got = energy_forces_stress(fast, batch, paired, compute_stress=True)
+        # a graph marked paired whose order is not is checked and used unpaired
+        wrong = Graph(shuffled.edge_index, shuffled.shifts, paired=True)
+        again = energy_forces_stress(fast, batch, wrong, compute_stress=True)
     finally:
-        SO2MessageBlock.pair_rotation = original
-    assert calls == [paired.n_edges // 2]  # the paired path ran, once per call
+        FastESTModel.edge_features = original
+    assert calls == [None, paired.n_edges // 2, None]  # the paired path ran for the paired list
+    assert (again.forces - ref.forces).abs().max() < 1e-12
     scale = float(ref.forces.abs().max())
     assert (got.energy - ref.energy).abs().max() < 1e-12
     assert (got.forces - ref.forces).abs().max() < 1e-12 * max(scale, 1.0)
@@ -168,8 +182,9 @@ def test_paired_graph_training_gradients_match():
     grads = []
     paired = build_graph(batch, pot.cutoff_A, backend="torch", paired=True)
     assert paired.paired
+    fast = accelerate(pot)
     for graph in (build_graph(batch, pot.cutoff_A, backend="matscipy"), paired):
-        pred = energy_forces_stress(pot, batch, graph, create_graph=True)
+        pred = energy_forces_stress(fast, batch, graph, create_graph=True)
         loss = pred.energy.sum() + (pred.forces**2).sum()
         grads.append(torch.autograd.grad(loss, list(pot.parameters()), allow_unused=True))
     for a, b in zip(*grads):

@@ -3,15 +3,13 @@
 ``x.index_select(0, index)`` has index_add as its backward. On the CPU, index_add with a
 non-contiguous source (the gradient of a gather that was concatenated along the feature axis,
 ``cat([x[i], x[j]], -1)``, arrives as a strided slice) falls back to an elementwise scatter_add
-with an expanded index: 9.5 ms instead of 0.9 ms (copy included) for 9,018 edges x 288 features
-on two cores. :func:`gather_rows` is index_select whose backward makes the gradient contiguous
-first; its values and gradients are identical, and the backward is built from differentiable ops,
-so double backward (training on forces) works as before.
+with an expanded index. :func:`gather_rows` is index_select whose backward makes the gradient
+contiguous first; its values and gradients are identical, and the backward is built from
+differentiable ops, so double backward (training on forces) works as before.
 
 :func:`gather_pairs` gives the per-edge pair [x_i || x_j] of (N, K, C) node features, laid out
 (E, K, 2C), in one row gather from the (N K, C) view with an interleaved index instead of two
-gathers and a concatenation. On two cores, the 12,972 edges of 64 small slabs, K = 9, C = 24:
-0.9 against 2.1 ms forward; the backward adds whole gradient rows (see ``_GatherPairs``).
+gathers and a concatenation; the backward adds whole gradient rows (see ``_GatherPairs``).
 """
 
 from __future__ import annotations
@@ -63,8 +61,8 @@ class _GatherPairs(torch.autograd.Function):
         _, k, c2 = grad.shape
         grad = grad.contiguous()
         # Whole (K, 2C) rows added at i and at j, then the wanted half of each kept: no copies of
-        # strided halves (1.2 against 2.3-4.1 ms for the 12,972 edges above). Differentiable in
-        # grad (index_add into fresh zeros), so double backward works.
+        # strided halves. Differentiable in grad (index_add into fresh zeros), so double backward
+        # works.
         at_i = grad.new_zeros(ctx.n_nodes, k, c2).index_add_(0, i, grad)
         at_j = grad.new_zeros(ctx.n_nodes, k, c2).index_add_(0, j, grad)
         out = at_i[..., : c2 // 2] + at_j[..., c2 // 2:]

@@ -4,10 +4,10 @@ Several blocks rearrange their weights before use: the SO(2) maps assemble [[W_r
 [W_i, W_r]], the attention folds 1/sqrt(d) into its query and stacks the q, k and v weights, the
 degree-wise layers gather one matrix per component. In training these must be rebuilt every call
 (the result is part of the autograd graph), but in inference the weights do not change between
-calls, and for a 66-atom slab these small operations are a few per cent of the call.
+calls, and these small operations need not run again.
 
 :func:`derived` caches the result on the module while none of the source tensors requires grad
-(the calculator freezes the parameters for the duration of each call). The cache key holds the
+(an inference-accelerated model freezes its parameters for each call). The cache key holds the
 source tensors themselves, their version counters and their data pointers: any in-place update
 (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.to(dtype/device)`` misses the
 cache, and holding the tensors (and their data) means their memory cannot be reused by another

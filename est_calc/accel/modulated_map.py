@@ -7,9 +7,8 @@ layout, channels c of [h_i || h_j]),
     y_e  = SO2Linear_1(z_e * (A hid_e + b))      hid_e: the radial MLP's last hidden layer
 
 Written as whole-tensor operations, z, the radial weights A hid + b, their product and, in the
-backward, the gradient of that product are (E, K_M, 2C) tensors (17 MB each for 64 small slabs)
-that go to memory and come back: on a CPU the modulation's products ran at memory speed, several
-times slower than the same products on data in cache. :class:`ModulatedMap` runs the whole chain
+backward, the gradient of that product are (E, K_M, 2C) tensors that go to memory and come back,
+so on a CPU the modulation's products run at memory speed. :class:`ModulatedMap` runs the whole chain
 per block of :data:`CHUNK` rows on a CPU (one block on a GPU), so these tensors exist one block at
 a time, and keeps only z and hid (E, hidden) for the backward, which recomputes a block's radial
 weights (a (rows, hidden) x (hidden, K_M 2C) product) instead of reading them back (a single
@@ -26,9 +25,9 @@ with A', b' the radial layer's rows permuted by sigma and SO2Linear' the map who
 permuted by sigma and multiplied by s (a permutation of a product's summation index). Both halves
 then read the same z: no (E, K_M, 2C) expansion at all, forward or backward.
 
-Only for frozen weights in eager mode (the calculator); training and ``torch.compile`` keep the
-whole-tensor form. The backward is computed with differentiable operations when a graph of it is
-requested (a Hessian of a frozen potential).
+Only for frozen weights in eager mode (``accelerate(model, inference=True)``: the calculator);
+training and ``torch.compile`` keep the whole-tensor form. The backward is computed with
+differentiable operations when a graph of it is requested (a Hessian of a frozen potential).
 """
 
 from __future__ import annotations
@@ -39,13 +38,13 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from est_calc.nn.message_so2 import SO2Linear
+    from est_calc.accel.so2_linear import FastSO2Linear as SO2Linear
 
 __all__ = ["CHUNK", "ModulatedMap", "modulated_weights", "swap_halves"]
 
 #: Rows (edges, or pairs of a paired list) per block on a CPU. The block's temporaries are a few
-#: (CHUNK, K_M 2C) tensors (1.4 MB each for the "small" preset): in cache. 512 to 2,048 measured
-#: alike on 64 small slabs (2 CPU cores); smaller blocks cost more Python per call.
+#: (CHUNK, K_M 2C) tensors, small enough to stay in cache; smaller blocks cost more Python per
+#: call.
 CHUNK = 1024
 
 
@@ -135,7 +134,7 @@ class ModulatedMap(torch.autograd.Function):
     :func:`modulated_weights` (frozen). Returns the m-groups (E, rows, Cout) and the extra
     scalars (E, extra), as ``SO2Linear.map_groups``. Only the layout of ``linear`` is read
     (``_group_sizes``, ``l_max``, ``out_channels``, ``split_groups``): the message block's last
-    layer passes the m = 0 restriction of conv1 (``message_so2._ScalarRows``) with the matching
+    layer passes the m = 0 restriction of conv1 (``so2_message._ScalarRows``) with the matching
     rows of the weights.
     """
 
