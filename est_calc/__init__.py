@@ -11,14 +11,14 @@ Public entry points:
   calculator and the trainer run.
 """
 
-from est_calc.threads import set_passive_wait_policy
+from est_calc.threads import set_short_spin
 
 __version__ = "0.2.0"
 
-# OpenMP reads its wait policy once, when torch loads: set it before anything imports torch
-# (unless the user chose one), so that threads waiting at a barrier sleep instead of spinning
-# on a core another process needs (est_calc/threads.py).
-set_passive_wait_policy()
+# OpenMP reads its spin count once, when torch loads: set it before anything imports torch
+# (unless the user chose a wait policy), so that threads waiting at a barrier sleep after a few
+# microseconds instead of spinning on a core another process needs (est_calc/threads.py).
+set_short_spin()
 
 __all__ = ["ESTCalculator", "__version__"]
 

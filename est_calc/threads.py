@@ -3,23 +3,28 @@
 A call of a small system is a few thousand small operations, each an OpenMP parallel region
 whose threads meet at a barrier. When another process holds one of the cores, the thread that
 runs there is descheduled for a scheduler slice and every other thread of the region waits for
-it, spinning (libgomp's default) on a core the other process could have used. Measured on 2
-cores with a second simulation beside it, a 66-atom call took 7x to 90x its idle time, erratic
-(issue 23). Two remedies, both applied here:
+it, spinning (libgomp's default: about 300,000 spins, a few milliseconds, before it sleeps) on a
+core the other process could have used. On 2 cores beside a second simulation, a 66-atom call
+took 7x to 90x its idle time, erratic (issue 23). Two remedies, both applied here:
 
+* **A short spin.** ``import est_calc`` sets ``GOMP_SPINCOUNT=1000`` (about ten microseconds of
+  spinning, then a futex sleep) when neither ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY`` is set
+  and torch is not imported yet (OpenMP reads its settings once, when torch loads). Threads that
+  both run meet within that window, so an idle machine keeps most of the gain of a second thread;
+  a thread whose partner was descheduled gives its core back almost at once. A fully passive
+  policy (no spin) protects as well but makes every region pay a wake-up, which cancels the
+  second thread's gain below ~10,000 edges (benchmarks/RESULTS.md).
 * **One thread below the size where threads pay off.** Below :data:`PARALLEL_MIN_EDGES` edges a
-  call runs on one thread: idle it is about as fast (the regions are too small to share, see
-  benchmarks/RESULTS.md), and beside another process it takes ~2x. Larger calls use the CPUs
-  this process may run on (``os.sched_getaffinity``), capped by torch's own default.
-* **A passive wait policy.** ``import est_calc`` sets ``OMP_WAIT_POLICY=PASSIVE`` when the
-  variable is unset and torch is not imported yet (OpenMP reads it once, when torch loads), so
-  waiting threads sleep instead of spinning.
+  call runs on one thread (the regions are too small to share). Larger calls use the CPUs this
+  process may run on (``os.sched_getaffinity``), capped by torch's own default.
 
 The user's choice always wins: ``ESTCalculator(threads=N)`` runs every call on N threads;
 ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) in the environment leaves torch's count alone; and
 a call never uses more threads than ``torch.get_num_threads()`` at that moment, so a
-``torch.set_num_threads(k)`` of the user's caps it at k. ``OMP_WAIT_POLICY`` set by the user is
-never changed. The count is set for the duration of one call and restored afterwards.
+``torch.set_num_threads(k)`` of the user's caps it at k. ``OMP_WAIT_POLICY`` or
+``GOMP_SPINCOUNT`` set by the user is never changed (``OMP_WAIT_POLICY=ACTIVE`` spins long: the
+fastest on a machine nobody else uses). The count is set for the duration of one call and
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -29,20 +34,26 @@ import sys
 from contextlib import contextmanager
 
 __all__ = ["PARALLEL_MIN_EDGES", "available_cpus", "choose_threads", "intra_op_threads",
-           "set_passive_wait_policy", "user_chose_threads"]
+           "set_short_spin", "user_chose_threads"]
 
-#: Calls with fewer edges than this run on one thread (measured crossover, benchmarks/RESULTS.md).
-PARALLEL_MIN_EDGES = 20_000
+#: Calls with fewer edges than this run on one thread (measured crossover with the short spin:
+#: equal at ~1,000 edges, a second thread 1.3x faster at 2,000; benchmarks/RESULTS.md).
+PARALLEL_MIN_EDGES = 1_500
+
+#: libgomp spins before a waiting thread sleeps, as set by :func:`set_short_spin`.
+SHORT_SPIN_COUNT = "1000"
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def set_passive_wait_policy() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` if the user did not set it and torch is not loaded yet
-    (afterwards OpenMP has read its settings). Returns whether it was set."""
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+def set_short_spin() -> bool:
+    """Set ``GOMP_SPINCOUNT`` to :data:`SHORT_SPIN_COUNT` if the user set neither it nor
+    ``OMP_WAIT_POLICY`` and torch is not loaded yet (afterwards OpenMP has read its settings).
+    Returns whether it was set."""
+    if ("OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+            or "torch" in sys.modules):
         return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN_COUNT
     return True
 
 

@@ -76,18 +76,18 @@ def test_calculator_uses_and_restores_the_count(make_potential, cu_slab_co, monk
         ESTCalculator(make_potential(), device="cpu", dtype="float64", threads=0)
 
 
-def test_importing_est_calc_sets_a_passive_wait_policy_unless_chosen():
-    code = "import est_calc, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "ACTIVE"
-    code = "import torch, est_calc, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env.pop("OMP_WAIT_POLICY")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "None"  # too late once torch is loaded: left as it was
+def test_importing_est_calc_sets_a_short_spin_unless_a_policy_was_chosen():
+    code = ("import est_calc, os; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def run(extra: dict, program: str = code) -> str:
+        return subprocess.run([sys.executable, "-c", program], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert run({}) == "1000 None"
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "None ACTIVE"
+    assert run({"OMP_WAIT_POLICY": "PASSIVE"}) == "None PASSIVE"
+    assert run({"GOMP_SPINCOUNT": "50"}) == "50 None"
+    # too late once torch is loaded: left as it was
+    assert run({}, "import torch; " + code) == "None None"
