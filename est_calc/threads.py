@@ -1,16 +1,16 @@
-"""Intra-op threads of a model call, chosen so that a busy machine slows a call ~2x, not ~50x.
+"""Intra-op threads of a model call, chosen so that a busy machine slows a call gracefully.
 
 A call of a small system is a few thousand small operations, each an OpenMP parallel region
 whose threads meet at a barrier. When another process holds one of the cores, the thread that
 runs there is descheduled for a scheduler slice and every other thread of the region waits for
-it, spinning (libgomp's default) on a core the other process could have used. Measured on 2
-cores with a second simulation beside it, a 66-atom call took 7x to 90x its idle time, erratic
-(issue 23). Two remedies, both applied here:
+it, spinning (libgomp's default) on a core the other process could have used, so a small
+call beside another process can take many times its idle time (issue 23; the measurements are
+in benchmarks/RESULTS.md, "Threads on a busy machine"). Two remedies, both applied here:
 
 * **One thread below the size where threads pay off.** Below :data:`PARALLEL_MIN_EDGES` edges a
-  call runs on one thread: idle it is about as fast (the regions are too small to share, see
-  benchmarks/RESULTS.md), and beside another process it takes ~2x. Larger calls use the CPUs
-  this process may run on (``os.sched_getaffinity``), capped by torch's own default.
+  call runs on one thread: the regions are too small to share, so it loses little idle and
+  waits on no other thread beside another process. Larger calls use the CPUs this process may
+  run on (``os.sched_getaffinity``), capped by torch's own default.
 * **A passive wait policy.** ``import est_calc`` sets ``OMP_WAIT_POLICY=PASSIVE`` when the
   variable is unset and torch is not imported yet (OpenMP reads it once, when torch loads), so
   waiting threads sleep instead of spinning.
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 __all__ = ["PARALLEL_MIN_EDGES", "available_cpus", "choose_threads", "intra_op_threads",
            "set_passive_wait_policy", "user_chose_threads"]
 
-#: Calls with fewer edges than this run on one thread (measured crossover, benchmarks/RESULTS.md).
+#: Calls with fewer edges than this run on one thread (a measured crossover; benchmarks/RESULTS.md).
 PARALLEL_MIN_EDGES = 20_000
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
