@@ -39,7 +39,7 @@ def _tracked() -> list[PurePosixPath]:
     """Files git tracks in this checkout (the test is skipped outside a git work tree)."""
     try:
         proc = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True,
-                              timeout=60)
+                              timeout=60, check=False)
     except (OSError, subprocess.SubprocessError):
         pytest.skip("git is not available")
     if proc.returncode != 0:
@@ -77,9 +77,9 @@ def test_no_run_outputs_in_the_tree():
         if top in ("runs", "data") or path.parts[:2] == ("benchmarks", "results"):
             problems.append(f"{path}: inside a git-ignored output folder")
         allowed = FOLDER_CONTENTS.get(top)
-        if allowed is not None and len(path.parts) > 1:
-            if (path.name not in allowed and suffix not in allowed) or len(path.parts) > 2:
-                problems.append(f"{path}: {top}/ holds only {sorted(allowed)} at its top level")
+        if allowed is not None and len(path.parts) > 1 and (
+                (path.name not in allowed and suffix not in allowed) or len(path.parts) > 2):
+            problems.append(f"{path}: {top}/ holds only {sorted(allowed)} at its top level")
     assert not problems, "\n".join(problems)
 
 
@@ -111,7 +111,7 @@ def test_results_document_exists_and_the_readme_links_it():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert (ROOT / "benchmarks" / "RESULTS.md").is_file()
     assert "benchmarks/RESULTS.md" in _links(readme)
-    tables = re.findall(r"^\|[ :|-]*---", readme, re.M)  # one delimiter row per table
+    tables = re.findall(r"^\|[ :|-]*---", readme, re.MULTILINE)  # one delimiter row per table
     assert len(tables) <= 2, f"the README holds {len(tables)} tables; results go to RESULTS.md"
     assert readme.count("<!-- headline:") == 1
 
@@ -138,8 +138,8 @@ def test_doc_links_and_named_paths_exist(doc):
 def test_make_targets_named_in_the_readme_exist():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     makefile = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
-    named = set(re.findall(r"(?:^|`)make ([a-z][a-z-]*)", readme, re.M))
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.MULTILINE))
+    named = set(re.findall(r"(?:^|`)make ([a-z][a-z-]*)", readme, re.MULTILINE))
     assert named, "the README names no make target"
     assert named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
 
@@ -156,7 +156,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 def test_every_advertised_command_exists_and_answers_help(capsys):
     """``est --help``, the cli module's docstring and the README advertise only commands that
     exist, and each registered command parses ``--help``."""
-    import est_calc.cli as cli
+    from est_calc import cli
 
     commands = _subcommands()
     advertised = set()
@@ -165,7 +165,7 @@ def test_every_advertised_command_exists_and_answers_help(capsys):
         if m:
             advertised |= {w.strip() for w in m.group(1).split("|")}
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    advertised |= set(re.findall(r"(?:^|`|\$ )est ([a-z][a-z-]*)", readme, re.M))
+    advertised |= set(re.findall(r"(?:^|`|\$ )est ([a-z][a-z-]*)", readme, re.MULTILINE))
     assert {"demo", "relax", "md", "train"} <= advertised
     assert advertised <= set(commands), f"advertised but missing: {advertised - set(commands)}"
     with pytest.raises(SystemExit) as exc:
