@@ -2,10 +2,8 @@
 
 PyTorch's CPU tensors come straight from malloc. glibc serves blocks above its mmap threshold
 with fresh mmap calls and returns free memory at the top of the heap to the kernel once it
-exceeds the trim threshold; either way the next call's temporaries (1-2 MB each for a 66-atom
-slab, 20-30 MB for 864 atoms) land on pages the kernel must fault in and zero again. Measured
-on the 66-atom slab (2 cores): 600-1,000 minor page faults and ~2.5 ms of system time per
-energy+forces+stress call, against ~10 faults with the thresholds below (benchmarks/README.md).
+exceeds the trim threshold; either way the next call's temporaries land on pages the kernel
+must fault in and zero again (page faults and system time per call: benchmarks/RESULTS.md).
 
 :func:`tune_malloc` raises both thresholds with ``mallopt``, as the PyTorch CPU tuning guide's
 advice to preload jemalloc or tcmalloc does by other means. The cost: up to ``trim_threshold``

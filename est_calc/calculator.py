@@ -220,9 +220,8 @@ def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
 def _checked_batch(atoms_list: Sequence, potential: Potential, device, dtype) -> AtomsBatch:
     """The batch of ``atoms_list``, checked as :func:`_check_atoms` checks one structure.
 
-    The checks run once on the stacked arrays (a per-structure loop cost ~50 us a structure,
-    3 ms for 64 small slabs); a structure that fails is handed to :func:`_check_atoms`, so the
-    error message is the same and names its index.
+    The checks run once on the stacked arrays, not in a loop over structures; a structure that
+    fails is handed to :func:`_check_atoms`, so the error message is the same and names its index.
     """
     pos, numbers, cells, pbcs = [], [], [], []
     for k, atoms in enumerate(atoms_list):
@@ -281,20 +280,20 @@ class ESTCalculator(Calculator):
             relaxations: rebuilt when any atom of the batch moved by more than skin / 2 or
             the set of structures changed).
         low_memory: recompute each layer's activations during the backward pass instead of
-            storing them (same results; less peak memory for large cells, ~1.3x the time).
+            storing them (same results; less peak memory for large cells, one more forward
+            pass per layer).
         attention_precision: "float32" (default: the model's dtype), "bfloat16" or "float16"
             for the spherical-attention core only (tensor cores on GPUs); everything else keeps
             ``dtype``. Check the force change against the potential's validation error first.
         tune_malloc: on CPU, raise glibc's malloc thresholds once for this process so that each
-            call's temporaries reuse memory instead of page-faulting fresh pages in (about 5 % of
-            a 66-atom call; the process keeps up to 256 MiB of freed memory). Never overrides
-            ``MALLOC_*`` variables or a preloaded allocator; ``EST_CALC_TUNE_MALLOC=0`` turns it
-            off everywhere (:mod:`est_calc.allocator`).
+            call's temporaries reuse memory instead of page-faulting fresh pages in (the process
+            keeps up to 256 MiB of freed memory). Never overrides ``MALLOC_*`` variables or a
+            preloaded allocator; ``EST_CALC_TUNE_MALLOC=0`` turns it off everywhere
+            (:mod:`est_calc.allocator`).
         compile: run the network through ``torch.compile`` (one graph, dynamic atom and edge
             counts; see :meth:`est_calc.model.ESTModel.enable_compile`). Energies, forces and
             stress agree with the eager model to rounding (tested in float64). The first call
-            compiles (about 2 minutes for "small" on 2 CPU cores); on CPU the gain is small
-            (benchmarks/README.md), the target is GPUs, where small systems are launch-bound.
+            compiles (minutes); meant for GPUs, where small systems are launch-bound.
             With ``low_memory=True`` the eager path runs.
         threads: intra-op threads of every call; None (default) chooses per call
             (:mod:`est_calc.threads`): one thread below ``PARALLEL_MIN_EDGES`` edges, else the

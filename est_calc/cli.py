@@ -7,9 +7,10 @@
     est convert IN OUT.h5         any supported data format to packed HDF5
     est train CONFIG.yaml         train an EST potential
     est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
-    est bench                     the benchmark suite
 
-Each subcommand imports its module lazily so that ``est --help`` stays fast.
+Each subcommand imports its module lazily so that ``est --help`` stays fast. The benchmarks are
+not a subcommand: they need a source checkout and the MACE peer's environment, and run with
+``make bench`` (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     _optional("md_recipes.cli", "add_adsorb_parser", sub)
     _optional("est_calc.training.synthetic", "add_generate_parser", sub)
     _optional("est_calc.training.cli", "add_training_parsers", sub)
-    _optional("est_calc.benchmarking", "add_bench_parser", sub)
     return parser
 
 

@@ -209,16 +209,9 @@ PRESETS: dict[str, ModelConfig] = {
                         hidden_mult=1, fourier_channels=4, message_heads=1, n_rbf=4,
                         radial_hidden=8, species_channels=4, avg_degree=8.0),
     # small: SO(2) message block (exactly equivariant: Wigner rotations into the edge frame,
-    # orders m <= 1) plus EST update blocks on a 32-point Fibonacci grid, C = 24 channels.
-    # Measured (benchmarks/equivariance.py, untrained, rattled CO/Cu(111), max |dF| / max |F|
-    # under random rotations): the "est" message block on a 16-point per-edge grid gave 0.21 and
-    # a trained model still showed a mean force rotation error of 0.047 eV/Å (more than the
-    # 0.03 eV/Å accuracy goal), so2 with S = 30 0.074, S = 48 0.025, S = 64 0.015 at 1.4x the
-    # slab time of S = 48. Until version 6 of the default potential "small" was C = 32, S = 48,
-    # M = 2 (267k parameters; ModelConfig.preset("small", channels=32, radial_hidden=32,
-    # n_points=48, so2_m_max=2) rebuilds it); C = 24, S = 32, M = 1 (146k) is 1.55x faster on the
-    # 66-atom slab and 2.1x on the 864-atom bulk (benchmarks/README.md, "Candidates") and, trained
-    # the same way, reached the same accuracy target (potentials/est-emt-small.md, version 7).
+    # orders m <= 1) plus EST update blocks on a 32-point Fibonacci grid, C = 24 channels; the
+    # update grid's rotation error and the speed of the alternatives that led here are in
+    # benchmarks/RESULTS.md ("Measurements behind library defaults").
     # Cutoff 4.2 Å: the first two fcc Cu shells (18 neighbours) instead of three (42 at 5 Å);
     # two layers still see 8.4 Å.
     "small": ModelConfig(cutoff_A=4.2, l_max=2, channels=24, n_layers=2, n_heads=4, l_roe=2,

@@ -4,8 +4,9 @@ A call of a small system is a few thousand small operations, each an OpenMP para
 whose threads meet at a barrier. When another process holds one of the cores, the thread that
 runs there is descheduled for a scheduler slice and every other thread of the region waits for
 it, spinning (libgomp's default: about 300,000 spins, a few milliseconds, before it sleeps) on a
-core the other process could have used. On 2 cores beside a second simulation, a 66-atom call
-took 7x to 90x its idle time, erratic (issue 23). Two remedies, both applied here:
+core the other process could have used, so a small call beside another process can take many
+times its idle time (issue 23; measurements in benchmarks/RESULTS.md, "Threads on a busy
+machine"). Two remedies, both applied here:
 
 * **A short spin.** ``import est_calc`` sets ``GOMP_SPINCOUNT=1000`` (about ten microseconds of
   spinning, then a futex sleep) when neither ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY`` is set
@@ -13,7 +14,7 @@ took 7x to 90x its idle time, erratic (issue 23). Two remedies, both applied her
   both run meet within that window, so an idle machine keeps most of the gain of a second thread;
   a thread whose partner was descheduled gives its core back almost at once. A fully passive
   policy (no spin) protects as well but makes every region pay a wake-up, which cancels the
-  second thread's gain below ~10,000 edges (benchmarks/RESULTS.md).
+  second thread's gain on all but the largest calls.
 * **One thread below the size where threads pay off.** Below :data:`PARALLEL_MIN_EDGES` edges a
   call runs on one thread (the regions are too small to share). Larger calls use the CPUs this
   process may run on (``os.sched_getaffinity``), capped by torch's own default.
@@ -36,8 +37,8 @@ from contextlib import contextmanager
 __all__ = ["PARALLEL_MIN_EDGES", "available_cpus", "choose_threads", "intra_op_threads",
            "set_short_spin", "user_chose_threads"]
 
-#: Calls with fewer edges than this run on one thread (measured crossover with the short spin:
-#: equal at ~1,000 edges, a second thread 1.3x faster at 2,000; benchmarks/RESULTS.md).
+#: Calls with fewer edges than this run on one thread (the measured crossover with the short spin;
+#: benchmarks/RESULTS.md).
 PARALLEL_MIN_EDGES = 1_500
 
 #: libgomp spins before a waiting thread sleeps, as set by :func:`set_short_spin`.

@@ -1,20 +1,23 @@
 """One prepared GPU training session for the default potential (issue 7), time-boxed.
 
-Runs ``est train`` on a config (default ``training_runs/est-emt-small-gpu.yaml``: continue the
-shipped stage-2 weights on the card with larger batches) inside a wall-clock budget
-(``train.time_budget_s``: the schedule is fitted to the steps that fit), and leaves the run's
-``checkpoint.pt``, ``potential.pt``, ``metrics.csv`` and a short report under ``--out``.
+Runs ``est train`` on a config (default ``training_runs/est-emt-small-gpu.yaml``: continue
+stage 5 of the old chain, ``runs/est-emt-small-stage5/checkpoint.pt``, with larger batches)
+inside a wall-clock budget (``train.time_budget_s``: the schedule is fitted to the steps that
+fit), and leaves the run's ``checkpoint.pt``, ``potential.pt``, ``metrics.csv`` and a short
+report under ``--out``.
 
 The GPU machine has no registry and no ASE: ``bash benchmarks/gpu_wheels.sh`` downloads the
 wheels here (``.whl/est``); the data is generated here and carried (a few tens of MB).
 
 Usage with the device tool (after ``bash benchmarks/gpu_wheels.sh`` and the data commands in the
-config's header), carrying ``.whl/est`` and the four data folders the config reads::
+config's header), carrying ``.whl/est``, the data folders the config reads and the run folder
+its ``train.init`` names (``runs/...``; run outputs are not in git)::
 
     python3 training_runs/gpu_train.py --wheels .whl --out $OUT --budget 420
 
 Back here: ``python benchmarks/model_card.py $FILES/run/potential.pt --set val=...`` for the
-card's numbers, then ``training_runs/ship_default.py`` if it beats the shipped potential.
+card's numbers, then ``training_runs/ship_default.py`` if it beats the shipped potential. Copy
+``$OUT/run`` to the config's ``output_dir`` (``runs/<config name>``) for the stage after it.
 ``--device cpu --budget 20 --set ...`` runs the same path on a CPU (a test does).
 """
 

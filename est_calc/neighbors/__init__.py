@@ -16,13 +16,8 @@ Backends (picked with the ``backend`` argument only):
 - ``"torch_cluster"``: ``radius_graph`` for non-periodic systems (``pip install est_calc[cluster]``).
 - ``"auto"``: ``"torch"`` for many systems at once (one vectorised call instead of one call
   per system); for a single system ``"vesin"`` when it imports, on CUDA always and on the CPU
-  up to :data:`VESIN_CPU_MAX_ATOMS` atoms, else ``"torch"``. Measured on 2 CPU cores, 1 thread,
-  same process: at the default potential's 4.2 Å, vesin took 0.65 ms against the torch cell
-  list's 2.2 ms on the 66-atom slab, 2.3 against 5.3 ms on 864 atoms and 9.9 against 16.3 ms on
-  4,000 (about level from 16k atoms on); at 6 Å the torch cell list is the faster one from
-  about 4k atoms (``benchmarks/neighbors.py``: 0.52x vesin's time at 4k atoms, 0.53x at 32k,
-  0.64x at 256k). On CUDA the issue's reference is vesin-torch (256k atoms in 6.7 ms on an
-  H200).
+  up to :data:`VESIN_CPU_MAX_ATOMS` atoms (where it is the faster one), else ``"torch"``
+  (the timings behind this choice: benchmarks/RESULTS.md, "Neighbour lists").
 
 Every backend refuses, before it runs, a periodic cell so thin or so dense for the cutoff that the
 number of periodic images or of pairs would explode (:func:`cell_problem`: more than
@@ -93,9 +88,8 @@ class Graph:
         return Graph(self.edge_index.to(device), self.shifts.to(device), self.paired)
 
 
-#: Fewest edges for which ``build_graph(..., paired=True)`` sorts a list into reversed pairs: on
-#: 2 CPU cores the sort took 0.37 ms for the 1,002 edges of a 66-atom slab, about what the paired
-#: SO(2) blocks saved there (1.4 %); a 64-slab batch (12,972 edges) gained 6-9 %.
+#: Fewest edges for which ``build_graph(..., paired=True)`` sorts a list into reversed pairs: below
+#: it the sort costs about what the paired SO(2) blocks save (benchmarks/RESULTS.md).
 PAIR_MIN_EDGES = 2048
 
 #: Largest single system for which ``"auto"`` picks vesin on the CPU (see the module docstring).

@@ -367,7 +367,7 @@ class Trainer:
         if self.potential.model.config.rotate_grid_in_training:
             batch, tgt = rotate_batch(batch, tgt, rot[mine])
         # Reversed-pair edge order: the SO(2) blocks rotate half the edges (same gradients to
-        # round-off; a training step of 16 slabs 1.04x in an in-process A/B).
+        # round-off).
         graph = build_graph(batch, self.potential.cutoff_A, backend=t.neighbor_backend,
                             paired=True)
         want_stress = cfg.loss.stress_weight > 0 and bool(tgt.has_stress.any())

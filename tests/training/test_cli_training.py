@@ -159,24 +159,63 @@ def _generate_recipe_data(raw: dict, headers: list[str], where) -> None:
     assert (where / raw["data"]["val"]).is_file()
 
 
-@pytest.mark.parametrize("stage,headers,init_steps", [
-    ("est-emt-small-stage2", ["stage2"], 7000),
-    ("est-emt-small-stage3", ["stage2", "stage3"], 4000),
-    ("est-emt-small-stage4", ["stage2", "stage3", "stage4"], 1650),
-    ("est-emt-small-stage5", ["stage2", "stage3", "stage4", "stage5"], 5425),
-    ("est-emt-small-gpu", ["stage2", "stage3"], 2944),  # the GPU stages read five of the seeds
-    ("est-emt-small-gpu2", ["stage2", "stage3"], 1049),
-    ("est-emt-small-stage6", ["stage2", "stage3", "stage4", "stage5"], 724),  # from GPU stage 2
-    ("est-emt-fast-gpu", ["stage2", "stage3"], 6230),  # the faster candidate's stage 2
-    ("est-emt-fast-gpu2", ["stage2", "stage3"], 1503),
-    ("est-emt-fast-stage3", ["stage2", "stage3", "stage4", "stage5"], 251),
+def _recipes() -> dict[str, dict]:
+    """Every config of training_runs/, by name (the file stem)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "training_runs"
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))}
+
+
+def _stage_before(raw: dict, recipes: dict[str, dict]) -> str | None:
+    """The config whose run ``raw``'s ``train.init`` reads (None: no init, or a file a script
+    makes, such as upgrade_norm.py's runs/upgraded_init.pt)."""
+    init = raw["train"].get("init")
+    for name, other in recipes.items():
+        if init == f"{other['output_dir']}/checkpoint.pt":
+            return name
+    return None
+
+
+def test_recipes_write_under_runs_and_chain_through_it():
+    """Run outputs stay out of git: every config writes to runs/<its name>, and each train.init
+    reads the checkpoint of another config's run there (or, for version 8's first stage, the
+    file its header's upgrade_norm.py command writes)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "training_runs"
+    recipes = _recipes()
+    assert len(recipes) >= 10
+    for name, raw in recipes.items():
+        assert raw["output_dir"] == f"runs/{name}", name
+        init = raw["train"].get("init")
+        if init is None:
+            continue
+        assert init.startswith("runs/"), f"{name}: train.init {init} is not a run output"
+        if _stage_before(raw, recipes) is None:
+            header = (folder / f"{name}.yaml").read_text()
+            assert "upgrade_norm.py" in header and init in header, f"{name}: nothing writes {init}"
+
+
+@pytest.mark.parametrize("stage,headers", [
+    ("est-emt-small-stage2", ["stage2"]),
+    ("est-emt-small-stage3", ["stage2", "stage3"]),
+    ("est-emt-small-stage4", ["stage2", "stage3", "stage4"]),
+    ("est-emt-small-stage5", ["stage2", "stage3", "stage4", "stage5"]),
+    ("est-emt-small-gpu", ["stage2", "stage3"]),  # the GPU stages read five of the seeds
+    ("est-emt-small-gpu2", ["stage2", "stage3"]),
+    ("est-emt-small-stage6", ["stage2", "stage3", "stage4", "stage5"]),  # from GPU stage 2
+    ("est-emt-fast-gpu", ["stage2", "stage3"]),  # version 7's stage 2
+    ("est-emt-fast-gpu2", ["stage2", "stage3"]),
+    ("est-emt-fast-stage3", ["stage2", "stage3", "stage4", "stage5"]),
 ])
-def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, init_steps, tmp_path,
+def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, tmp_path,
                                                                  monkeypatch):
     """training_runs/est-emt-small-{stage2,...,stage6,gpu,gpu2}.yaml and est-emt-fast-{gpu,gpu2,stage3}.yaml:
     the data commands in the headers (run as written, at toy size) produce what the data section
-    reads, and train.init names the committed checkpoint of the stage before, from whose EMA
-    weights the run starts."""
+    reads, and a run starts from the weights its train.init hands it. Run outputs are not in git,
+    so an untrained potential with the architecture of the chain's from-scratch stage and the
+    shipped potential's elements stands in for the stage before's checkpoint."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
@@ -184,17 +223,23 @@ def test_staged_recipes_of_the_default_potential_run_as_written(stage, headers, 
     raw = yaml.safe_load(config.read_text())
     _generate_recipe_data(raw, headers, tmp_path)
 
-    init = root / raw["train"]["init"]
-    assert init.is_file(), f"checkpoint {raw['train']['init']} is not committed"
+    recipes, first = _recipes(), stage
+    while (before := _stage_before(recipes[first], recipes)) is not None:
+        first = before
+    model = recipes[first]["model"]
+    assert recipes[first]["train"].get("init") is None, f"{stage}: the chain has no first stage"
+    mcfg = ModelConfig.preset(model["preset"], **model.get("overrides", {}))
+    init = save_potential(Potential.from_config(mcfg, load_potential("est-emt-small").species),
+                          tmp_path / "init.pt")
     monkeypatch.chdir(tmp_path)
     overrides = ["train.max_steps=1", "train.lr=0.0", "train.eval_every=1", "train.checkpoint_every=1",
                  "train.device=cpu", f"train.init={init}", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", str(config)] + [x for o in overrides for x in ("--set", o)]) == 0
     out = load_potential(tmp_path / "run" / "potential.pt", dtype=torch.float64)
-    ema = torch.load(init, map_location="cpu", weights_only=True)["ema"]
-    for k, v in out.state_dict().items():  # lr = 0: the earlier stage's EMA weights, unchanged
-        torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=1e-6, atol=1e-7)
-    assert out.metadata["training"]["init_training"]["steps"] == init_steps
+    start = load_potential(init, dtype=torch.float64).state_dict()
+    for k, v in out.state_dict().items():  # lr = 0: the weights it started from, unchanged
+        torch.testing.assert_close(v, start[k], rtol=1e-6, atol=1e-7)
+    assert out.metadata["training"]["init"] == str(init)
 
 
 def test_fast_candidate_recipe_runs_as_written(tmp_path, monkeypatch):
