@@ -11,14 +11,17 @@ capture as the module docstring says. The captured replays themselves run where 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk, molecule
+from ase.md.verlet import VelocityVerlet
 
 from est_calc.accel import accelerate
 from est_calc.accel.graphs import CapturedStep
 from est_calc.batch import AtomsBatch
+from est_calc.calculator import ESTCalculator, _check_cuda_graph
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
 from est_calc.potential import load_potential
@@ -182,6 +185,43 @@ def test_capacities_grow_refit_and_keep_their_capture(shipped):
     assert step.n_captures == 6 and step.capacity[0] == len(bigger) + 2
 
 
+def test_padded_calculator_follows_the_eager_md():
+    """ESTCalculator serves ``calculate`` through its captured step (here the padded eager one,
+    set by hand as the CPU has no graphs): an MD run with a Verlet skin matches the eager
+    calculator's forces and stress at every step, with one layout for the whole run."""
+    potential = load_potential("est-emt-small", dtype=F64)
+    graph_calc = ESTCalculator(potential, device="cpu", dtype="float64", skin=1.0)
+    graph_calc.captured_step = CapturedStep(graph_calc.potential, capture=False)
+    eager = ESTCalculator(potential, device="cpu", dtype="float64", skin=1.0)
+    atoms = _cu_bulk()
+    rng = np.random.default_rng(3)
+    atoms.set_velocities(rng.normal(scale=0.02, size=(len(atoms), 3)))
+    atoms.calc = graph_calc
+    dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+    for _ in range(4):
+        dyn.run(1)
+        probe = atoms.copy()
+        probe.calc = eager
+        np.testing.assert_allclose(atoms.get_forces(), probe.get_forces(), rtol=0, atol=1e-11)
+        np.testing.assert_allclose(atoms.get_stress(), probe.get_stress(), rtol=0, atol=1e-13)
+        assert abs(atoms.get_potential_energy() - probe.get_potential_energy()) < 1e-10
+    assert graph_calc.captured_step.n_captures == 1
+    assert graph_calc.neighbor_list.n_builds == 1
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ESTCalculator(load_potential("est-emt-small"), device="cpu", cuda_graph=True)
+    cuda = torch.device("cuda")  # the checks themselves touch no device
+    with pytest.raises(ValueError, match="low_memory"):
+        _check_cuda_graph(True, cuda, True, None)
+    with pytest.raises(ValueError, match="dispersion"):
+        _check_cuda_graph(True, cuda, False, object())
+    with pytest.raises(ValueError, match="True or False"):
+        _check_cuda_graph("yes", cuda, False, None)
+    _check_cuda_graph(False, torch.device("cpu"), True, object())
+
+
 def test_capture_needs_cuda_and_sane_capacities(shipped):
     with pytest.raises(ValueError, match="CUDA device"):
         CapturedStep(shipped[F64], capture=True)
@@ -216,3 +256,32 @@ def test_captured_replays_equal_the_eager_step_on_cuda(dtype, atol, paired, cu_s
         _check(step, potential, atoms, stress, atol, paired, device="cuda")
     assert step.n_captures == 3  # the bulk three times in one capture, then slab and molecule
     assert step.captures and step.failure is None  # every call was a replay
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype, atol", [("float64", 1e-10), ("float32", 2e-4)])
+def test_cuda_graph_calculator_md_matches_eager(dtype, atol):
+    potential = load_potential("est-emt-small", device="cuda")
+    graph_calc = ESTCalculator(potential, device="cuda", dtype=dtype, skin=1.0, cuda_graph=True)
+    eager = ESTCalculator(potential, device="cuda", dtype=dtype, skin=1.0)
+    atoms = _cu_bulk(3)
+    rng = np.random.default_rng(5)
+    atoms.set_velocities(rng.normal(scale=0.02, size=(len(atoms), 3)))
+    atoms.calc = graph_calc
+    dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+    for _ in range(5):
+        dyn.run(2)
+        probe = atoms.copy()
+        probe.calc = eager
+        np.testing.assert_allclose(atoms.get_forces(), probe.get_forces(), rtol=0, atol=atol)
+        np.testing.assert_allclose(atoms.get_stress(), probe.get_stress(), rtol=0, atol=atol)
+    assert graph_calc.captured_step.n_captures == 1
+    assert graph_calc.captured_step.captures and graph_calc.captured_step.failure is None
+    dense = atoms.copy()  # more edges than the capacity: captured again, still the eager forces
+    dense.set_cell(atoms.cell * 0.85, scale_atoms=True)
+    dense.calc = graph_calc
+    probe = dense.copy()
+    probe.calc = eager
+    np.testing.assert_allclose(dense.get_forces(), probe.get_forces(), rtol=0,
+                               atol=atol * max(1.0, float(np.abs(probe.get_forces()).max())))
+    assert graph_calc.captured_step.n_captures == 2
