@@ -185,6 +185,39 @@ def test_capacities_grow_refit_and_keep_their_capture(shipped):
     assert step.n_captures == 6 and step.capacity[0] == len(bigger) + 2
 
 
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("model", ["shipped", "two-layer-est"])
+def test_the_padded_step_reads_no_tensor_value_on_the_host(model, paired, models, monkeypatch):
+    """What a CUDA graph records may not read a tensor value back to the host: on the "meta"
+    device, which has no values, any such read raises. The padded step (forward, forces,
+    stress) runs there once the two checks that step aside during a capture do so and the
+    attention's logit bound, cached by the warm-up passes before a capture, is given."""
+    import copy
+
+    import est_calc.forces
+    import est_calc.nn.embedding
+    from est_calc.accel.so2_message import FastSO2MessageBlock
+    from est_calc.neighbors import Graph
+
+    def volumes(cell):  # _check_volumes while capturing
+        a, b, c = cell.detach().unbind(-2)
+        return (a * torch.linalg.cross(b, c, dim=-1)).sum(-1).abs()
+
+    monkeypatch.setattr(est_calc.nn.embedding, "check_atomic_numbers", lambda z: None)
+    monkeypatch.setattr(est_calc.forces, "_check_volumes", volumes)
+    monkeypatch.setattr(FastSO2MessageBlock, "_logit_bound", lambda self: 1.0)
+    atoms = _cu_bulk()
+    batch, graph = _inputs(atoms, models[model], paired)
+    step = CapturedStep(copy.deepcopy(models[model]).to("meta"), capture=False)
+    step._build(step._fit(len(atoms), graph.n_edges, paired, 2, True))
+    step._set_atoms(atoms.numbers, np.unique(atoms.numbers))
+    step._set_inputs(batch.to(device="meta"),
+                     Graph(graph.edge_index.to("meta"), graph.shifts.to("meta"), paired))
+    out = step._run()
+    assert out.forces.device.type == "meta" and out.stress.shape == (1, 3, 3)
+    assert out.forces.shape == (len(atoms) + 2, 3)
+
+
 def test_padded_calculator_follows_the_eager_md():
     """ESTCalculator serves ``calculate`` through its captured step (here the padded eager one,
     set by hand as the CPU has no graphs): an MD run with a Verlet skin matches the eager
