@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Everything GPU-related in one device call (a session has ~15 minutes of device time, and each
-# start costs minutes): the GPU check (benchmarks/gpu.py, time-boxed by its --budget) and then a
-# time-boxed training stage of the default potential (training_runs/gpu_train.py). Each part has
-# its own hard timeout, so a hang in the first cannot eat the second; gpu.py writes its report
-# after every section, so a part cut off keeps what it measured.
+# start costs minutes): the GPU tests, the MD step latency of eager calls against
+# cuda_graph=True (benchmarks/gpu_md_latency.py, 1,000 and 864 atoms), the GPU check
+# (benchmarks/gpu.py, time-boxed by its --budget) and then a time-boxed training stage of the
+# default potential (training_runs/gpu_train.py). Each part has its own hard timeout, so a hang
+# in one cannot eat the next; gpu.py and gpu_md_latency.py write their reports as they go, so a
+# part cut off keeps what it measured. One call may run 600 s at most: choose the parts, e.g.
+# tests and MD latency only with `bash benchmarks/gpu_session.sh $OUT 0 0`.
 #
 # Here, first: bash benchmarks/gpu_wheels.sh (wheels into .whl/), the data of
 # training_runs/est-emt-small-gpu.yaml, then
 #   tar czf .whl/gpu_data.tar.gz data/generated/{train,train16,train17,train18,train19,val}/synthetic.h5
-# With the device tool: carry [".whl"], command
-#   bash benchmarks/gpu_session.sh $OUT 170 200
-# Usage: gpu_session.sh OUT [CHECK_S (default 170)] [TRAIN_S (default 200; 0: no training)]
+# With the device tool: carry [".whl"], command (the parts' hard limits, 120 + 150 + (120 + 60)
+# + (80 + 60) s, stay under the 600 s of one call)
+#   bash benchmarks/gpu_session.sh $OUT 120 80
+# Usage: gpu_session.sh OUT [CHECK_S (default 170; 0: no gpu.py)] [TRAIN_S (default 200; 0: no
+# training)]
 # Environment: GPU_TEST_S (seconds for `pytest -m gpu` first; default 120, 0: none),
+# MD_LATENCY_S (seconds for gpu_md_latency.py; default 150, 0: none), MD_LATENCY_ARGS (more of
+# its options, e.g. "--compile"),
 # GPU_ARGS (more gpu.py options, e.g. "--sections inference,big_cell --no-64k"),
 # TRAIN_CONFIG (default training_runs/est-emt-small-gpu.yaml).
 set -u
@@ -34,10 +41,19 @@ from gpu import install_wheels; print(install_wheels(Path('.whl'), ('est',)).get
         $(grep -rlE "torch_device|mark\.gpu" tests --include='test_*.py') >"$OUT/gpu_tests.log" 2>&1
     echo "GPU tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 fi
-t0=$SECONDS
-timeout --kill-after=10 $((CHECK_S + 60)) \
-    python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S" ${GPU_ARGS:-}
-echo "gpu.py: exit $? after $((SECONDS - t0)) s"
+if [ "${MD_LATENCY_S:-150}" -gt 0 ]; then
+    t0=$SECONDS
+    timeout --kill-after=10 "${MD_LATENCY_S:-150}" \
+        python3 benchmarks/gpu_md_latency.py --wheels .whl --out "$OUT" --profile \
+        --budget $(( ${MD_LATENCY_S:-150} / 2 )) ${MD_LATENCY_ARGS:-}
+    echo "gpu_md_latency.py: exit $? after $((SECONDS - t0)) s"
+fi
+if [ "$CHECK_S" -gt 0 ]; then
+    t0=$SECONDS
+    timeout --kill-after=10 $((CHECK_S + 60)) \
+        python3 benchmarks/gpu.py --wheels .whl --out "$OUT" --quick --budget "$CHECK_S" ${GPU_ARGS:-}
+    echo "gpu.py: exit $? after $((SECONDS - t0)) s"
+fi
 t0=$SECONDS
 if [ "$TRAIN_S" -gt 0 ]; then
     timeout --kill-after=10 $((TRAIN_S + 60)) \

@@ -193,6 +193,23 @@ def _dispersion_term(dispersion, functional, neighbor_backend: str, device: torc
     return DispersionD3(functional, neighbor_backend=neighbor_backend).to(device)
 
 
+def _check_cuda_graph(cuda_graph, device: torch.device, low_memory, dispersion) -> None:
+    """Raise ValueError when ``cuda_graph=True`` cannot be honoured (ESTCalculator's Raises)."""
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if not cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True records CUDA graphs and needs a CUDA device; this "
+                         f"calculator runs on {device} (leave cuda_graph off there)")
+    if low_memory:
+        raise ValueError("cuda_graph=True cannot be combined with low_memory=True (the graph "
+                         "is for small and mid-sized structures; low_memory for the largest)")
+    if dispersion is not None:
+        raise ValueError("cuda_graph=True cannot be combined with a dispersion term (its pair "
+                         "list is not captured); leave one of them out")
+
+
 def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     """Raise ValueError for input the model cannot evaluate (see ESTCalculator's Raises)."""
     if len(atoms) == 0:
@@ -295,6 +312,21 @@ class ESTCalculator(Calculator):
             stress agree with the eager model to rounding (tested in float64). The first call
             compiles (minutes); meant for GPUs, where small systems are launch-bound.
             With ``low_memory=True`` the eager path runs.
+        cuda_graph: run ``calculate`` (one structure: MD, relaxations) as a replayed CUDA graph
+            of the whole step, forward and force (and stress) backward, at padded atom and edge
+            counts (:class:`est_calc.accel.graphs.CapturedStep`): for a small or mid-sized
+            structure a GPU otherwise spends a step launching thousands of small kernels.
+            Energies, forces and stress equal the eager ones to float round-off. The first call
+            captures (a few eager passes, then the recording), and so does a call whose atom
+            or edge count leaves the padded capacity (grown by at least 1.25x when exceeded)
+            or whose number of species, edge pairing or stress request changes; give MD a
+            ``skin`` so that the neighbour list, which runs outside the graph, is not rebuilt
+            every step.
+            ``calculate_batch`` keeps the eager path. Needs a CUDA device (refused on the CPU
+            and MPS, where there is nothing to capture); cannot be combined with
+            ``low_memory`` or ``dispersion``. With ``compile=True`` the compiled network is
+            what the graph records. A capture that fails warns and runs the padded step eagerly
+            from then on (``captured_step.failure`` says why).
         threads: intra-op threads of every call; None (default) chooses per call
             (:mod:`est_calc.threads`): one thread below ``PARALLEL_MIN_EDGES`` edges, else the
             CPUs this process may use, never more than ``torch.get_num_threads()``; with
@@ -320,8 +352,9 @@ class ESTCalculator(Calculator):
         UnknownArgumentError: an unknown keyword argument (a TypeError and a ValueError); the
             message names it, the closest valid name and every valid one.
         ValueError: an unreadable potential file, a bad dtype, device or neighbour backend, an
-            unknown dispersion method or functional, a functional without ``dispersion``, or
-            ``dispersion`` without a functional.
+            unknown dispersion method or functional, a functional without ``dispersion``,
+            ``dispersion`` without a functional, or ``cuda_graph=True`` off CUDA or with
+            ``low_memory`` or ``dispersion``.
 
     Attributes:
         potential: the :class:`Potential` that runs: the accelerated view
@@ -329,6 +362,9 @@ class ESTCalculator(Calculator):
         dispersion: the :class:`~est_calc.dispersion.DispersionD3` term, or None.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
+        captured_step: the :class:`~est_calc.accel.graphs.CapturedStep` that serves
+            ``calculate`` with ``cuda_graph=True``, else None (its ``n_captures`` counts the
+            captures).
         neighbor_list: the :class:`~est_calc.neighbors.verlet.VerletNeighborList` of
             ``calculate`` when ``skin > 0`` (its ``n_builds`` counts the rebuilds), else None.
         batch_neighbor_list: the same for ``calculate_batch``.
@@ -368,6 +404,7 @@ class ESTCalculator(Calculator):
         threads: int | None = None,
         dispersion=None,
         functional: str | None = None,
+        cuda_graph: bool = False,
         **kwargs,
     ):
         _check_keywords(kwargs)
@@ -378,6 +415,7 @@ class ESTCalculator(Calculator):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         dispersion = _dispersion_term(dispersion, functional, neighbor_backend, self.device)
+        _check_cuda_graph(cuda_graph, self.device, low_memory, dispersion)
         if tune_malloc and self.device.type == "cpu":
             from est_calc.allocator import tune_malloc as _tune_malloc
 
@@ -425,6 +463,12 @@ class ESTCalculator(Calculator):
             potential.model.enable_compile()
         self.compile = bool(compile)
         self.potential = potential
+        self.cuda_graph = bool(cuda_graph)
+        self.captured_step = None
+        if cuda_graph:
+            from est_calc.accel.graphs import CapturedStep
+
+            self.captured_step = CapturedStep(potential)
         self.neighbor_backend = neighbor_backend
         self.low_memory = bool(low_memory)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -465,7 +509,7 @@ class ESTCalculator(Calculator):
 
     # ------------------------------------------------------------------ core
     def _predict(self, batch: AtomsBatch, stress_mask: Sequence[bool] | None,
-                 neighbor_list=None, dispersion_pairs=None):
+                 neighbor_list=None, dispersion_pairs=None, numbers=None, cell=None):
         """One forward (and backward) pass over a batch of checked structures.
 
         Args:
@@ -475,6 +519,8 @@ class ESTCalculator(Calculator):
             dispersion_pairs: with a dispersion term, the
                 :class:`~est_calc.dispersion.D3PairList` to take its pairs from; None builds
                 them.
+            numbers: for a single structure to be run by :attr:`captured_step`, its atomic
+                numbers as a host array (and ``cell`` its cell); None runs the eager path.
 
         Returns:
             Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
@@ -514,9 +560,14 @@ class ESTCalculator(Calculator):
         self.n_model_calls += 1
         want_stress = stress_mask is not None
 
+        step = self.captured_step if numbers is not None and extra_energy is None else None
+
         def run():
             with intra_op_threads(choose_threads(graph.n_edges, self.threads)), \
                     self.potential.model.checkpoint_layers(self.low_memory):
+                if step is not None:
+                    return step(work, graph, compute_stress=want_stress, numbers=numbers,
+                                cell=cell)
                 return energy_forces_stress(
                     self.potential, work, graph, compute_stress=want_stress, create_graph=False,
                     extra_energy=extra_energy,
@@ -657,8 +708,8 @@ class ESTCalculator(Calculator):
             )
         batch = AtomsBatch.from_atoms(self.atoms, device=self.device, dtype=self.dtype)
         mask = [True] if want_stress else None
-        pred = self._predict(batch, mask, self.neighbor_list,
-                             self._dispersion_pairs)
+        pred = self._predict(batch, mask, self.neighbor_list, self._dispersion_pairs,
+                             numbers=self.atoms.numbers, cell=self.atoms.cell.array)
         self.results = self._results(pred, batch, mask)[0]
 
     def calculate_batch(

@@ -54,7 +54,15 @@ class Prediction(NamedTuple):
 
 
 def _check_volumes(cell: Tensor) -> Tensor:
-    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume."""
+    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume.
+
+    While a CUDA graph is being captured (:mod:`est_calc.accel.graphs`, whose caller checks the
+    cell before every replay) the volume is the triple product |a . (b x c)| and nothing is
+    checked: a capture cannot read a value back to the host.
+    """
+    if cell.is_cuda and torch.cuda.is_current_stream_capturing():
+        a, b, c = cell.detach().unbind(-2)
+        return (a * torch.linalg.cross(b, c, dim=-1)).sum(-1).abs()
     volume = cell_volume(cell.detach())
     # Relative test: the volume against the product of the lattice-vector lengths.
     scale = torch.linalg.norm(cell.detach(), dim=-1).prod(dim=-1)

@@ -40,7 +40,9 @@ EquivariantLayerNorm        FastEquivariantLayerNorm
 
 Supporting modules: ``weights`` (caches of parameter-derived tensors, valid while the weights are
 frozen), ``gather`` (row gathers with contiguous backwards), ``modulated_map`` (the blocked radial
-modulation).
+modulation). ``graphs`` (:class:`~est_calc.accel.graphs.CapturedStep`) records one structure's
+whole step, forward and force backward, at padded atom and edge counts as a CUDA graph and
+replays it (``ESTCalculator(cuda_graph=True)``).
 
 ``inference=True`` is for first derivatives of frozen weights (the calculator, evaluation): the
 parameters are frozen for each forward pass, so no parameter gradient is computed, and on a GPU

@@ -34,9 +34,11 @@ def check_atomic_numbers(z: Tensor) -> None:
     """Raise ValueError if any atomic number is outside 1..118.
 
     Skipped while torch.compile traces (a data-dependent branch would split the graph): the
-    compiled model checks its atomic numbers eagerly before entering the compiled region.
+    compiled model checks its atomic numbers eagerly before entering the compiled region. Skipped
+    too while a CUDA graph is captured (no value can be read back then): the captured step of
+    :mod:`est_calc.accel.graphs` checks them on the host.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if z.numel() and (int(z.min()) < 1 or int(z.max()) >= N_ELEMENTS):
         bad = z[(z < 1) | (z >= N_ELEMENTS)].unique().tolist()
