@@ -8,6 +8,7 @@
     est train CONFIG.yaml         train an EST potential
     est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
     est bench                     the benchmark suite
+    est export POTENTIAL -o F.pt2 a compiled deployment package for ASE and LAMMPS
 
 Each subcommand imports its module lazily so that ``est --help`` stays fast.
 """
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional("est_calc.training.synthetic", "add_generate_parser", sub)
     _optional("est_calc.training.cli", "add_training_parsers", sub)
     _optional("est_calc.benchmarking", "add_bench_parser", sub)
+    _optional("est_calc.deploy.cli", "add_export_parser", sub)
     return parser
 
 
