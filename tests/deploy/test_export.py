@@ -141,3 +141,17 @@ def test_package_metadata(package64, tiny):
     # What the C++ loader reads (AOTIModelPackageLoader::get_metadata) is the same map.
     runner = torch._inductor.aoti_load_package(str(package64))
     assert {k: v for k, v in runner.get_metadata().items() if k in meta} == meta
+
+
+def test_dispersion_added_to_a_package(package64, tiny):
+    """An extra energy term (DFT-D3) is differentiated by autograd and added to the package's
+    own derivatives: the same numbers as the eager potential with the term in its pass."""
+    atoms = STRUCTURES["slab"]
+    props = ["energy", "energies", "forces", "stress"]
+    kw = dict(dtype="float64", device="cpu", dispersion="d3bj", functional="pbe")
+    deployed, eager = ESTCalculator(model=str(package64), **kw), ESTCalculator(tiny, **kw)
+    for calc in (deployed, eager):
+        calc.calculate(atoms.copy(), props)
+    for key in props:
+        np.testing.assert_allclose(deployed.results[key], eager.results[key], err_msg=key,
+                                   **TOL64)
