@@ -33,9 +33,13 @@ float is the package's dtype. Ghost atoms (LAMMPS) carry real positions and zero
 energy of atom i depends on the atoms within n_layers + 1 hops (the edge-degree embedding is one
 hop, each layer one more): every atom within (n_layers + 1) x cutoff of a local atom must be
 present, and every atom within n_layers x cutoff must have all its edges, for the local energies,
-and so the forces summed onto the owners of the ghosts, to be exact. The package's AOTInductor metadata (strings, read in C++ with
+and so the forces summed onto the owners of the ghosts, to be exact. Edges longer than the cutoff
+(a neighbour list with a skin) contribute exactly nothing.
+
+The package's AOTInductor metadata (strings, read in C++ with
 ``AOTIModelPackageLoader::get_metadata()``) names the format, its version, the species, the
-cutoff, the number of layers, the dtype and the versions that made it (:mod:`.package`).
+cutoff, the number of layers, the ghost reach, the dtype and the versions that made it
+(:mod:`.package`).
 
 Deployment depends on the core (model, forces, potential), never the reverse: the calculator
 imports this package only when it is given a ``.pt2`` file.

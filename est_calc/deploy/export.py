@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch._inductor  # AOTInductor; `import torch` alone does not load it
@@ -297,10 +297,10 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
-def export_potential(potential, path: Union[str, os.PathLike], *,
-                     dtype: Union[str, torch.dtype] = "float32", device="cpu",
+def export_potential(potential, path: str | os.PathLike, *,
+                     dtype: str | torch.dtype = "float32", device="cpu",
                      overwrite: bool = False, check: bool = True,
-                     source: Optional[str] = None) -> ExportResult:
+                     source: str | None = None) -> ExportResult:
     """Export ``potential`` to an AOTInductor package at ``path`` (module docstring).
 
     Args:
@@ -352,7 +352,7 @@ def export_potential(potential, path: Union[str, os.PathLike], *,
     start = time.perf_counter()
     try:
         program = trace(function, inputs)
-    except Exception as err:  # noqa: BLE001 - tracing fails in many ways; name the step
+    except Exception as err:  # tracing fails in many ways: name the step
         raise ExportError(f"tracing the potential for export failed: {_first_line(err)}") from err
     trace_s = time.perf_counter() - start
 
@@ -366,7 +366,7 @@ def export_potential(potential, path: Union[str, os.PathLike], *,
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(tmp),
                 inductor_configs={"aot_inductor.metadata": dict(metadata)})
-        except Exception as err:  # noqa: BLE001 - Inductor and the C++ compiler fail variously
+        except Exception as err:  # Inductor and the C++ compiler fail in many ways
             raise ExportError(f"compiling the package with AOTInductor failed (a C++ compiler "
                               f"is needed: g++ or clang++): {_first_line(err)}") from err
         compile_s = time.perf_counter() - start
@@ -378,7 +378,7 @@ def export_potential(potential, path: Union[str, os.PathLike], *,
                 deviation = _check(tmp, function, second)
             except ExportError:
                 raise
-            except Exception as err:  # noqa: BLE001 - the C++ loader fails variously
+            except Exception as err:  # the C++ loader fails in many ways
                 raise ExportError(f"the compiled package does not run: {_first_line(err)}") \
                     from err
             if not deviation <= _CHECK_TOL[dtype]:

@@ -40,7 +40,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch._inductor  # AOTInductor; `import torch` alone does not load it
@@ -71,7 +71,7 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
-def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The est_calc metadata of the package at ``path``, checked (module docstring).
 
     Raises:
@@ -239,7 +239,7 @@ class DeployedPotential(nn.Module):
         return PackageDerivatives(energy, energies, forces, virial)
 
 
-def load_package(path: Union[str, os.PathLike], *, device=None, dtype=None) -> DeployedPotential:
+def load_package(path: str | os.PathLike, *, device=None, dtype=None) -> DeployedPotential:
     """Load a package after checking its metadata (:func:`read_metadata`).
 
     Args:

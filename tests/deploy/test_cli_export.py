@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from deploy_cases import POTENTIAL
 
 import est_calc.deploy.export as export_module
 from est_calc.cli import main
-
-from deploy_cases import POTENTIAL
 
 
 def _error(capsys) -> str:

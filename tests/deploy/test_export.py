@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from deploy_cases import POTENTIAL, ghost_inputs, structures
 
 from est_calc.calculator import ESTCalculator
 from est_calc.deploy import load_package, read_metadata
-
-from deploy_cases import POTENTIAL, ghost_inputs, structures
 
 pytestmark = pytest.mark.slow
 
 STRUCTURES = structures()
 #: float64: the package (plain blocks, traced and compiled) against the calculator's accelerated
 #: eager model: both exact to round-off.
-TOL64 = dict(rtol=1e-10, atol=1e-10)
+TOL64 = {"rtol": 1e-10, "atol": 1e-10}
 
 
 def _props(atoms: Atoms) -> list[str]:
@@ -148,7 +147,7 @@ def test_dispersion_added_to_a_package(package64, tiny):
     own derivatives: the same numbers as the eager potential with the term in its pass."""
     atoms = STRUCTURES["slab"]
     props = ["energy", "energies", "forces", "stress"]
-    kw = dict(dtype="float64", device="cpu", dispersion="d3bj", functional="pbe")
+    kw = {"dtype": "float64", "device": "cpu", "dispersion": "d3bj", "functional": "pbe"}
     deployed, eager = ESTCalculator(model=str(package64), **kw), ESTCalculator(tiny, **kw)
     for calc in (deployed, eager):
         calc.calculate(atoms.copy(), props)

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from ase import Atoms
+from deploy_cases import POTENTIAL
 
 from est_calc.calculator import ESTCalculator
 from est_calc.deploy import load_package, read_metadata
 from est_calc.potential import potential_dirs
-
-from deploy_cases import POTENTIAL
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

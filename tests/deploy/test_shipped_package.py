@@ -9,15 +9,15 @@ import os
 
 import numpy as np
 import pytest
+from deploy_cases import POTENTIAL, structures
 
 from est_calc.calculator import ESTCalculator
-
-from deploy_cases import POTENTIAL, structures
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("EST_TEST_SHIPPED_EXPORT") != "1",
-                       reason="compiles the shipped potential (minutes); EST_TEST_SHIPPED_EXPORT=1"),
+                       reason="compiles the shipped potential (minutes); "
+                              "EST_TEST_SHIPPED_EXPORT=1"),
 ]
 
 
