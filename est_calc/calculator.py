@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import os
 import warnings
 from typing import Iterable, Sequence
 
@@ -210,6 +211,36 @@ def _check_cuda_graph(cuda_graph, device: torch.device, low_memory, dispersion) 
                          "list is not captured); leave one of them out")
 
 
+def _load_package(model, device, dtype, *, compile: bool, low_memory: bool,
+                  attention_precision: str, cuda_graph: bool = False):
+    """The :class:`est_calc.deploy.DeployedPotential` of a ``.pt2`` path (the deployment package is
+    imported only then), or None for any other model.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`est_calc.deploy.load_package` (a foreign or
+            mismatched file, another dtype or device); options a compiled package cannot honour.
+    """
+    deployed = getattr(model, "differentiates_itself", False)
+    if not deployed and not (isinstance(model, (str, os.PathLike)) and str(model).endswith(".pt2")):
+        return None
+    refused = [name for name, on in (("compile=True", compile), ("low_memory=True", low_memory),
+               ("cuda_graph=True", cuda_graph is True),
+               (f"attention_precision={attention_precision!r}", attention_precision != "float32"))
+               if on]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} does not apply to a compiled package "
+                         f"({str(model)!r}); leave it out")
+    from est_calc.deploy.package import load_package
+
+    device = None if device == "auto" else resolve_device(device)
+    if not deployed:
+        return load_package(model, device=device, dtype=resolve_dtype(dtype))
+    if model.dtype != resolve_dtype(dtype) or (device is not None and device != model.device):
+        raise ValueError(f"the package {model.path.name} runs in {model.dtype} on "
+                         f"{model.device}; pass dtype and device accordingly")
+    return model
+
+
 def _check_atoms(atoms, potential: Potential, where: str = "") -> None:
     """Raise ValueError for input the model cannot evaluate (see ESTCalculator's Raises)."""
     if len(atoms) == 0:
@@ -283,7 +314,10 @@ class ESTCalculator(Calculator):
             switched to eval mode, and its later in-place weight changes are seen); otherwise the
             calculator works on a converted copy. Either way the calculator runs the inference
             acceleration of it (:func:`est_calc.accel.accelerate`), and the caller's modules are
-            left as they are.
+            left as they are. A ``.pt2`` path is a deployment package (``est export``,
+            :mod:`est_calc.deploy`): it runs in its own dtype and on its own device ("auto"
+            picks it; another dtype or device is refused), without ``compile``, ``low_memory``
+            or a reduced ``attention_precision``.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
             this machine lacks is refused (:func:`resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
@@ -412,6 +446,10 @@ class ESTCalculator(Calculator):
         from est_calc.neighbors import resolve_backend
 
         resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
+        package = _load_package(model, device, dtype, compile=compile, low_memory=low_memory,
+                                attention_precision=attention_precision, cuda_graph=cuda_graph)
+        if package is not None:
+            model, device = package, package.device
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         dispersion = _dispersion_term(dispersion, functional, neighbor_backend, self.device)
@@ -420,7 +458,9 @@ class ESTCalculator(Calculator):
             from est_calc.allocator import tune_malloc as _tune_malloc
 
             _tune_malloc()
-        if isinstance(model, Potential):
+        if getattr(model, "differentiates_itself", False):
+            potential = model  # a deployment package, checked by _load_package
+        elif isinstance(model, Potential):
             potential = model
             if potential.dtype != self.dtype or potential.device != self.device:
                 potential = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)

@@ -7,6 +7,7 @@
     est convert IN OUT.h5         any supported data format to packed HDF5
     est train CONFIG.yaml         train an EST potential
     est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
+    est export POTENTIAL -o F.pt2 a compiled deployment package for ASE and LAMMPS
 
 Each subcommand imports its module lazily so that ``est --help`` stays fast. The benchmarks are
 not a subcommand: they need a source checkout and the MACE peer's environment, and run with
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional("md_recipes.cli", "add_adsorb_parser", sub)
     _optional("est_calc.training.synthetic", "add_generate_parser", sub)
     _optional("est_calc.training.cli", "add_training_parsers", sub)
+    _optional("est_calc.deploy.cli", "add_export_parser", sub)
     return parser
 
 

@@ -20,6 +20,17 @@ Equation -> code:
 | F = -dE/dr               | ``-grads[0]``                                     |
 | sigma = (1/V) dE/de0     | ``grads[1] / cell_volume(cell)``                  |
 | E = E_model + E_extra    | ``energy + extra_energy(work).energy``            |
+
+For an energy that depends on the positions only through the edge vectors r_e = r_j - r_i + s_e
+(every EST energy does), the same derivatives follow from g_e = dE/dr_e alone
+(:func:`edge_forces_virial`, what a deployed package computes inside, ``est_calc.deploy``):
+
+    F_k = sum_{e: i_e = k} g_e - sum_{e: j_e = k} g_e
+    W   = -sym(sum_e r_e (x) g_e) = -dE/de = -V sigma       (virial, eV)
+    W_k = (1/2) sum_{e: i_e = k or j_e = k} -sym(r_e (x) g_e)   (per-atom virial, sum_k W_k = W)
+
+since r_e' = r_e (I + e) under the strain. No cell enters: periodic images, ghost atoms with real
+positions and zero shifts, and ASE's unit shifts times the cell all give the same r_e.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from torch import Tensor
 from est_calc.batch import AtomsBatch
 from est_calc.geometry import apply_strain, cell_volume, symmetrize
 
-__all__ = ["Prediction", "energy_forces_stress"]
+__all__ = ["EdgeDerivatives", "Prediction", "edge_forces_virial", "energy_forces_stress"]
 
 
 class Prediction(NamedTuple):
@@ -51,6 +62,42 @@ class Prediction(NamedTuple):
     energies: Tensor
     forces: Optional[Tensor]
     stress: Optional[Tensor]
+
+
+class EdgeDerivatives(NamedTuple):
+    """Forces and virials of an energy of the edge vectors (:func:`edge_forces_virial`).
+
+    Attributes:
+        forces: (n_atoms, 3) eV/Å.
+        atom_virial: (n_atoms, 3, 3) eV, symmetric; half of every edge's term to each end.
+    """
+
+    forces: Tensor
+    atom_virial: Tensor
+
+
+def edge_forces_virial(energy: Tensor, vectors: Tensor, edge_index: Tensor, n_atoms: int, *,
+                       create_graph: bool = False) -> EdgeDerivatives:
+    """F_k and W_k (module docstring) of a scalar ``energy`` that depends on the positions only
+    through the edge vectors ``vectors`` (E, 3) Å of ``edge_index`` (2, E) (rows i, j with
+    r_e = r_j - r_i + s_e).
+
+    ``vectors`` must require grad and be what ``energy`` was computed from. The total virial is
+    ``atom_virial.sum(0)`` (per structure: summed over its atoms), and the stress of a cell of
+    volume V is -W / V, the ASE sign.
+    """
+    if energy.requires_grad and vectors.shape[0] > 0:
+        (g,) = torch.autograd.grad(energy, [vectors], create_graph=create_graph,
+                                   allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(vectors)
+    else:
+        g = torch.zeros_like(vectors)
+    i, j = edge_index[0], edge_index[1]
+    forces = vectors.new_zeros(n_atoms, 3).index_add(0, i, g).index_add(0, j, -g)
+    w = -0.5 * symmetrize(vectors.unsqueeze(-1) * g.unsqueeze(-2))  # (E, 3, 3), half per end
+    atom_virial = vectors.new_zeros(n_atoms, 3, 3).index_add(0, i, w).index_add(0, j, w)
+    return EdgeDerivatives(forces, atom_virial)
 
 
 def _check_volumes(cell: Tensor) -> Tensor:
@@ -117,7 +164,18 @@ def energy_forces_stress(
 
     The caller's ``batch`` is not modified: gradients are taken with respect to fresh leaf
     copies of its positions and of a zero strain.
+
+    A model with ``differentiates_itself = True`` (a deployed package,
+    :class:`est_calc.deploy.DeployedPotential`) returns its own forces and virials from
+    ``model.derivatives(batch, graph)`` (energy (n_systems,), energies (n_atoms,), forces
+    (n_atoms, 3), virial (n_systems, 3, 3) eV); the stress is -virial / V, and the derivatives
+    of ``extra_energy`` are added by autograd. Such a model has no second derivatives
+    (``create_graph=True`` raises ValueError).
     """
+    if getattr(model, "differentiates_itself", False):
+        return _self_differentiated(model, batch, graph, compute_forces=compute_forces,
+                                    compute_stress=compute_stress, create_graph=create_graph,
+                                    extra_energy=extra_energy)
     need_grad = compute_forces or compute_stress
     volume = _check_volumes(batch.cell) if compute_stress else None
 
@@ -178,3 +236,29 @@ def energy_forces_stress(
         forces = forces.detach() if forces is not None else None
         stress = stress.detach() if stress is not None else None
     return Prediction(energy=energy, energies=energies, forces=forces, stress=stress)
+
+
+def _self_differentiated(model, batch: AtomsBatch, graph, *, compute_forces: bool,
+                         compute_stress: bool, create_graph: bool, extra_energy) -> Prediction:
+    """:func:`energy_forces_stress` of a model that returns its own derivatives."""
+    if create_graph:
+        raise ValueError(
+            f"{type(model).__name__} returns first derivatives only; create_graph=True (training "
+            "on forces or stress) needs the Potential it was exported from")
+    volume = _check_volumes(batch.cell) if compute_stress else None
+    out = model.derivatives(batch, graph)
+    energy, energies, forces = out.energy, out.energies, out.forces
+    stress = -out.virial / volume.to(out.virial.dtype)[:, None, None] if compute_stress else None
+    if extra_energy is not None:
+        extra = energy_forces_stress(lambda work, _graph: extra_energy(work), batch, graph,
+                                     compute_forces=compute_forces,
+                                     compute_stress=compute_stress)
+        energy = energy + extra.energy.to(energy.dtype)
+        energies = energies + extra.energies.to(energies.dtype)
+        if compute_forces:
+            forces = forces + extra.forces.to(forces.dtype)
+        if compute_stress:
+            stress = stress + extra.stress.to(stress.dtype)
+    return Prediction(energy=energy.detach(), energies=energies.detach(),
+                      forces=forces.detach() if compute_forces else None,
+                      stress=stress.detach() if stress is not None else None)

@@ -134,7 +134,10 @@ class ESTMessageBlock(nn.Module):
         coeff = self.radial(edges.radial_in).view(n_edges, self.l_max + 1, self.fourier_channels)
         e = coeff[:, self.degree_index] * edges.sh.unsqueeze(-1)               # R_l Y^l
         n = self.edge_chunk_size
-        mu = torch.cat([self.edge_signal(m[s:s + n], e[s:s + n]) for s in range(0, n_edges, n)])
+        # One pass when the edges fit a chunk: no Python loop over a size (a traced or exported
+        # graph then keeps the edge count symbolic, est_calc.deploy).
+        mu = (self.edge_signal(m, e) if n_edges <= n else
+              torch.cat([self.edge_signal(m[s:s + n], e[s:s + n]) for s in range(0, n_edges, n)]))
         mu = self.lin_out(mu)                                                  # (E, K, C)
         alpha = neighbour_attention(self.logit(mu[:, 0]).squeeze(-1), u, i, n_nodes)
         weight = u.unsqueeze(-1) * (self.w_sum / self.avg_degree + alpha.unsqueeze(-1) * self.w_att)

@@ -1,0 +1,72 @@
+"""Deployment: a potential exported to a self-contained AOTInductor package (``.pt2``).
+
+::
+
+    from est_calc.deploy import export_potential, load_package
+    export_potential("est-emt-small", "model.pt2", dtype="float64")   # est export ... -o model.pt2
+    calc = ESTCalculator(model="model.pt2", dtype="float64")           # runs the package
+
+A package holds one function with dynamic atom and edge counts (``export.EdgeEnergyModel``):
+
+====================  ===============  ==================================================
+input                 shape            meaning
+====================  ===============  ==================================================
+``positions``         (n, 3) float     Å
+``atomic_numbers``    (n,) int64       Z of every atom (local and ghost)
+``edge_index``        (2, E) int64     rows (i = centre, j = neighbour)
+``edge_shifts``       (E, 3) float     Å: r_e = positions[j] - positions[i] + edge_shifts[e]
+                                       (ASE: unit shifts @ cell; LAMMPS ghosts: zeros)
+``local_mask``        (n,) bool        atoms whose energies count (LAMMPS local atoms)
+====================  ===============  ==================================================
+
+====================  ===============  ==================================================
+output                shape            meaning
+====================  ===============  ==================================================
+``energy``            () float         eV, sum of ``energies`` over the local atoms
+``energies``          (n,) float       eV, every atom's energy (ghosts' are not used)
+``forces``            (n, 3) float     eV/Å, -d energy / d positions (ghosts too)
+``virial``            (3, 3) float     eV, W = -d energy / d strain (stress = -W / V)
+``atom_virial``       (n, 3, 3) float  eV, symmetric, summing to ``virial``
+====================  ===============  ==================================================
+
+float is the package's dtype. Ghost atoms (LAMMPS) carry real positions and zero shifts. The
+energy of atom i depends on the atoms within n_layers + 1 hops (the edge-degree embedding is one
+hop, each layer one more): every atom within (n_layers + 1) x cutoff of a local atom must be
+present, and every atom within n_layers x cutoff must have all its edges, for the local energies,
+and so the forces summed onto the owners of the ghosts, to be exact. Edges longer than the cutoff
+(a neighbour list with a skin) contribute exactly nothing.
+
+The package's AOTInductor metadata (strings, read in C++ with
+``AOTIModelPackageLoader::get_metadata()``) names the format, its version, the species, the
+cutoff, the number of layers, the ghost reach, the dtype and the versions that made it
+(:mod:`.package`).
+
+Deployment depends on the core (model, forces, potential), never the reverse: the calculator
+imports this package only when it is given a ``.pt2`` file.
+"""
+
+from est_calc.deploy.export import EdgeEnergyModel, ExportError, export_potential
+from est_calc.deploy.package import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUTS,
+    OUTPUTS,
+    DeployedPotential,
+    is_package_path,
+    load_package,
+    read_metadata,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INPUTS",
+    "OUTPUTS",
+    "DeployedPotential",
+    "EdgeEnergyModel",
+    "ExportError",
+    "export_potential",
+    "is_package_path",
+    "load_package",
+    "read_metadata",
+]
