@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,19 +55,18 @@ class Prediction(NamedTuple):
 
 
 def _check_volumes(cell: Tensor) -> Tensor:
-    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume."""
-    volume = cell_volume(cell.detach())
-    # Relative test: the volume against the product of the lattice-vector lengths.
-    scale = torch.linalg.norm(cell.detach(), dim=-1).prod(dim=-1)
-    bad = (volume <= 1e-10 * scale) | (scale == 0)
-    if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten().tolist()
+    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume
+    (:func:`est_calc.neighbors.degenerate_cells` of all three lattice vectors)."""
+    from est_calc.neighbors import degenerate_cells
+
+    bad = degenerate_cells(cell.detach(), np.ones(3, dtype=bool))
+    if bad.any():
         raise ValueError(
-            f"stress needs a full 3-D cell with non-zero volume; structure(s) {idx} have a zero or "
-            "degenerate cell (give slabs and molecules a cell with vacuum, or do not ask for "
-            "stress)"
+            f"stress needs a full 3-D cell with non-zero volume; structure(s) "
+            f"{np.flatnonzero(bad).tolist()} have a zero or degenerate cell (give slabs and "
+            "molecules a cell with vacuum, or do not ask for stress)"
         )
-    return volume
+    return cell_volume(cell.detach())
 
 
 def energy_forces_stress(
