@@ -30,6 +30,7 @@ from ase.data import chemical_symbols
 
 from est_calc.accel import ATTENTION_DTYPES, accelerate
 from est_calc.batch import AtomsBatch
+from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph, cell_problem
 from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
@@ -47,7 +48,6 @@ _NO_DEFAULT_MSG = (
 
 #: Keyword arguments of ase.calculators.calculator.Calculator that ESTCalculator passes on.
 _ASE_CALCULATOR_KWARGS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
-_DEVICE_FORMS = '"auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps"'
 
 
 #: Interatomic distance (Å) below which a call warns, naming the atoms: no bond is this short
@@ -70,44 +70,6 @@ class LegacyNormWarning(UserWarning):
 class UnknownArgumentError(TypeError, ValueError):
     """A keyword argument ESTCalculator does not know (a TypeError, as Python raises for an
     unexpected keyword, and a ValueError, as for the calculator's other bad options)."""
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device ``device`` names, checked against this machine.
-
-    "auto" is CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" and the
-    equivalent ``torch.device`` objects are taken as given once the device exists here.
-
-    Raises:
-        ValueError: not a device name (the message lists the valid forms), CUDA asked for on a
-            machine without CUDA, a CUDA index beyond the devices present, MPS not available,
-            or a device type est_calc does not run on.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a device; use {_DEVICE_FORMS}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "" if torch.backends.cuda.is_built() else ", which was built without CUDA"
-            raise ValueError(
-                f"device {device!r}: CUDA is not available on this machine (torch "
-                f'{torch.__version__}{built}); use device="cpu" or "auto"'
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f'device {device!r}: MPS is not available on this machine; use '
-                             f'device="cpu" or "auto"')
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: est_calc runs on the CPU, CUDA and MPS devices; "
-                         f"use {_DEVICE_FORMS}")
-    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -269,7 +231,7 @@ class ESTCalculator(Calculator):
             acceleration of it (:func:`est_calc.accel.accelerate`), and the caller's modules are
             left as they are.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
-            this machine lacks is refused (:func:`resolve_device`).
+            this machine lacks is refused (:func:`est_calc.devices.resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
         neighbor_backend: backend of :func:`est_calc.neighbors.neighbor_list` ("auto", "torch",
             "vesin", "matscipy", "torch_cluster").
