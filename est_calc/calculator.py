@@ -27,6 +27,7 @@ from ase.calculators.calculator import (
     all_changes,
 )
 from ase.data import chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from est_calc.accel import ATTENTION_DTYPES, accelerate
 from est_calc.batch import AtomsBatch
@@ -81,13 +82,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
-
-
-def _voigt(stress: np.ndarray) -> np.ndarray:
-    """(3, 3) -> (6,) in ASE's Voigt order xx yy zz yz xz xy."""
-    return np.array(
-        [stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]]
-    )
 
 
 def _check_keywords(kwargs: dict) -> None:
@@ -597,7 +591,9 @@ class ESTCalculator(Calculator):
                    "energies": arrays["energies"][lo:hi].copy(),
                    "forces": arrays["forces"][lo:hi].copy()}
             if "stress" in arrays and stress_mask[k]:
-                res["stress"] = _voigt(arrays["stress"][k])
+                # Exactly symmetric (the strain is symmetrised), so ASE's averaging of the
+                # off-diagonal pairs returns the upper triangle unchanged.
+                res["stress"] = full_3x3_to_voigt_6_stress(arrays["stress"][k])
             out.append(res)
         return out
 
