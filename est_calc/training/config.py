@@ -163,7 +163,8 @@ class TrainConfig:
         weight > 0); ``grad_clip``, ``huber_delta`` and ``time_budget_s`` finite numbers > 0;
         ``min_lr_ratio`` in [0, 1]; ``ema_decay`` in [0, 1) (1 would never move the averaged
         weights); the choices ``energy``, ``bad_frames``, ``kind``, ``dtype``,
-        ``neighbor_backend``, ``device`` ("auto" or a torch device string) and ``preset``;
+        ``neighbor_backend``, ``device`` (:func:`est_calc.devices.parse_device`: "auto", "cpu",
+        "cuda", "cuda:N" or "mps") and ``preset``;
         ``model.overrides`` must make a valid ``ModelConfig`` with the preset. Whether paths
         exist is checked by :meth:`check_paths`.
         """
@@ -224,7 +225,9 @@ class TrainConfig:
                                     "a finite positive number", low_open=True)
         t.ema_decay = _check_number("train.ema_decay", t.ema_decay, 0.0, 1.0,
                                     "a number in [0, 1)", high_open=True)
-        _check_device("train.device", t.device)
+        from est_calc.devices import parse_device
+
+        parse_device(t.device, what="train.device")  # spelling only: the run may be elsewhere
         _check_choice("train.dtype", t.dtype, ("float32", "float64"))
         from est_calc.neighbors import BACKENDS
 
@@ -319,20 +322,6 @@ def _check_paths_value(key: str, value: Any) -> None:
     paths = value if isinstance(value, list) else [value]
     if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
         raise ValueError(f"{key} must be a path or a list of paths, got {value!r}")
-
-
-def _check_device(key: str, value: Any) -> None:
-    expected = "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be {expected}, got {value!r}")
-    if value == "auto":
-        return
-    import torch
-
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
 
 
 def _build(cls, d: Any, prefix: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 
 from est_calc.accel import accelerate
 from est_calc.atomic_io import temp_files_of
+from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import build_graph
@@ -40,6 +42,8 @@ from est_calc.training.metrics import S2EFMetrics, format_metrics
 
 __all__ = ["Trainer", "train", "evaluate", "cosine_lr_factor"]
 
+logger = logging.getLogger(__name__)
+
 
 def cosine_lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
@@ -51,14 +55,10 @@ def cosine_lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_utils.local_rank())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r}, but torch sees no CUDA device here "
-                         "(use cpu or auto)")
+    """``train.device`` on this machine; "auto" with CUDA is this process's local-rank GPU."""
+    device = resolve_device(name, what="train.device")
+    if name == "auto" and device.type == "cuda":
+        return torch.device("cuda", dist_utils.local_rank())
     return device
 
 
@@ -252,8 +252,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # model initialisation is a function of the seed
         state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
         if resume and state is None and self.rank == 0:
-            print(f"no checkpoint.pt in {self.out} to resume from: starting a fresh run",
-                  flush=True)
+            logger.warning("no checkpoint.pt in %s to resume from: starting a fresh run", self.out)
         if state is not None:
             # Rebuild exactly the model the checkpoint was trained with, whatever the presets
             # of this est_calc version say now.
@@ -412,7 +411,8 @@ class Trainer:
         t = self.cfg.train
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            print(self.data_report.summary() if hasattr(self.data_report, "summary") else self.data_report)
+            logger.info("%s", self.data_report.summary() if hasattr(self.data_report, "summary")
+                        else self.data_report)
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
                    desc="train", unit="step")
         t0 = time.perf_counter() - self.elapsed_s
@@ -493,16 +493,17 @@ class Trainer:
         plan = int(-neg_plan)
         if over_any > 0 and self.step < self.max_steps:
             if self.rank == 0:
-                print(f"time budget {t.time_budget_s:.0f} s used up at step {self.step} of "
-                      f"{self.max_steps}: stopping here", flush=True)
+                logger.info("time budget %.0f s used up at step %d of %d: stopping here",
+                            t.time_budget_s, self.step, self.max_steps)
             self.max_steps = self.step
             self.budget_planned = True
         elif plan != self.max_steps or (timed >= CALIBRATION_STEPS and not self.budget_planned):
             if self.rank == 0:
                 what = ("set" if not self.budget_planned
                         else "shortened" if plan < self.max_steps else "lengthened")
-                print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule {what} "
-                      f"to {plan} steps at step {self.step} (max_steps {t.max_steps})", flush=True)
+                logger.info("time budget %.0f s: %.3f s per step, schedule %s to %d steps at "
+                            "step %d (max_steps %d)", t.time_budget_s, pace, what, plan,
+                            self.step, t.max_steps)
             self.max_steps = plan
             self.budget_planned = True
 

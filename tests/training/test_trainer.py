@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import subprocess
@@ -226,10 +227,13 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
-def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, capsys):
+def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, caplog):
     """Train with a time budget and ``Trainer.train_step`` replaced by ``step(self, plain_step)``;
-    check the run ended on its schedule with the learning rate decayed and return (wall, stdout)."""
+    check the run ended on its schedule with the learning rate decayed and return (wall, what
+    the trainer logged)."""
     from est_calc.training.trainer import Trainer
+
+    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
 
     cfg = _config(data_dir, out, max_steps=100_000, eval_every=10_000, checkpoint_every=10_000,
                   log_every=1, time_budget_s=budget_s)
@@ -242,11 +246,11 @@ def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, capsys):
     assert trainer.step == trainer.max_steps
     lrs = [h["lr"] for h in trainer.history if "lr" in h]
     assert lrs[-1] < 0.05 * max(lrs)
-    return wall, capsys.readouterr().out
+    return wall, caplog.text
 
 
 def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   caplog):
     """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
     still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
@@ -262,13 +266,13 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
             time.sleep(sum(took[:slow_from]) / slow_from)  # as long again as a plain step
         return row
 
-    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, capsys)
+    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, caplog)
     assert "schedule shortened" in out and "used up" not in out
     assert wall < 6.0 * 1.5
 
 
 def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   caplog):
     """Steps twice as slow while the plan is made, then plain (another job on the machine that
     ended): the run plans again for the time left instead of finishing far inside its budget,
     and still ends with a fully decayed schedule."""
@@ -284,7 +288,7 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
         return row
 
     wall, out = _fit_with_step(data_dir, tmp_path / "fast", 12.0, speeding_step, monkeypatch,
-                               capsys)
+                               caplog)
     assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
     assert 12.0 * 0.7 < wall < 12.0 * 1.5
 
@@ -334,3 +338,4 @@ def test_time_budget_pace_leaves_out_the_slow_first_steps(data_dir, tmp_path):
     # slow first step (~0.06 s a step) would have planned ~30
     assert trainer.budget_planned
     assert trainer.max_steps > 3 * (CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS)
+
