@@ -339,3 +339,92 @@ def test_time_budget_pace_leaves_out_the_slow_first_steps(data_dir, tmp_path):
     assert trainer.budget_planned
     assert trainer.max_steps > 3 * (CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS)
 
+
+# ----------------------------------------------------------------------------- data and schedule
+def _same_step_batch(a, b) -> None:
+    (batch_a, tgt_a, rot_a), (batch_b, tgt_b, rot_b) = a, b
+    for name in ("positions", "atomic_numbers", "cell", "pbc", "system_idx"):
+        assert torch.equal(getattr(batch_a, name), getattr(batch_b, name)), name
+    for name in ("energy", "forces", "stress", "has_stress", "fixed", "n_atoms"):
+        assert torch.equal(getattr(tgt_a, name), getattr(tgt_b, name)), name
+    assert torch.equal(rot_a, rot_b)
+
+
+def test_loader_workers_give_the_same_batches_in_the_same_order(data_dir, tmp_path):
+    """The DataLoader with worker processes reads ahead, but yields what reading in the training
+    process yields, step by step (across epochs, and after a jump to another step, as on
+    resume); both are the frames of the step's global batch with the step's rotations."""
+    from est_calc.training.batching import collate, global_batch, step_rotations
+    from est_calc.training.trainer import Trainer
+
+    inline = Trainer(_config(data_dir, tmp_path / "w0", num_workers=0))
+    ahead = Trainer(_config(data_dir, tmp_path / "w2", num_workers=2))
+    rng = torch.get_rng_state()
+    try:
+        for step in (0, 1, 2, 3, 4, 9, 10, 11):  # 2 steps an epoch; a jump from 4 to 9
+            inline.step = ahead.step = step
+            got = inline._next_batch()
+            _same_step_batch(got, ahead._next_batch())
+            assert torch.equal(torch.get_rng_state(), rng)  # the loaders leave it alone
+            idx = global_batch(step, 8, 4, 0)
+            frames = [inline.train_frames[k] for k in idx]
+            _same_step_batch(got, (*collate(frames, "total", "cpu", torch.float64),
+                                   step_rotations(step, 4, 0)))
+    finally:
+        inline._batches = ahead._batches = None
+
+
+@pytest.mark.slow
+def test_training_with_loader_workers_is_bit_identical(data_dir, tmp_path):
+    from est_calc.training.trainer import train
+
+    train(_config(data_dir, tmp_path / "w0", max_steps=3, eval_every=100))
+    train(_config(data_dir, tmp_path / "w2", max_steps=3, eval_every=100, num_workers=2))
+    a = load_checkpoint(tmp_path / "w0" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "w2" / "checkpoint.pt")
+    assert [h.get("loss") for h in a["history"]] == [h.get("loss") for h in b["history"]]
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), (key, name)
+
+
+def test_lr_schedule_is_the_cosine_factor_and_follows_a_new_length(data_dir, tmp_path):
+    """LambdaLR gives train.lr * cosine_lr_factor(step, max_steps, ...) at every step, and a
+    new schedule length (a time-budget plan) applies from the current step on."""
+    from est_calc.training.trainer import Trainer, cosine_lr_factor
+
+    cfg = _config(data_dir, tmp_path / "lr", max_steps=6)
+    trainer = Trainer(cfg)
+    t = cfg.train
+    trainer.fit(stop_at_step=2)
+    trainer._set_max_steps(4)  # as _plan_budget does
+    trainer.fit()
+    expected = [t.lr * cosine_lr_factor(s, 6, t.warmup_steps, t.min_lr_ratio) for s in range(2)]
+    expected += [t.lr * cosine_lr_factor(s, 4, t.warmup_steps, t.min_lr_ratio) for s in (2, 3)]
+    assert [h["lr"] for h in trainer.history if "lr" in h] == expected
+
+
+@pytest.mark.slow
+def test_checkpoint_without_a_stored_schedule_base_resumes_exactly(data_dir, tmp_path):
+    """Checkpoints written before the LambdaLR schedule have no "initial_lr" in the optimizer's
+    param groups: they resume exactly as the same checkpoint with it does, bit for bit."""
+    import shutil
+
+    from est_calc.training.checkpoint import save_checkpoint
+    from est_calc.training.trainer import Trainer
+
+    assert Trainer(_config(data_dir, tmp_path / "new")).fit(stop_at_step=3) is None
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    state = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    for group in state["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    for name in ("new", "old"):
+        Trainer(_config(data_dir, tmp_path / name), resume=True).fit()
+    new = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
+    old = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    assert new["step"] == old["step"] == 6
+    assert [h.get("loss") for h in old["history"]] == [h.get("loss") for h in new["history"]]
+    for key in ("model", "ema"):
+        for name, value in new[key].items():
+            assert torch.equal(old[key][name], value), (key, name)
