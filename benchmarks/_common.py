@@ -49,16 +49,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when available else "cpu"; "cuda" without a GPU -> ValueError."""
-    import torch
+    """The device ``--device`` names, as a string ("auto" -> "cuda" when available, else "cpu");
+    one the machine lacks -> ValueError (:func:`est_calc.devices.resolve_device`)."""
+    from est_calc.devices import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return name
+    return str(resolve(name, what="--device"))
 
 
 # ---------------------------------------------------------------------------- structures

@@ -46,6 +46,7 @@ from e3nn import o3
 from est_calc.accel import accelerate
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
+from est_calc.geometry import random_rotations
 from est_calc.model import ESTModel, ModelConfig
 from est_calc.neighbors import build_graph
 from est_calc.nn import ESTUpdateBlock
@@ -76,8 +77,7 @@ def rotation_averaged(fn, x: torch.Tensor, k: int, seed: int = 0) -> torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     total, is_list = None, False
     for _ in range(k):
-        q = torch.randn(4, generator=gen, dtype=F64)
-        d = irreps.D_from_matrix(o3.quaternion_to_matrix(q / q.norm())).to(x)
+        d = irreps.D_from_matrix(random_rotations(1, F64, generator=gen)[0]).to(x)
         out = fn(torch.einsum("ij,njc->nic", d, x))
         is_list = isinstance(out, list)
         outs = out if is_list else [out]
@@ -324,8 +324,7 @@ def main(argv=None):
     n_rat = args.rattled if args.rattled is not None else (0 if args.quick else 1)
     mols = molecules(n_mol, n_rat, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    quats = torch.randn(len(mols), 4, generator=gen, dtype=F64)
-    rots = [o3.quaternion_to_matrix(q / q.norm()) for q in quats]
+    rots = list(random_rotations(len(mols), F64, generator=gen))
     if args.models:
         layers = range(1, args.layers + 1)
         if args.quick:

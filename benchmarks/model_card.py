@@ -72,8 +72,8 @@ def rotation_error(potential, path: str, stride: int, seed: int = 0) -> dict:
 
     from est_calc.batch import AtomsBatch
     from est_calc.forces import energy_forces_stress
+    from est_calc.geometry import random_rotations
     from est_calc.neighbors import build_graph
-    from est_calc.testing import random_rotation
     from est_calc.training.datasets import open_dataset
 
     frames = open_dataset(path)
@@ -86,7 +86,7 @@ def rotation_error(potential, path: str, stride: int, seed: int = 0) -> dict:
                                        dtype=dtype)
         p0 = energy_forces_stress(potential, batch, build_graph(batch, potential.cutoff_A))
         for _ in range(2):
-            rot = random_rotation(gen, dtype)
+            rot = random_rotations(1, dtype, generator=gen)[0]
             rb = batch.replace(positions=batch.positions @ rot.T, cell=batch.cell @ rot.T)
             p1 = energy_forces_stress(potential, rb, build_graph(rb, potential.cutoff_A))
             diffs.append((p1.forces - p0.forces @ rot.T).norm(dim=-1).detach())

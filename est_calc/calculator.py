@@ -28,9 +28,11 @@ from ase.calculators.calculator import (
     all_changes,
 )
 from ase.data import chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from est_calc.accel import ATTENTION_DTYPES, accelerate
 from est_calc.batch import AtomsBatch
+from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph, cell_problem
 from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
@@ -48,7 +50,6 @@ _NO_DEFAULT_MSG = (
 
 #: Keyword arguments of ase.calculators.calculator.Calculator that ESTCalculator passes on.
 _ASE_CALCULATOR_KWARGS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
-_DEVICE_FORMS = '"auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps"'
 
 
 #: Interatomic distance (Å) below which a call warns, naming the atoms: no bond is this short
@@ -73,44 +74,6 @@ class UnknownArgumentError(TypeError, ValueError):
     unexpected keyword, and a ValueError, as for the calculator's other bad options)."""
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device ``device`` names, checked against this machine.
-
-    "auto" is CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" and the
-    equivalent ``torch.device`` objects are taken as given once the device exists here.
-
-    Raises:
-        ValueError: not a device name (the message lists the valid forms), CUDA asked for on a
-            machine without CUDA, a CUDA index beyond the devices present, MPS not available,
-            or a device type est_calc does not run on.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a device; use {_DEVICE_FORMS}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "" if torch.backends.cuda.is_built() else ", which was built without CUDA"
-            raise ValueError(
-                f"device {device!r}: CUDA is not available on this machine (torch "
-                f'{torch.__version__}{built}); use device="cpu" or "auto"'
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f'device {device!r}: MPS is not available on this machine; use '
-                             f'device="cpu" or "auto"')
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: est_calc runs on the CPU, CUDA and MPS devices; "
-                         f"use {_DEVICE_FORMS}")
-    return dev
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """"float32" / "float64" (or the torch dtypes themselves)."""
     if isinstance(dtype, torch.dtype):
@@ -120,13 +83,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
-
-
-def _voigt(stress: np.ndarray) -> np.ndarray:
-    """(3, 3) -> (6,) in ASE's Voigt order xx yy zz yz xz xy."""
-    return np.array(
-        [stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]]
-    )
 
 
 def _check_keywords(kwargs: dict) -> None:
@@ -319,7 +275,7 @@ class ESTCalculator(Calculator):
             picks it; another dtype or device is refused), without ``compile``, ``low_memory``
             or a reduced ``attention_precision``.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
-            this machine lacks is refused (:func:`resolve_device`).
+            this machine lacks is refused (:func:`est_calc.devices.resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
         neighbor_backend: backend of :func:`est_calc.neighbors.neighbor_list` ("auto", "torch",
             "vesin", "matscipy", "torch_cluster").
@@ -725,7 +681,9 @@ class ESTCalculator(Calculator):
                    "energies": arrays["energies"][lo:hi].copy(),
                    "forces": arrays["forces"][lo:hi].copy()}
             if "stress" in arrays and stress_mask[k]:
-                res["stress"] = _voigt(arrays["stress"][k])
+                # Exactly symmetric (the strain is symmetrised), so ASE's averaging of the
+                # off-diagonal pairs returns the upper triangle unchanged.
+                res["stress"] = full_3x3_to_voigt_6_stress(arrays["stress"][k])
             out.append(res)
         return out
 

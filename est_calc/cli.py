@@ -9,17 +9,41 @@
     est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
     est export POTENTIAL -o F.pt2 a compiled deployment package for ASE and LAMMPS
 
-Each subcommand imports its module lazily so that ``est --help`` stays fast. The benchmarks are
-not a subcommand: they need a source checkout and the MACE peer's environment, and run with
+Each subcommand imports its module lazily so that ``est --help`` stays fast. The library reports
+through :mod:`logging` (loggers under ``est_calc``); while a subcommand runs, its INFO records
+are printed to stdout as plain lines (:func:`log_to_stdout`). The benchmarks are not a
+subcommand: they need a source checkout and the MACE peer's environment, and run with
 ``make bench`` (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "log_to_stdout"]
+
+
+@contextlib.contextmanager
+def log_to_stdout(level: int = logging.INFO):
+    """Within the block, print the ``est_calc`` loggers' records of ``level`` and above to the
+    current ``sys.stdout``, one plain line each (the message only), and only there; the
+    loggers' handlers, level and propagation are restored afterwards."""
+    logger = logging.getLogger("est_calc")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _add_demo(sub) -> None:
@@ -110,7 +134,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``; report a user error (see :func:`_user_errors`) as the single
     line ``est <command>: error: <message>`` on stderr and return 2; let anything else through."""
     try:
-        return int(args.func(args) or 0)
+        with log_to_stdout():
+            return int(args.func(args) or 0)
     except _user_errors() as exc:  # evaluated only when an exception arrives
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"est {args.command}: error: {message}", file=sys.stderr)

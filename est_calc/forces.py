@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,7 +102,8 @@ def edge_forces_virial(energy: Tensor, vectors: Tensor, edge_index: Tensor, n_at
 
 
 def _check_volumes(cell: Tensor) -> Tensor:
-    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume.
+    """(n_systems,) |det cell|; raises ValueError when a cell has (numerically) zero volume
+    (:func:`est_calc.neighbors.degenerate_cells` of all three lattice vectors).
 
     While a CUDA graph is being captured (:mod:`est_calc.accel.graphs`, whose caller checks the
     cell before every replay) the volume is the triple product |a . (b x c)| and nothing is
@@ -110,18 +112,16 @@ def _check_volumes(cell: Tensor) -> Tensor:
     if cell.is_cuda and torch.cuda.is_current_stream_capturing():
         a, b, c = cell.detach().unbind(-2)
         return (a * torch.linalg.cross(b, c, dim=-1)).sum(-1).abs()
-    volume = cell_volume(cell.detach())
-    # Relative test: the volume against the product of the lattice-vector lengths.
-    scale = torch.linalg.norm(cell.detach(), dim=-1).prod(dim=-1)
-    bad = (volume <= 1e-10 * scale) | (scale == 0)
-    if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten().tolist()
+    from est_calc.neighbors import degenerate_cells
+
+    bad = degenerate_cells(cell.detach(), np.ones(3, dtype=bool))
+    if bad.any():
         raise ValueError(
-            f"stress needs a full 3-D cell with non-zero volume; structure(s) {idx} have a zero or "
-            "degenerate cell (give slabs and molecules a cell with vacuum, or do not ask for "
-            "stress)"
+            f"stress needs a full 3-D cell with non-zero volume; structure(s) "
+            f"{np.flatnonzero(bad).tolist()} have a zero or degenerate cell (give slabs and "
+            "molecules a cell with vacuum, or do not ask for stress)"
         )
-    return volume
+    return cell_volume(cell.detach())
 
 
 def energy_forces_stress(

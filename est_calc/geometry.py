@@ -51,8 +51,15 @@ def apply_strain(
 
 
 def random_rotations(n: int, dtype: torch.dtype, device=None, generator=None) -> Tensor:
-    """(n, 3, 3) uniformly distributed rotation matrices (normalised Gaussian quaternions, drawn
-    in float64 on the CPU from ``generator``, then cast)."""
+    """(n, 3, 3) uniformly distributed (Haar) rotation matrices, drawn from ``generator``.
+
+    A quaternion q with four independent standard normal components, normalised, is uniform on
+    the unit 3-sphere, and its rotation matrix is therefore uniform on SO(3). The normals are
+    drawn in float64 on the CPU (the same numbers on every device), then the matrix is cast to
+    ``dtype`` on ``device``. e3nn's ``o3.rand_matrix`` draws from the global generator only;
+    this one takes a generator, so a training step's rotations are a pure function of the
+    seed and the step (exact resume) and any fit that samples rotations is reproducible.
+    """
     q = torch.randn(n, 4, dtype=torch.float64, generator=generator).to(device)
     q = q / q.norm(dim=-1, keepdim=True)
     w, x, y, z = q.unbind(-1)

@@ -30,26 +30,11 @@ __all__ = ["add_relax_parser", "add_md_parser", "add_adsorb_parser", "make_calcu
 
 
 def check_device(device: str) -> None:
-    """Raise ValueError unless ``device`` ("auto", "cpu", "cuda", "cuda:N", ...) names a torch
-    device that exists on this machine."""
-    import torch
+    """Raise ValueError unless ``device`` ("auto", "cpu", "cuda", "cuda:N", "mps") names a torch
+    device that exists on this machine (:func:`est_calc.devices.resolve_device`)."""
+    from est_calc.devices import resolve_device
 
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N"
-                         ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine "
-                             "(use --device cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    resolve_device(device, what="--device")
 
 
 def check_dispersion(dispersion: str | None, functional: str | None,

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from est_calc.cli import log_to_stdout
     from est_calc.training.config import load_config
     from est_calc.training.trainer import train
 
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"training on {device_name}, budget {args.budget:.0f} s, config {args.config}", flush=True)
     t0 = time.perf_counter()
-    path = train(cfg)
+    with log_to_stdout():  # the trainer's reports (data, time-budget plans) into the log
+        path = train(cfg)
     wall = time.perf_counter() - t0
 
     from est_calc.potential import load_potential

@@ -39,11 +39,18 @@ from ._adapters import (
     vesin_available,
     vesin_neighbor_list,
 )
-from ._common import MAX_NEIGHBORS_PER_ATOM, MAX_PERIODIC_IMAGES, cell_problem, prepare
+from ._common import (
+    MAX_NEIGHBORS_PER_ATOM,
+    MAX_PERIODIC_IMAGES,
+    cell_problem,
+    degenerate_cells,
+    prepare,
+)
 from ._torch_cells import torch_neighbor_list
 
 __all__ = ["Graph", "build_graph", "neighbor_list", "BACKENDS", "PAIR_MIN_EDGES", "VESIN_CPU_MAX_ATOMS",
-           "resolve_backend", "cell_problem", "MAX_PERIODIC_IMAGES", "MAX_NEIGHBORS_PER_ATOM"]
+           "resolve_backend", "cell_problem", "degenerate_cells", "MAX_PERIODIC_IMAGES",
+           "MAX_NEIGHBORS_PER_ATOM"]
 
 BACKENDS = ("auto", "torch", "vesin", "matscipy", "torch_cluster")
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Prepared", "prepare", "completed_basis", "cell_heights", "cell_problem",
-           "empty_result", "MAX_PERIODIC_IMAGES", "MAX_NEIGHBORS_PER_ATOM"]
+           "degenerate_cells", "empty_result", "MAX_PERIODIC_IMAGES", "MAX_NEIGHBORS_PER_ATOM"]
 
 # Relative tolerance below which a set of periodic lattice vectors is treated as degenerate.
 _DEGENERATE_RTOL = 1e-10
@@ -201,6 +201,34 @@ def cell_problem(cell, pbc, cutoff_A: float, atoms_per_system=None) -> tuple[int
                            lambda: counts)
 
 
+def degenerate_cells(cell, pbc) -> np.ndarray:
+    """(n_systems,) True where the periodic lattice vectors of a cell are degenerate.
+
+    Degenerate: a periodic lattice vector is zero, or the periodic vectors are linearly
+    dependent, i.e. the 1-, 2- or 3-D volume V_p they span is at most 1e-10 times the product of
+    their lengths. Non-periodic axes are not looked at (pass all-True ``pbc`` to ask for a full
+    3-D cell); a cell holding NaN or infinite values is not flagged here (check finiteness
+    first). The same test is the first one of :func:`cell_problem`.
+
+    Args:
+        cell: (n_systems, 3, 3) or (3, 3) lattice vectors as rows, Å (array or tensor).
+        pbc: (n_systems, 3) or (3,) booleans.
+    """
+    cell = _host(cell).astype(np.float64).reshape(-1, 3, 3)
+    pbc = np.broadcast_to(_host(pbc).astype(bool), (cell.shape[0], 3))
+    lengths, volume, _ = _periodic_geometry(cell, pbc)
+    return _zero_axes(lengths, pbc).any(axis=1) | _flat(lengths, volume, pbc)
+
+
+def _zero_axes(lengths: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    return pbc & (lengths == 0)
+
+
+def _flat(lengths: np.ndarray, volume: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return volume <= _DEGENERATE_RTOL * np.prod(np.where(pbc, lengths, 1.0), axis=1)
+
+
 def _host(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
@@ -244,9 +272,8 @@ def _lattice_report(cell: np.ndarray, pbc: np.ndarray, cutoff: float, most_atoms
     called only when that bound could put a 3-D periodic system over the neighbour bound.
     """
     lengths, volume, heights = _periodic_geometry(cell, pbc)
-    zero = pbc & (lengths == 0)
-    scale = np.prod(np.where(pbc, lengths, 1.0), axis=1)
-    flat = zero.any(axis=1) | (volume <= _DEGENERATE_RTOL * scale)
+    zero = _zero_axes(lengths, pbc)
+    flat = zero.any(axis=1) | _flat(lengths, volume, pbc)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         images = np.prod(np.where(pbc, 2 * np.ceil(cutoff / heights) + 1, 1.0), axis=1)
         per_atom = np.where(pbc.all(axis=1), most_atoms * _ball(cutoff) / volume, 0.0)

@@ -1,8 +1,9 @@
-"""From data-set frames to AtomsBatch plus targets, and the per-element reference fit."""
+"""From data-set frames to AtomsBatch plus targets, the batches of the training steps, and the
+per-element reference fit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch
 from torch import Tensor
 
 from est_calc.batch import AtomsBatch
+from est_calc.geometry import random_rotations
 
-__all__ = ["Targets", "collate", "fit_element_references", "random_rotations", "rotate_batch"]
+__all__ = ["StepBatches", "Targets", "collate", "fit_element_references", "global_batch",
+           "rotate_batch", "step_rotations"]
 
 
 @dataclass
@@ -32,6 +35,11 @@ class Targets:
     has_stress: Tensor
     fixed: Tensor
     n_atoms: Tensor
+
+    def to(self, device) -> Targets:
+        """The same targets on ``device`` (dtypes unchanged)."""
+        return Targets(**{f.name: None if getattr(self, f.name) is None
+                          else getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def frame_energy(frame, energy_mode: str) -> float:
@@ -86,20 +94,61 @@ def collate(frames: Sequence, energy_mode: str, device, dtype) -> tuple[AtomsBat
     return batch, targets
 
 
-def random_rotations(n: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
-    """(n, 3, 3) uniformly random rotations from normalised Gaussian quaternions."""
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-    q = q / q.norm(dim=1, keepdim=True)
-    w, x, y, z = q.unbind(1)
-    rot = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-        ],
-        dim=1,
-    ).reshape(n, 3, 3)
-    return rot.to(dtype)
+def global_batch(step: int, n_frames: int, batch_size: int, seed: int) -> list[int]:
+    """Frame indices of training step ``step``'s global batch (all processes together).
+
+    Epoch e = step // (n_frames // batch_size) walks through the permutation drawn by
+    ``np.random.default_rng([seed, e])``, ``batch_size`` frames a step (the remainder of an
+    epoch is left out); with fewer frames than one batch, the permutation is cycled. A pure
+    function of its arguments, so a resumed or data-parallel run sees the same batches.
+    """
+    per_epoch = max(n_frames // batch_size, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_frames)
+    idx = perm[k * batch_size:(k + 1) * batch_size]
+    if len(idx) < batch_size:  # fewer frames than one batch: cycle through them
+        idx = np.resize(perm, batch_size)
+    return idx.tolist()
+
+
+def step_rotations(step: int, n: int, seed: int) -> Tensor:
+    """(n, 3, 3) float64 rotations of training step ``step``'s global batch, a pure function of
+    (seed, step)."""
+    return random_rotations(n, torch.float64,
+                            generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """A map-style dataset whose item ``step`` is this process's share of that training step.
+
+    Item ``step`` is ``(step, batch, targets, rotations)``: the frames ``k = rank, rank +
+    world, ...`` of :func:`global_batch`'s list, collated on the CPU in ``dtype``
+    (:func:`collate`), and their rows of :func:`step_rotations`. Every item is a pure function
+    of ``step``, so a ``torch.utils.data.DataLoader`` over it, with any number of workers and
+    a sampler counting up from the current step, yields what reading in the training process
+    yields, in the same order. Picklable (the readers re-open their files in a worker).
+
+    Args:
+        frames: the training frames (a sequence of :class:`Frame`).
+        batch_size: frames per step, all processes together.
+        seed: ``train.seed``.
+        energy_mode: ``data.energy``.
+        dtype: floating dtype of the batch and targets.
+        rank, world: this process's rank and the number of processes.
+    """
+
+    def __init__(self, frames, *, batch_size: int, seed: int, energy_mode: str,
+                 dtype: torch.dtype, rank: int = 0, world: int = 1):
+        self.frames, self.batch_size, self.seed = frames, batch_size, seed
+        self.energy_mode, self.dtype, self.rank, self.world = energy_mode, dtype, rank, world
+
+    def __getitem__(self, step: int) -> tuple[int, AtomsBatch, Targets, Tensor]:
+        gidx = global_batch(step, len(self.frames), self.batch_size, self.seed)
+        rot = step_rotations(step, len(gidx), self.seed)
+        mine = list(range(self.rank, len(gidx), self.world))
+        batch, targets = collate([self.frames[gidx[k]] for k in mine], self.energy_mode, "cpu",
+                                 self.dtype)
+        return step, batch, targets, rot[mine]
 
 
 def rotate_batch(batch: AtomsBatch, targets: Targets, rot: Tensor) -> tuple[AtomsBatch, Targets]:

@@ -60,14 +60,15 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from est_calc.calculator import resolve_device, resolve_dtype
+    from est_calc.calculator import resolve_dtype
+    from est_calc.devices import resolve_device
     from est_calc.potential import load_potential
     from est_calc.training.datasets import (FrameSubset, check_species, open_dataset,
                                             validate_frames)
     from est_calc.training.metrics import format_metrics
     from est_calc.training.trainer import evaluate
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, what="--device")
     pot = load_potential(args.potential, device=device, dtype=resolve_dtype(args.dtype))
     data = open_dataset(args.data)
     good, report = validate_frames(data, policy="stop")

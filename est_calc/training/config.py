@@ -108,6 +108,10 @@ class TrainSection:
 
     ``threads``: intra-op threads of every step; None chooses per step from its graph
     (:func:`est_calc.threads.choose_threads`).
+
+    ``num_workers``: ``torch.utils.data.DataLoader`` worker processes that read and collate the
+    next steps' frames while a step runs (0, the default: read in the training process). The
+    batches, their order and so the results are the same for any number.
     """
 
     max_steps: int = 1000
@@ -129,6 +133,7 @@ class TrainSection:
     init: str | None = None
     time_budget_s: float | None = None
     threads: int | None = None
+    num_workers: int = 0
 
 
 @dataclass
@@ -158,12 +163,14 @@ class TrainConfig:
 
         Rules: ``max_steps``, ``batch_size``, ``eval_every``, ``checkpoint_every``,
         ``log_every``, ``max_train_frames``, ``max_val_frames`` and ``threads`` are positive
-        integers (the last three may be None); ``warmup_steps`` and ``seed`` non-negative integers;
+        integers (the last three may be None); ``warmup_steps``, ``seed`` and ``num_workers``
+        non-negative integers;
         ``lr``, ``weight_decay`` and the loss weights finite numbers >= 0 (at least one loss
         weight > 0); ``grad_clip``, ``huber_delta`` and ``time_budget_s`` finite numbers > 0;
         ``min_lr_ratio`` in [0, 1]; ``ema_decay`` in [0, 1) (1 would never move the averaged
         weights); the choices ``energy``, ``bad_frames``, ``kind``, ``dtype``,
-        ``neighbor_backend``, ``device`` ("auto" or a torch device string) and ``preset``;
+        ``neighbor_backend``, ``device`` (:func:`est_calc.devices.parse_device`: "auto", "cpu",
+        "cuda", "cuda:N" or "mps") and ``preset``;
         ``model.overrides`` must make a valid ``ModelConfig`` with the preset. Whether paths
         exist is checked by :meth:`check_paths`.
         """
@@ -213,7 +220,7 @@ class TrainConfig:
         t = self.train
         for key in ("max_steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
             _check_int(f"train.{key}", getattr(t, key), 1)
-        for key in ("warmup_steps", "seed"):
+        for key in ("warmup_steps", "seed", "num_workers"):
             _check_int(f"train.{key}", getattr(t, key), 0)
         t.lr = _check_number("train.lr", t.lr, 0.0, None, "a finite non-negative number")
         t.min_lr_ratio = _check_number("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0,
@@ -224,7 +231,9 @@ class TrainConfig:
                                     "a finite positive number", low_open=True)
         t.ema_decay = _check_number("train.ema_decay", t.ema_decay, 0.0, 1.0,
                                     "a number in [0, 1)", high_open=True)
-        _check_device("train.device", t.device)
+        from est_calc.devices import parse_device
+
+        parse_device(t.device, what="train.device")  # spelling only: the run may be elsewhere
         _check_choice("train.dtype", t.dtype, ("float32", "float64"))
         from est_calc.neighbors import BACKENDS
 
@@ -319,20 +328,6 @@ def _check_paths_value(key: str, value: Any) -> None:
     paths = value if isinstance(value, list) else [value]
     if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
         raise ValueError(f"{key} must be a path or a list of paths, got {value!r}")
-
-
-def _check_device(key: str, value: Any) -> None:
-    expected = "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be {expected}, got {value!r}")
-    if value == "auto":
-        return
-    import torch
-
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
 
 
 def _build(cls, d: Any, prefix: str):

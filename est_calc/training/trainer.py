@@ -4,7 +4,18 @@ Design points:
 
 * Data order is a pure function of (seed, epoch) and each step's grid rotations a pure function of
   (seed, step), so a resumed run and a data-parallel run see exactly what the single-process,
-  uninterrupted run sees.
+  uninterrupted run sees. The batches come from a ``torch.utils.data.DataLoader`` over
+  :class:`~est_calc.training.batching.StepBatches` (item = step), read ahead by
+  ``train.num_workers`` worker processes; any number of workers gives the same batches in the
+  same order.
+* The learning rate follows ``torch.optim.lr_scheduler.LambdaLR`` with
+  :func:`cosine_lr_factor`; a time-budget plan sets the schedule's length.
+* The averaged weights are an exponential moving average kept by hand (:func:`_ema_update`),
+  not ``torch.optim.swa_utils.AveragedModel``: that one copies the weights at its first update
+  instead of averaging from the initial ones, and its state_dict wraps the module
+  ("module."-prefixed keys plus ``n_averaged``), so runs would no longer reproduce, and
+  checkpoints would no longer resume, exactly as those written so far; the update itself is
+  one ``lerp_`` per parameter, and the EMA stays a plain Potential that exports as it is.
 * Loss terms are sums divided by *global* counts and gradients are summed over ranks, so
   ``torchrun --nproc_per_node=2`` with the same global batch gives the single-process result.
 * Checkpoints hold tensors and plain values only, are written atomically and read with
@@ -15,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
+import logging
 import math
 import os
 import time
@@ -22,16 +35,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 
 from est_calc.accel import accelerate
 from est_calc.atomic_io import temp_files_of
+from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import build_graph
 from est_calc.threads import choose_threads, intra_op_threads
 from est_calc.potential import Potential, load_potential, save_potential
 from est_calc.training import distributed as dist_utils
-from est_calc.training.batching import collate, fit_element_references, random_rotations, rotate_batch
+from est_calc.training.batching import (StepBatches, collate, fit_element_references,
+                                        rotate_batch)
 from est_calc.training.checkpoint import load_checkpoint, save_checkpoint
 from est_calc.training.config import TrainConfig
 from est_calc.training.datasets import FrameSubset, check_species, species_error
@@ -39,6 +56,8 @@ from est_calc.training.loss import loss_terms
 from est_calc.training.metrics import S2EFMetrics, format_metrics
 
 __all__ = ["Trainer", "train", "evaluate", "cosine_lr_factor"]
+
+logger = logging.getLogger(__name__)
 
 
 def cosine_lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
@@ -51,14 +70,10 @@ def cosine_lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_utils.local_rank())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r}, but torch sees no CUDA device here "
-                         "(use cpu or auto)")
+    """``train.device`` on this machine; "auto" with CUDA is this process's local-rank GPU."""
+    device = resolve_device(name, what="train.device")
+    if name == "auto" and device.type == "cuda":
+        return torch.device("cuda", dist_utils.local_rank())
     return device
 
 
@@ -114,6 +129,11 @@ def _prepare_output_dir(out: Path, *, overwrite: bool) -> None:
     for path in doomed:
         if path.is_file() or path.is_symlink():
             path.unlink()
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: a StepBatches item is already a batch."""
+    return item
 
 
 @torch.no_grad()
@@ -252,8 +272,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # model initialisation is a function of the seed
         state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
         if resume and state is None and self.rank == 0:
-            print(f"no checkpoint.pt in {self.out} to resume from: starting a fresh run",
-                  flush=True)
+            logger.warning("no checkpoint.pt in %s to resume from: starting a fresh run", self.out)
         if state is not None:
             # Rebuild exactly the model the checkpoint was trained with, whatever the presets
             # of this est_calc version say now.
@@ -289,6 +308,13 @@ class Trainer:
         self.budget_planned = False
         if state is not None:
             self._restore(state)
+        self.scheduler = self._lr_schedule()
+        # This process's share of every step's batch, read ahead by train.num_workers worker
+        # processes (0: in this process); a pure function of the step (_next_batch).
+        self.step_batches = StepBatches(self.train_frames, batch_size=t.batch_size, seed=t.seed,
+                                        energy_mode=cfg.data.energy, dtype=self.dtype,
+                                        rank=self.rank, world=self.world)
+        self._batches = None  # (iterator over the DataLoader, the step it yields next)
         dist_utils.broadcast_parameters(self.potential)
         # What the steps run: every speed-up, made once, sharing the parameters of
         # self.potential (which the optimizer, the EMA and the checkpoints hold).
@@ -344,28 +370,47 @@ class Trainer:
             "metadata": self.ema.metadata,  # e.g. the record of the run an init came from
         })
 
-    # ---------------------------------------------------------------- data order
-    def _global_batch(self, step: int) -> list[int]:
-        n, b = len(self.train_frames), self.cfg.train.batch_size
-        per_epoch = max(n // b, 1)
-        epoch, k = divmod(step, per_epoch)
-        perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
-        idx = perm[k * b:(k + 1) * b]
-        if len(idx) < b:  # fewer frames than one batch: cycle through them
-            idx = np.resize(perm, b)
-        return idx.tolist()
+    # ---------------------------------------------------------------- schedule and data
+    def _lr_schedule(self) -> LambdaLR:
+        """The learning-rate schedule, positioned at ``self.step``: ``train.lr`` times
+        :func:`cosine_lr_factor` over ``self.max_steps`` steps.
+
+        Made again whenever a time-budget plan changes ``max_steps`` (the new length applies
+        from the current step on) and on resume (the schedule is a function of the step and
+        ``max_steps``, both in the checkpoint, so it is not stored itself).
+        """
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = t.lr  # the schedule's base (checkpoints before it lack it)
+        return LambdaLR(self.optimizer, lambda step: cosine_lr_factor(
+            step, self.max_steps, t.warmup_steps, t.min_lr_ratio), last_epoch=self.step - 1)
+
+    def _set_max_steps(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.scheduler = self._lr_schedule()
+
+    def _next_batch(self):
+        """``StepBatches`` item ``self.step`` from the DataLoader; a new loader, counting up from
+        ``self.step``, when the step is not the one the current loader yields next."""
+        if self._batches is None or self._batches[1] != self.step:
+            # Its own generator: making the loader draws a seed for the workers, which must not
+            # come from (and move) the global generator.
+            loader = DataLoader(self.step_batches, batch_size=None,
+                                sampler=itertools.count(self.step),
+                                num_workers=self.cfg.train.num_workers, collate_fn=_as_is,
+                                generator=torch.Generator().manual_seed(self.step))
+            self._batches = [iter(loader), self.step]
+        step, batch, tgt, rot = next(self._batches[0])
+        self._batches[1] = step + 1
+        return batch, tgt, rot
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        gidx = self._global_batch(self.step)
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
-        rot = random_rotations(len(gidx), gen)
-        mine = list(range(self.rank, len(gidx), self.world))
-        frames = [self.train_frames[gidx[k]] for k in mine]
-        batch, tgt = collate(frames, cfg.data.energy, self.device, self.dtype)
+        batch, tgt, rot = self._next_batch()
+        batch, tgt = batch.to(device=self.device), tgt.to(self.device)
         if self.potential.model.config.rotate_grid_in_training:
-            batch, tgt = rotate_batch(batch, tgt, rot[mine])
+            batch, tgt = rotate_batch(batch, tgt, rot)
         # Reversed-pair edge order: the SO(2) blocks rotate half the edges (same gradients to
         # round-off).
         graph = build_graph(batch, self.potential.cutoff_A, backend=t.neighbor_backend,
@@ -384,19 +429,18 @@ class Trainer:
         counts = dist_utils.all_reduce_sum(
             [terms.energy_count, terms.force_count, terms.stress_count])
         loss = terms.total(cfg.loss.energy_weight, cfg.loss.force_weight, cfg.loss.stress_weight, counts)
-        factor = cosine_lr_factor(self.step, self.max_steps, t.warmup_steps, t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = t.lr * factor
+        lr = self.scheduler.get_last_lr()[0]  # this step's
         self.optimizer.zero_grad(set_to_none=True)
         with intra_op_threads(choose_threads(graph.n_edges, t.threads)):
             loss.backward()
         dist_utils.all_reduce_gradients(self.potential)  # zeros where the loss did not reach
         gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
         self.optimizer.step()
+        self.scheduler.step()
         _ema_update(self.ema, self.potential, t.ema_decay)
         self.step += 1
         total = dist_utils.all_reduce_sum([float(loss.detach())])[0]
-        return {"step": self.step, "loss": total, "lr": t.lr * factor, "grad_norm": float(gnorm)}
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
 
     # ---------------------------------------------------------------- loop
     def fit(self, stop_at_step: int | None = None) -> Path | None:
@@ -412,29 +456,34 @@ class Trainer:
         t = self.cfg.train
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            print(self.data_report.summary() if hasattr(self.data_report, "summary") else self.data_report)
+            logger.info("%s", self.data_report.summary() if hasattr(self.data_report, "summary")
+                        else self.data_report)
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not t.progress or self.rank != 0,
                    desc="train", unit="step")
         t0 = time.perf_counter() - self.elapsed_s
         first_step = self.step
-        while self.step < (self.max_steps if stop_at_step is None else min(stop_at_step, self.max_steps)):
-            step_t0 = time.perf_counter()
-            row = self.train_step()
-            step_s = time.perf_counter() - step_t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            self.elapsed_s = time.perf_counter() - t0
-            if t.time_budget_s is not None:
-                self._plan_budget(first_step, step_s)
-            if self.step % t.log_every == 0 or self.step == self.max_steps:
-                self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
-            if self.step % t.eval_every == 0 or self.step == self.max_steps:
-                self._evaluate_and_log()
-            self.elapsed_s = time.perf_counter() - t0
-            if (self.step % t.checkpoint_every == 0 or self.step == self.max_steps
-                    or self.step == stop_at_step):
-                self._checkpoint()
-        bar.close()
+        try:
+            while self.step < (self.max_steps if stop_at_step is None
+                               else min(stop_at_step, self.max_steps)):
+                step_t0 = time.perf_counter()
+                row = self.train_step()
+                step_s = time.perf_counter() - step_t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+                self.elapsed_s = time.perf_counter() - t0
+                if t.time_budget_s is not None:
+                    self._plan_budget(first_step, step_s)
+                if self.step % t.log_every == 0 or self.step == self.max_steps:
+                    self.history.append({"step": row["step"], "loss": row["loss"], "lr": row["lr"]})
+                if self.step % t.eval_every == 0 or self.step == self.max_steps:
+                    self._evaluate_and_log()
+                self.elapsed_s = time.perf_counter() - t0
+                if (self.step % t.checkpoint_every == 0 or self.step == self.max_steps
+                        or self.step == stop_at_step):
+                    self._checkpoint()
+        finally:
+            self._batches = None  # ends the DataLoader's worker processes
+            bar.close()
         if self.step < self.max_steps:
             return None
         path = self.out / "potential.pt"
@@ -493,17 +542,18 @@ class Trainer:
         plan = int(-neg_plan)
         if over_any > 0 and self.step < self.max_steps:
             if self.rank == 0:
-                print(f"time budget {t.time_budget_s:.0f} s used up at step {self.step} of "
-                      f"{self.max_steps}: stopping here", flush=True)
-            self.max_steps = self.step
+                logger.info("time budget %.0f s used up at step %d of %d: stopping here",
+                            t.time_budget_s, self.step, self.max_steps)
+            self._set_max_steps(self.step)
             self.budget_planned = True
         elif plan != self.max_steps or (timed >= CALIBRATION_STEPS and not self.budget_planned):
             if self.rank == 0:
                 what = ("set" if not self.budget_planned
                         else "shortened" if plan < self.max_steps else "lengthened")
-                print(f"time budget {t.time_budget_s:.0f} s: {pace:.3f} s per step, schedule {what} "
-                      f"to {plan} steps at step {self.step} (max_steps {t.max_steps})", flush=True)
-            self.max_steps = plan
+                logger.info("time budget %.0f s: %.3f s per step, schedule %s to %d steps at "
+                            "step %d (max_steps %d)", t.time_budget_s, pace, what, plan,
+                            self.step, t.max_steps)
+            self._set_max_steps(plan)
             self.budget_planned = True
 
     def _evaluate_and_log(self) -> None:

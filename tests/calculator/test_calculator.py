@@ -128,6 +128,19 @@ def test_results_are_consistent(calc):
     assert atoms.get_stress().shape == (6,)
     full = atoms.get_stress(voigt=False)
     np.testing.assert_allclose(full, full.T, atol=1e-12)
+    # The model's stress is exactly symmetric, so ASE's Voigt form (which averages the
+    # off-diagonal pairs) is its upper triangle, bit for bit.
+    from est_calc.batch import AtomsBatch
+    from est_calc.forces import energy_forces_stress
+    from est_calc.neighbors import build_graph
+
+    batch = AtomsBatch.from_atoms(atoms)
+    graph = build_graph(batch, calc.cutoff_A, paired=True)
+    raw = energy_forces_stress(calc.potential, batch, graph, compute_stress=True).stress[0]
+    raw = raw.numpy()
+    assert np.array_equal(raw, raw.T)
+    np.testing.assert_allclose(atoms.get_stress(), raw[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]],
+                               rtol=1e-12, atol=1e-15)
 
 
 def test_stress_not_offered_for_molecules(calc):

@@ -49,6 +49,38 @@ def test_est_rotation_error_falls_with_grid_resolution(make_potential, cu_slab_c
     assert fine["forces"] < 0.6 * coarse["forces"], (coarse, fine)
 
 
+def test_rotation_errors_are_reproducible_and_leave_the_global_generator_alone(cu_slab_co,
+                                                                              make_potential):
+    pot = make_potential("est")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = rotation_errors(pot, cu_slab_co, n_rotations=1, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert rotation_errors(pot, cu_slab_co, n_rotations=1, seed=5) == first
+
+
+class _Field(torch.nn.Module):
+    """E = sum of the atoms' z coordinates: a uniform field, invariant under no rotation."""
+
+    cutoff_A = 3.0
+
+    def __init__(self):
+        super().__init__()
+        self.strength = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, batch, graph):
+        from est_calc.model import ModelOutput
+
+        energies = self.strength * batch.positions[:, 2]
+        energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
+        return ModelOutput(energy, energies)
+
+
+def test_rotation_errors_catch_a_model_that_is_not_rotation_invariant(cu_slab_co):
+    errs = rotation_errors(_Field(), cu_slab_co, n_rotations=2, seed=0, stress=True)
+    assert errs["energy"] > 0.01 and errs["forces"] > 0.1, errs
+
+
 def _variants(atoms, rng):
     """Copies of ``atoms`` that must give the same energy, and how their atoms map back."""
     n = len(atoms)

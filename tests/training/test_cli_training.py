@@ -68,6 +68,8 @@ def test_train_with_overrides_resume_and_init(extxyz, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path), "--set", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out  # the trainer logs; the command prints its records
+    assert "frames; problems: none" in out and "exported" in out
     first = tmp_path / "run" / "potential.pt"
     assert first.exists()
     # --resume continues the same run to a longer max_steps.

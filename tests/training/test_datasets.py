@@ -411,6 +411,29 @@ def test_hdf5_whole_array_validation_matches_frame_by_frame(tmp_path):
     assert validate_frames(packed, policy="skip")[0] == [0, 6, 8]
 
 
+def test_degenerate_periodic_cells_are_a_problem_kind(tmp_path):
+    """A frame whose periodic lattice vectors are zero or linearly dependent is refused when
+    the data are checked (frame by frame and on whole HDF5 arrays alike), by the same test the
+    neighbour list applies; a zero vector along a non-periodic axis is fine."""
+    from est_calc.neighbors import cell_problem
+
+    good = emt_frames()[0]
+    assert good.pbc.tolist() == [True, True, False]
+    dependent = good.cell.copy()
+    dependent[1] = 2 * dependent[0]
+    open_z = good.cell.copy()
+    open_z[2] = 0.0
+    frames = [good, replace(good, cell=np.zeros((3, 3))), replace(good, cell=dependent),
+              replace(good, cell=open_z)]
+    kept, report = validate_frames(frames, policy="skip")
+    assert kept == [0, 3] and dict(report.counts) == {"degenerate_cell": 2}
+    write_hdf5(frames, tmp_path / "cells.h5")
+    fast = validate_frames(HDF5Dataset(tmp_path / "cells.h5"), policy="skip")
+    assert fast[0] == kept and fast[1].counts == report.counts
+    assert [cell_problem(f.cell, f.pbc, 6.0) is None for f in frames] == [True, False, False,
+                                                                          True]
+
+
 def test_datasets_pickle_for_worker_processes(tmp_path):
     frames = emt_frames()
     for name in ("w.h5", "w.aselmdb", "w.db"):

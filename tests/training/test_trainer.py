@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import subprocess
@@ -226,10 +227,13 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
-def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, capsys):
+def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, caplog):
     """Train with a time budget and ``Trainer.train_step`` replaced by ``step(self, plain_step)``;
-    check the run ended on its schedule with the learning rate decayed and return (wall, stdout)."""
+    check the run ended on its schedule with the learning rate decayed and return (wall, what
+    the trainer logged)."""
     from est_calc.training.trainer import Trainer
+
+    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
 
     cfg = _config(data_dir, out, max_steps=100_000, eval_every=10_000, checkpoint_every=10_000,
                   log_every=1, time_budget_s=budget_s)
@@ -242,11 +246,11 @@ def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, capsys):
     assert trainer.step == trainer.max_steps
     lrs = [h["lr"] for h in trainer.history if "lr" in h]
     assert lrs[-1] < 0.05 * max(lrs)
-    return wall, capsys.readouterr().out
+    return wall, caplog.text
 
 
 def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   caplog):
     """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
     still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
@@ -262,13 +266,13 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
             time.sleep(sum(took[:slow_from]) / slow_from)  # as long again as a plain step
         return row
 
-    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, capsys)
+    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, caplog)
     assert "schedule shortened" in out and "used up" not in out
     assert wall < 6.0 * 1.5
 
 
 def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   caplog):
     """Steps twice as slow while the plan is made, then plain (another job on the machine that
     ended): the run plans again for the time left instead of finishing far inside its budget,
     and still ends with a fully decayed schedule."""
@@ -284,7 +288,7 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
         return row
 
     wall, out = _fit_with_step(data_dir, tmp_path / "fast", 12.0, speeding_step, monkeypatch,
-                               capsys)
+                               caplog)
     assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
     assert 12.0 * 0.7 < wall < 12.0 * 1.5
 
@@ -334,3 +338,93 @@ def test_time_budget_pace_leaves_out_the_slow_first_steps(data_dir, tmp_path):
     # slow first step (~0.06 s a step) would have planned ~30
     assert trainer.budget_planned
     assert trainer.max_steps > 3 * (CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS)
+
+
+# ----------------------------------------------------------------------------- data and schedule
+def _same_step_batch(a, b) -> None:
+    (batch_a, tgt_a, rot_a), (batch_b, tgt_b, rot_b) = a, b
+    for name in ("positions", "atomic_numbers", "cell", "pbc", "system_idx"):
+        assert torch.equal(getattr(batch_a, name), getattr(batch_b, name)), name
+    for name in ("energy", "forces", "stress", "has_stress", "fixed", "n_atoms"):
+        assert torch.equal(getattr(tgt_a, name), getattr(tgt_b, name)), name
+    assert torch.equal(rot_a, rot_b)
+
+
+def test_loader_workers_give_the_same_batches_in_the_same_order(data_dir, tmp_path):
+    """The DataLoader with worker processes reads ahead, but yields what reading in the training
+    process yields, step by step (across epochs, and after a jump to another step, as on
+    resume); both are the frames of the step's global batch with the step's rotations."""
+    from est_calc.training.batching import collate, global_batch, step_rotations
+    from est_calc.training.trainer import Trainer
+
+    inline = Trainer(_config(data_dir, tmp_path / "w0", num_workers=0))
+    ahead = Trainer(_config(data_dir, tmp_path / "w2", num_workers=2))
+    rng = torch.get_rng_state()
+    try:
+        for step in (0, 1, 2, 3, 4, 9, 10, 11):  # 2 steps an epoch; a jump from 4 to 9
+            inline.step = ahead.step = step
+            got = inline._next_batch()
+            _same_step_batch(got, ahead._next_batch())
+            assert torch.equal(torch.get_rng_state(), rng)  # the loaders leave it alone
+            idx = global_batch(step, 8, 4, 0)
+            frames = [inline.train_frames[k] for k in idx]
+            _same_step_batch(got, (*collate(frames, "total", "cpu", torch.float64),
+                                   step_rotations(step, 4, 0)))
+    finally:
+        inline._batches = ahead._batches = None
+
+
+@pytest.mark.slow
+def test_training_with_loader_workers_is_bit_identical(data_dir, tmp_path):
+    from est_calc.training.trainer import train
+
+    train(_config(data_dir, tmp_path / "w0", max_steps=3, eval_every=100))
+    train(_config(data_dir, tmp_path / "w2", max_steps=3, eval_every=100, num_workers=2))
+    a = load_checkpoint(tmp_path / "w0" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "w2" / "checkpoint.pt")
+    assert [h.get("loss") for h in a["history"]] == [h.get("loss") for h in b["history"]]
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), (key, name)
+
+
+def test_lr_schedule_is_the_cosine_factor_and_follows_a_new_length(data_dir, tmp_path):
+    """LambdaLR gives train.lr * cosine_lr_factor(step, max_steps, ...) at every step, and a
+    new schedule length (a time-budget plan) applies from the current step on."""
+    from est_calc.training.trainer import Trainer, cosine_lr_factor
+
+    cfg = _config(data_dir, tmp_path / "lr", max_steps=6)
+    trainer = Trainer(cfg)
+    t = cfg.train
+    trainer.fit(stop_at_step=2)
+    trainer._set_max_steps(4)  # as _plan_budget does
+    trainer.fit()
+    expected = [t.lr * cosine_lr_factor(s, 6, t.warmup_steps, t.min_lr_ratio) for s in range(2)]
+    expected += [t.lr * cosine_lr_factor(s, 4, t.warmup_steps, t.min_lr_ratio) for s in (2, 3)]
+    assert [h["lr"] for h in trainer.history if "lr" in h] == expected
+
+
+@pytest.mark.slow
+def test_checkpoint_without_a_stored_schedule_base_resumes_exactly(data_dir, tmp_path):
+    """Checkpoints written before the LambdaLR schedule have no "initial_lr" in the optimizer's
+    param groups: they resume exactly as the same checkpoint with it does, bit for bit."""
+    import shutil
+
+    from est_calc.training.checkpoint import save_checkpoint
+    from est_calc.training.trainer import Trainer
+
+    assert Trainer(_config(data_dir, tmp_path / "new")).fit(stop_at_step=3) is None
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    state = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    for group in state["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    for name in ("new", "old"):
+        Trainer(_config(data_dir, tmp_path / name), resume=True).fit()
+    new = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
+    old = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    assert new["step"] == old["step"] == 6
+    assert [h.get("loss") for h in old["history"]] == [h.get("loss") for h in new["history"]]
+    for key in ("model", "ema"):
+        for name, value in new[key].items():
+            assert torch.equal(old[key][name], value), (key, name)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Subset
 
 __all__ = ["Frame", "FrameDataset", "ConcatFrames", "FrameSubset", "frame_from_atoms",
            "frame_source", "plain_value"]
@@ -231,18 +232,13 @@ class ConcatFrames(FrameDataset):
         return frame_source(self.parts[part], local)
 
 
-class FrameSubset(FrameDataset):
+class FrameSubset(Subset):
     """The frames ``indices`` of ``dataset``, in that order (frame ``k`` is
-    ``dataset[indices[k]]``)."""
+    ``dataset[indices[k]]``): a ``torch.utils.data.Subset`` that also tells where each of its
+    frames comes from (:meth:`locate`, for error messages naming the file)."""
 
     def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def _get(self, index: int) -> Frame:
-        return self.dataset[self.indices[index]]
+        super().__init__(dataset, list(indices))
 
     def locate(self, index: int) -> tuple[Any, int]:
         return frame_source(self.dataset, self.indices[int(index)])

@@ -262,11 +262,15 @@ class HDF5Dataset(FrameDataset):
         Returns:
             A list with one list of problem kinds per frame.
         """
+        from est_calc.neighbors import degenerate_cells
+
         from .validate import MAX_Z
 
         f = self._frame
         frame_bad = {
             "nan_cell": ~_all_finite(f["cell"], (1, 2)),
+            "degenerate_cell": _all_finite(f["cell"], (1, 2)) & degenerate_cells(f["cell"],
+                                                                                  f["pbc"]),
             "missing_energy": ~f["has_energy"] & require_energy,
             "nan_energy": f["has_energy"] & ~np.isfinite(f["energy"]),
             "missing_forces": ~f["has_forces"] & require_forces,
@@ -292,7 +296,7 @@ class HDF5Dataset(FrameDataset):
                 atom_bad[kind][np.unique(owner[flag])] = True
         atom_bad["species_not_allowed"] &= ~atom_bad["unknown_element"]
         order = ("length_mismatch", "unknown_element", "species_not_allowed", "nan_positions",
-                 "nan_cell", "missing_energy", "nan_energy", "missing_forces", "nan_forces",
-                 "nan_stress")
+                 "nan_cell", "degenerate_cell", "missing_energy", "nan_energy", "missing_forces",
+                 "nan_forces", "nan_stress")
         bad = {**frame_bad, **atom_bad}
         return [[k for k in order if bad[k][i]] for i in range(len(self))]

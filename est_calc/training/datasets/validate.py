@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from est_calc.neighbors import degenerate_cells
+
 from ._frame import ConcatFrames, Frame, FrameSubset, frame_source
 
 __all__ = ["ValidationReport", "frame_problems", "validate_frames", "elements_outside",
@@ -50,8 +52,9 @@ def frame_problems(frame: Frame, *, allowed_species=None, require_energy: bool =
 
     Kinds: ``length_mismatch`` (numbers/tags/fixed/forces disagree with positions),
     ``unknown_element`` (Z outside 1..118), ``species_not_allowed``, ``nan_positions``,
-    ``nan_cell``, ``missing_energy``, ``nan_energy``, ``missing_forces``, ``nan_forces``,
-    ``nan_stress``.
+    ``nan_cell``, ``degenerate_cell`` (periodic lattice vectors zero or linearly dependent,
+    :func:`est_calc.neighbors.degenerate_cells`, which no neighbour search accepts),
+    ``missing_energy``, ``nan_energy``, ``missing_forces``, ``nan_forces``, ``nan_stress``.
     """
     problems = []
     n = len(frame.positions)
@@ -69,6 +72,8 @@ def frame_problems(frame: Frame, *, allowed_species=None, require_energy: bool =
         problems.append("nan_positions")
     if not np.isfinite(frame.cell).all():
         problems.append("nan_cell")
+    elif frame.pbc.shape == (3,) and degenerate_cells(frame.cell, frame.pbc)[0]:
+        problems.append("degenerate_cell")
     if frame.energy is None:
         if require_energy:
             problems.append("missing_energy")
