@@ -190,3 +190,15 @@ def test_every_optional_command_module_imports():
     assert named
     for module, attr in named:
         assert callable(getattr(importlib.import_module(module), attr)), f"{module}.{attr}"
+
+
+def test_test_files_have_unique_basenames():
+    """tests/ has no __init__.py files, so pytest imports each test module by its basename: two
+    files of one name in different folders stop the whole collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules with the same basename: " + "; ".join(clashes)
