@@ -1,0 +1,73 @@
+"""pair_style est stops with one clear error for a missing file, a file that is not an est_calc
+package, a package of another format version, an element that is not one or that the model does
+not know, and newton_pair off."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import zipfile
+
+import pytest
+from ase import Atoms
+from lammps_cases import PLUGIN, SYMBOLS, run_lmp, write_data
+
+pytestmark = pytest.mark.lammps
+
+
+def _error(folder, model, elements=" ".join(SYMBOLS), newton="on"):
+    atoms = Atoms("Cu2", positions=[[1, 1, 1], [3, 1, 1]], cell=[6, 6, 6], pbc=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_data(atoms, folder / "data.lmp")
+    script = f"""units metal
+atom_style atomic
+newton {newton}
+read_data data.lmp
+plugin load {PLUGIN}
+pair_style est
+pair_coeff * * {model} {elements}
+run 0
+"""
+    result = run_lmp(script, folder, check=False, timeout=120)
+    assert result.returncode != 0, result.stdout[-2000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stdout[-2000:]
+    return errors[0]
+
+
+def test_missing_file(plugin, tmp_path):
+    assert "no model file" in _error(tmp_path, tmp_path / "nowhere.pt2")
+
+
+def test_foreign_files(plugin, tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_text("not a model\n")
+    assert "is not an est_calc model" in _error(tmp_path / "junk", junk)
+    other = tmp_path / "other.pt2"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("other/data/something.txt", "a zip archive, but no package")
+    assert "is not an est_calc model" in _error(tmp_path / "zip", other)
+
+
+def test_format_version_mismatch(plugin, package, tmp_path):
+    newer = tmp_path / "newer.pt2"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(newer, "w") as out:
+        for item in src.infolist():
+            data = src.read(item)
+            if fnmatch.fnmatch(item.filename, "*/data/aotinductor/*/*_metadata.json"):
+                meta = json.loads(data)
+                meta["est_format_version"] = "2"
+                data = json.dumps(meta).encode()
+            out.writestr(item, data)
+    line = _error(tmp_path, newer)
+    assert "model format version 2" in line and "runs version 1" in line
+
+
+def test_elements(plugin, package, tmp_path):
+    assert "is not a chemical element" in _error(tmp_path / "xx", package, "H C O Xx")
+    line = _error(tmp_path / "fe", package, "H C Fe Cu")
+    assert "element Fe (type 3) is unknown to the model" in line and "H C O Cu" in line
+
+
+def test_newton_off(plugin, package, tmp_path):
+    assert "requires newton_pair on" in _error(tmp_path, package, newton="off")
