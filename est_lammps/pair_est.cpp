@@ -159,8 +159,9 @@ void PairEST::load_model(const std::string &path)
   try {
     cutoff = std::stod(get("cutoff_A"));
     reach = std::stod(get("interaction_range_A"));
+    n_layers = std::stoi(get("n_layers"));
   } catch (const std::exception &) {
-    error->all(FLERR, "pair_style est: '{}' lacks a numeric cutoff_A or interaction_range_A", path);
+    error->all(FLERR, "pair_style est: '{}' lacks a numeric cutoff_A, interaction_range_A or n_layers", path);
   }
   species.clear();
   std::istringstream zs(get("species"));
@@ -248,8 +249,8 @@ double PairEST::init_one(int i, int j)
 
 // One evaluation of the model on this rank's local and ghost atoms. Its inputs are the
 // package's signature (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j
-// for every pair closer than r_c among all atoms present (edge_shifts zero: ghosts carry real
-// positions), and local_mask = the nlocal owned atoms. It returns E_rank = sum of the local
+// closer than r_c (edge_shifts zero: ghosts carry real positions) of the atoms the local
+// energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank = sum of the local
 // atoms' energies and its derivatives with respect to all positions, so that summing the
 // ghosts' forces onto their owners gives each atom -dE/dx exactly.
 void PairEST::compute(int eflag, int vflag)
@@ -264,39 +265,67 @@ void PairEST::compute(int eflag, int vflag)
   double **f = atom->f;
   const int *type = atom->type;
 
-  // Edges among all atoms present, both directions (full list), r < r_c (the list has a skin).
+  // The graph the local energies need, by hops along edges r < r_c from the local atoms (hop
+  // 0): an atom's energy depends on its initial features (its own edges: one hop) carried over
+  // n_layers layers, so the local energies need every atom up to n_layers + 1 hops and all the
+  // edges of every atom up to n_layers hops, and nothing else. Atoms further out (present
+  // because the ghost cutoff is geometric) are left out, with their edges; the force on them is
+  // exactly zero. Kept atoms are renumbered: locals first (unchanged), then ghosts by hop.
   const double rc2 = cutoff * cutoff;
-  std::vector<int64_t> centre, neighbour;
-  const int nlist = list->inum + list->gnum;
-  for (int ii = 0; ii < nlist; ++ii) {
-    const int i = list->ilist[ii];
-    const int *jlist = list->firstneigh[i];
-    const int jnum = list->numneigh[i];
-    for (int jj = 0; jj < jnum; ++jj) {
-      const int j = jlist[jj] & NEIGHMASK;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz < rc2) {
+  std::vector<int> hop(nall, -1);
+  std::vector<int> kept(nlocal);    // new index -> LAMMPS index
+  std::vector<int64_t> centre, neighbour;    // LAMMPS indices until renumbered
+  for (int i = 0; i < nlocal; ++i) {
+    hop[i] = 0;
+    kept[i] = i;
+  }
+  size_t begin = 0;
+  for (int level = 0; level <= n_layers; ++level) {
+    const size_t end = kept.size();
+    for (size_t k = begin; k < end; ++k) {
+      const int i = kept[k];
+      const int *jlist = list->firstneigh[i];
+      const int jnum = list->numneigh[i];
+      for (int jj = 0; jj < jnum; ++jj) {
+        const int j = jlist[jj] & NEIGHMASK;
+        const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+        if (dx * dx + dy * dy + dz * dz >= rc2) continue;
         centre.push_back(i);
         neighbour.push_back(j);
+        if (hop[j] < 0) {
+          hop[j] = level + 1;
+          kept.push_back(j);
+        }
       }
     }
+    begin = end;
   }
+  std::vector<int64_t> new_index(nall, -1);
+  for (size_t k = 0; k < kept.size(); ++k) new_index[kept[k]] = static_cast<int64_t>(k);
 
   // The package takes at least one edge. Without any, add one placeholder atom 2 r_c from
   // atom 0 (not local) and an edge to it: an edge longer than r_c contributes exactly nothing.
-  int n = nall;
-  std::vector<double> pos(static_cast<size_t>(3) * (nall + 1));
-  std::memcpy(pos.data(), x[0], sizeof(double) * 3 * nall);
-  std::vector<int64_t> numbers(nall + 1);
-  for (int i = 0; i < nall; ++i) numbers[i] = type_to_z[type[i]];
+  const int n_kept = static_cast<int>(kept.size());
+  int n = n_kept;
+  std::vector<double> pos(static_cast<size_t>(3) * (n_kept + 1));
+  std::vector<int64_t> numbers(n_kept + 1);
+  for (int k = 0; k < n_kept; ++k) {
+    const int i = kept[k];
+    pos[3 * k + 0] = x[i][0];
+    pos[3 * k + 1] = x[i][1];
+    pos[3 * k + 2] = x[i][2];
+    numbers[k] = type_to_z[type[i]];
+  }
+  for (auto &i : centre) i = new_index[i];
+  for (auto &j : neighbour) j = new_index[j];
   if (centre.empty()) {
-    pos[3 * nall + 0] = x[0][0] + 2.0 * cutoff;
-    pos[3 * nall + 1] = x[0][1];
-    pos[3 * nall + 2] = x[0][2];
-    numbers[nall] = numbers[0];
-    centre.push_back(nall);
+    pos[3 * n_kept + 0] = x[0][0] + 2.0 * cutoff;
+    pos[3 * n_kept + 1] = x[0][1];
+    pos[3 * n_kept + 2] = x[0][2];
+    numbers[n_kept] = numbers[0];
+    centre.push_back(n_kept);
     neighbour.push_back(0);
-    n = nall + 1;
+    n = n_kept + 1;
   }
   const int64_t n_edges = static_cast<int64_t>(centre.size());
 
@@ -340,10 +369,11 @@ void PairEST::compute(int eflag, int vflag)
                "close?); the run stops");
 
   const double *fm = forces.data_ptr<double>();
-  for (int i = 0; i < nall; ++i) {
-    f[i][0] += fm[3 * i + 0];
-    f[i][1] += fm[3 * i + 1];
-    f[i][2] += fm[3 * i + 2];
+  for (int k = 0; k < n_kept; ++k) {
+    const int i = kept[k];
+    f[i][0] += fm[3 * k + 0];
+    f[i][1] += fm[3 * k + 1];
+    f[i][2] += fm[3 * k + 2];
   }
 
   if (eflag_global) eng_vdwl += energy.item<double>();
@@ -365,8 +395,9 @@ void PairEST::compute(int eflag, int vflag)
   if (vflag_atom) {
     // Ghosts' shares are summed onto their owners by reverse communication (newton on).
     const double *w = outputs[4].data_ptr<double>();
-    for (int i = 0; i < nall; ++i) {
-      const double *wi = w + 9 * i;
+    for (int k = 0; k < n_kept; ++k) {
+      const int i = kept[k];
+      const double *wi = w + 9 * k;
       vatom[i][0] += wi[0];
       vatom[i][1] += wi[4];
       vatom[i][2] += wi[8];

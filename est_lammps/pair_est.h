@@ -41,6 +41,7 @@ class PairEST : public Pair {
   std::vector<long> type_to_z;        // LAMMPS type (1..ntypes) -> atomic number
   double cutoff = 0.0;                // model cutoff r_c (Å)
   double reach = 0.0;                 // ghost reach: (n_layers + 1) x r_c (Å)
+  int n_layers = 0;                   // message-passing layers of the model
   bool use_cuda = false;
   bool float64 = true;
   std::string model_path;
