@@ -15,7 +15,10 @@ from lammps_cases import PLUGIN, SYMBOLS, run_lmp, write_data
 pytestmark = pytest.mark.lammps
 
 
-def _error(folder, model, elements=" ".join(SYMBOLS), newton="on"):
+ALL = " ".join(SYMBOLS)
+
+
+def _error(folder, model, elements=ALL, newton="on"):
     atoms = Atoms("Cu2", positions=[[1, 1, 1], [3, 1, 1]], cell=[6, 6, 6], pbc=True)
     folder.mkdir(parents=True, exist_ok=True)
     write_data(atoms, folder / "data.lmp")
