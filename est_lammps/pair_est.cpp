@@ -151,6 +151,13 @@ void PairEST::load_model(const std::string &path)
                  "(export it with --device cpu to run on CPUs)",
                  path);
     use_cuda = true;
+    // Ranks on one node share its GPUs round-robin by their rank within the node.
+    MPI_Comm node;
+    MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+    int node_rank = 0;
+    MPI_Comm_rank(node, &node_rank);
+    MPI_Comm_free(&node);
+    gpu = static_cast<int>(node_rank % torch::cuda::device_count());
   } else if (device == "cpu") {
     use_cuda = false;
   } else {
@@ -169,7 +176,8 @@ void PairEST::load_model(const std::string &path)
   if (species.empty()) error->all(FLERR, "pair_style est: '{}' names no species", path);
 
   try {
-    model = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model");
+    model = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        path, "model", false, 1, static_cast<c10::DeviceIndex>(use_cuda ? gpu : -1));
   } catch (const std::exception &err) {
     error->all(FLERR, "pair_style est: the compiled model '{}' does not load here: {}", path,
                first_line(err.what()));
@@ -330,7 +338,9 @@ void PairEST::compute(int eflag, int vflag)
   const int64_t n_edges = static_cast<int64_t>(centre.size());
 
   const auto dtype = float64 ? torch::kFloat64 : torch::kFloat32;
-  const torch::Device device = use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  const torch::Device device = use_cuda
+      ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(gpu))
+      : torch::Device(torch::kCPU);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
 

@@ -43,6 +43,7 @@ class PairEST : public Pair {
   double reach = 0.0;                 // ghost reach: (n_layers + 1) x r_c (Å)
   int n_layers = 0;                   // message-passing layers of the model
   bool use_cuda = false;
+  int gpu = 0;                        // this rank's CUDA device (node-local rank mod GPUs)
   bool float64 = true;
   std::string model_path;
 };
