@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.build import bulk, fcc111
+from ase.build import bulk, fcc111, molecule
 from ase.data import atomic_masses, atomic_numbers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,8 +157,9 @@ def single_point(atoms: Atoms, package: Path, folder: Path, nprocs: int = 1) -> 
 
 
 def structures() -> dict[str, Atoms]:
-    """Periodic bulk, slab with vacuum (pbc T T F), triclinic cell and a cell with an atom within
-    0.05 Å of each of its six faces, of H C O Cu, rattled; every cell lower triangular."""
+    """Periodic bulk, slab with vacuum (pbc T T F), triclinic cell, a cell with an atom within
+    0.05 Å of each of its six faces, a molecule and two atoms further apart than the cutoff (not
+    periodic), of H C O Cu, rattled; every cell lower triangular."""
     cu = bulk("Cu", "fcc", a=3.62, cubic=True) * (2, 1, 1)
     cu.numbers[[3, 5]] = [6, 8]
     cu.rattle(0.05, seed=1)
@@ -182,8 +183,15 @@ def structures() -> dict[str, Atoms]:
     faces = Atoms("Cu6C2", cell=np.eye(3) * length, pbc=True, positions=[
         [0.04, 3.1, 2.2], [length - 0.03, 5.9, 4.4], [2.5, 0.02, 5.1], [5.2, length - 0.04, 1.9],
         [4.1, 2.8, 0.03], [1.4, 5.0, length - 0.02], [3.6, 3.7, 3.6], [5.6, 1.8, 5.4]])
+    # Not periodic: a molecule, and two atoms beyond the cutoff (a graph without edges).
+    mol = molecule("CH3CH2OH")
+    mol.rattle(0.03, seed=3)
+    mol.set_cell([12.0, 12.0, 12.0])
+    mol.center()
+    apart = Atoms("CuO", positions=[[2, 2, 2], [2, 2, 8.5]], cell=[12, 12, 12], pbc=False)
     return {name: lower_triangular(a) for name, a in
-            {"bulk": cu, "slab": slab, "triclinic": tri, "faces": faces}.items()}
+            {"bulk": cu, "slab": slab, "triclinic": tri, "faces": faces, "molecule": mol,
+             "apart": apart}.items()}
 
 
 def reference(atoms: Atoms, package: Path) -> Result:
@@ -202,9 +210,11 @@ def reference(atoms: Atoms, package: Path) -> Result:
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
     energies = atoms.get_potential_energies()
-    volume = atoms.get_volume()
-    stress = atoms.get_stress(voigt=True)  # xx yy zz yz xz xy, = -W / V
-    virial = -volume * stress[[0, 1, 2, 5, 4, 3]]
+    if atoms.pbc.any():
+        stress = atoms.get_stress(voigt=True)  # xx yy zz yz xz xy, = -W / V
+        virial = -atoms.get_volume() * stress[[0, 1, 2, 5, 4, 3]]
+    else:  # ASE defines no stress without periodicity: the package's virial
+        virial = None
 
     model = load_package(package)
     i, j, shift = neighbor_list("ijS", atoms, float(model.metadata["cutoff_A"]))
@@ -212,6 +222,9 @@ def reference(atoms: Atoms, package: Path) -> Result:
                 torch.tensor(np.stack([i, j])), torch.tensor(shift @ atoms.cell.array),
                 torch.ones(len(atoms), dtype=torch.bool))
     w = out[4].numpy()
+    if virial is None:
+        total = out[3].numpy()
+        virial = total[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
     atom_virial = np.stack([w[:, 0, 0], w[:, 1, 1], w[:, 2, 2], w[:, 0, 1], w[:, 0, 2],
                             w[:, 1, 2]], axis=1)
     return Result(energy=energy, virial=virial, forces=forces, energies=energies,

@@ -1,6 +1,7 @@
 """LAMMPS with pair_style est gives ESTCalculator's energy, forces, virial, per-atom energies and
 per-atom virials (float64, 1e-6 relative) on a periodic bulk, a slab with vacuum, a triclinic
-cell and a cell with an atom at every face; and the same on 1, 2 and 4 MPI ranks (1e-10)."""
+cell, a cell with an atom at every face, a molecule and two atoms without edges; and the same
+on 1, 2 and 4 MPI ranks (1e-10)."""
 
 from __future__ import annotations
 
