@@ -45,3 +45,17 @@ def test_rank_count_independent(name, package, tmp_path):
         assert got.energy == pytest.approx(one.energy, rel=1e-10, abs=1e-12), n
         for field in ("forces", "virial", "energies", "atom_virial"):
             _close(getattr(got, field), getattr(one, field), 1e-10)
+
+
+def test_matches_eager_potential(package, make_potential, tmp_path):
+    """The package's source potential, run eagerly by ESTCalculator, gives the same numbers."""
+    from est_calc.calculator import ESTCalculator
+
+    atoms = CASES["triclinic"].copy()
+    got = single_point(atoms, package, tmp_path)
+    atoms.calc = ESTCalculator(model=make_potential("so2", n_layers=1), dtype="float64")
+    assert got.energy == pytest.approx(atoms.get_potential_energy(), rel=1e-6)
+    _close(got.forces, atoms.get_forces(), 1e-6)
+    _close(got.energies, atoms.get_potential_energies(), 1e-6)
+    stress = atoms.get_stress(voigt=True)
+    _close(got.virial, -atoms.get_volume() * stress[[0, 1, 2, 5, 4, 3]], 1e-6)
