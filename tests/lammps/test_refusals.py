@@ -1,5 +1,5 @@
 """pair_style est stops with one clear error for a missing file, a file that is not an est_calc
-package, a package of another format version, an element that is not one or that the model does
+package, a package of another format version or compiled by another torch, an element that is not one or that the model does
 not know, and newton_pair off."""
 
 from __future__ import annotations
@@ -52,18 +52,26 @@ def test_foreign_files(plugin, tmp_path):
     assert "is not an est_calc model" in _error(tmp_path / "zip", other)
 
 
-def test_format_version_mismatch(plugin, package, tmp_path):
-    newer = tmp_path / "newer.pt2"
-    with zipfile.ZipFile(package) as src, zipfile.ZipFile(newer, "w") as out:
+def _edited(package, path, **changes):
+    """A copy of ``package`` with some of its metadata changed."""
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as out:
         for item in src.infolist():
             data = src.read(item)
             if fnmatch.fnmatch(item.filename, "*/data/aotinductor/*/*_metadata.json"):
                 meta = json.loads(data)
-                meta["est_format_version"] = "2"
+                meta.update(changes)
                 data = json.dumps(meta).encode()
             out.writestr(item, data)
-    line = _error(tmp_path, newer)
+    return path
+
+
+def test_version_mismatches(plugin, package, tmp_path):
+    line = _error(tmp_path / "format", _edited(package, tmp_path / "newer.pt2",
+                                               est_format_version="2"))
     assert "model format version 2" in line and "runs version 1" in line
+    line = _error(tmp_path / "torch", _edited(package, tmp_path / "torch.pt2",
+                                              torch_version="2.99.0"))
+    assert "was compiled by torch 2.99.0" in line
 
 
 def test_elements(plugin, package, tmp_path):
