@@ -168,7 +168,9 @@ void PairEST::load_model(const std::string &path)
     reach = std::stod(get("interaction_range_A"));
     n_layers = std::stoi(get("n_layers"));
   } catch (const std::exception &) {
-    error->all(FLERR, "pair_style est: '{}' lacks a numeric cutoff_A, interaction_range_A or n_layers", path);
+    error->all(FLERR,
+               "pair_style est: '{}' lacks a numeric cutoff_A, interaction_range_A or n_layers",
+               path);
   }
   species.clear();
   std::istringstream zs(get("species"));
@@ -258,9 +260,9 @@ double PairEST::init_one(int i, int j)
 // One evaluation of the model on this rank's local and ghost atoms. Its inputs are the
 // package's signature (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j
 // closer than r_c (edge_shifts zero: ghosts carry real positions) of the atoms the local
-// energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank = sum of the local
-// atoms' energies and its derivatives with respect to all positions, so that summing the
-// ghosts' forces onto their owners gives each atom -dE/dx exactly.
+// energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank = sum of the
+// local atoms' energies and its derivatives with respect to all positions, so that summing
+// the ghosts' forces onto their owners gives each atom -dE/dx exactly.
 void PairEST::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
