@@ -63,6 +63,18 @@ std::string first_line(const std::string &text)
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
+// Whether an exception from libtorch is an allocation failure: CUDA's OutOfMemoryError, or the
+// CPU allocator's failure (a c10::Error saying so), or std::bad_alloc.
+bool out_of_memory(const std::exception &err)
+{
+  if (dynamic_cast<const c10::OutOfMemoryError *>(&err) != nullptr) return true;
+  if (dynamic_cast<const std::bad_alloc *>(&err) != nullptr) return true;
+  const std::string what = err.what();
+  for (const char *sign : {"out of memory", "can't allocate memory", "not enough memory"})
+    if (what.find(sign) != std::string::npos) return true;
+  return false;
+}
+
 }    // namespace
 
 PairEST::PairEST(LAMMPS *lmp) : Pair(lmp)
@@ -358,15 +370,13 @@ void PairEST::compute(int eflag, int vflag)
         (torch::arange(n, i64) < nlocal).to(device)};
     outputs = model->run(inputs);
     for (auto &t : outputs) t = t.to(torch::kCPU, torch::kFloat64).contiguous();
-  } catch (const c10::OutOfMemoryError &err) {
-    error->one(FLERR,
-               "pair_style est: out of memory on the {} evaluating {} atoms ({} local) and {} "
-               "edges on this rank: use more MPI ranks or a smaller system ({})",
-               use_cuda ? "GPU" : "CPU", n, nlocal, n_edges, first_line(err.what()));
-  } catch (const std::bad_alloc &) {
-    error->one(FLERR, "pair_style est: out of host memory evaluating {} atoms and {} edges", n,
-               n_edges);
   } catch (const std::exception &err) {
+    if (out_of_memory(err))
+      error->one(FLERR,
+                 "pair_style est: out of memory on the {} evaluating {} atoms ({} local) and {} "
+                 "edges on this rank; the run stops: use more MPI ranks (or GPUs) or a smaller "
+                 "system ({})",
+                 use_cuda ? "GPU" : "CPU", n, nlocal, n_edges, first_line(err.what()));
     error->one(FLERR, "pair_style est: the model '{}' failed: {}", model_path,
                first_line(err.what()));
   }

