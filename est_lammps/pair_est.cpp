@@ -1,0 +1,431 @@
+// pair_style est: see pair_est.h for the contract and README.md for the design.
+#include "pair_est.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+// The package format this plugin runs: est_calc.deploy.FORMAT and FORMAT_VERSION.
+constexpr const char *EST_FORMAT = "est_calc.deploy";
+constexpr const char *EST_FORMAT_VERSION = "1";
+
+// Chemical symbols by atomic number (index 0 unused).
+const char *const SYMBOLS[] = {
+    "X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
+    "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
+    "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru",
+    "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe", "Cs", "Ba", "La", "Ce", "Pr",
+    "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "Lu", "Hf", "Ta", "W",
+    "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At", "Rn", "Fr", "Ra", "Ac",
+    "Th", "Pa", "U",  "Np", "Pu", "Am", "Cm", "Bk", "Cf", "Es", "Fm", "Md", "No", "Lr", "Rf",
+    "Db", "Sg", "Bh", "Hs", "Mt", "Ds", "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og"};
+constexpr int N_ELEMENTS = sizeof(SYMBOLS) / sizeof(SYMBOLS[0]) - 1;
+
+int atomic_number(const std::string &symbol)
+{
+  for (int z = 1; z <= N_ELEMENTS; ++z)
+    if (symbol == SYMBOLS[z]) return z;
+  return 0;
+}
+
+std::string major_minor(const std::string &version)
+{
+  // "2.13.0+cpu" -> "2.13"
+  auto first = version.find('.');
+  if (first == std::string::npos) return version;
+  auto second = version.find_first_of(".+", first + 1);
+  return version.substr(0, second);
+}
+
+std::string first_line(const std::string &text)
+{
+  auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// Whether an exception from libtorch is an allocation failure: CUDA's OutOfMemoryError, or the
+// CPU allocator's failure (a c10::Error saying so), or std::bad_alloc.
+bool out_of_memory(const std::exception &err)
+{
+  if (dynamic_cast<const c10::OutOfMemoryError *>(&err) != nullptr) return true;
+  if (dynamic_cast<const std::bad_alloc *>(&err) != nullptr) return true;
+  const std::string what = err.what();
+  for (const char *sign : {"out of memory", "can't allocate memory", "not enough memory"})
+    if (what.find(sign) != std::string::npos) return true;
+  return false;
+}
+
+}    // namespace
+
+PairEST::PairEST(LAMMPS *lmp) : Pair(lmp)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  // The model returns the global virial itself (sum over edges of r_e (x) f_e), which equals
+  // sum_i r_i (x) f_i over local and ghost atoms; f.r is not used.
+  no_virial_fdotr_compute = 1;
+}
+
+PairEST::~PairEST()
+{
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+  }
+}
+
+void PairEST::allocate()
+{
+  allocated = 1;
+  int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) setflag[i][j] = 0;
+}
+
+void PairEST::settings(int narg, char **)
+{
+  if (narg != 0) error->all(FLERR, "pair_style est takes no arguments: pair_style est");
+}
+
+// Opens the package after checking, in this order, that the file exists, is an est_calc
+// package, of the format version this plugin runs, compiled by this torch, for a dtype and
+// device that can run here. Every refusal is an error on all ranks (they read the same file).
+void PairEST::load_model(const std::string &path)
+{
+  {
+    std::ifstream probe(path, std::ios::binary);
+    if (!probe.good())
+      error->all(FLERR, "pair_style est: no model file '{}' (export one with `est export`)", path);
+  }
+  try {
+    metadata = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+  } catch (const std::exception &err) {
+    error->all(FLERR,
+               "pair_style est: '{}' is not an est_calc model (not an AOTInductor .pt2 "
+               "package: {}); export one with `est export POTENTIAL -o model.pt2`",
+               path, first_line(err.what()));
+  }
+  auto get = [&](const char *key) -> std::string {
+    auto it = metadata.find(key);
+    return it == metadata.end() ? std::string() : it->second;
+  };
+  if (get("est_format") != EST_FORMAT)
+    error->all(FLERR,
+               "pair_style est: '{}' is an AOTInductor package but not an est_calc model (no "
+               "est_format={} in its metadata)",
+               path, EST_FORMAT);
+  if (get("est_format_version") != EST_FORMAT_VERSION)
+    error->all(FLERR,
+               "pair_style est: '{}' has model format version {} (est_calc {}); this plugin runs "
+               "version {}: export the model again with the est_calc this plugin was built with, "
+               "or rebuild the plugin (`make lammps`)",
+               path, get("est_format_version"), get("est_calc_version"), EST_FORMAT_VERSION);
+  const std::string torch_here = TORCH_VERSION;
+  if (major_minor(get("torch_version")) != major_minor(torch_here))
+    error->all(FLERR,
+               "pair_style est: '{}' was compiled by torch {}; this plugin links torch {}, and "
+               "a compiled model runs only under the torch version that made it: export it "
+               "again with this torch",
+               path, get("torch_version"), torch_here);
+  const std::string dtype = get("dtype");
+  if (dtype != "float64" && dtype != "float32")
+    error->all(FLERR, "pair_style est: '{}' has an unknown dtype '{}'", path, dtype);
+  float64 = dtype == "float64";
+  const std::string device = get("device");
+  if (device == "cuda") {
+    if (!torch::cuda::is_available())
+      error->all(FLERR,
+                 "pair_style est: '{}' was compiled for CUDA and no CUDA device is visible "
+                 "(export it with --device cpu to run on CPUs)",
+                 path);
+    use_cuda = true;
+    // Ranks on one node share its GPUs round-robin by their rank within the node.
+    MPI_Comm node;
+    MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+    int node_rank = 0;
+    MPI_Comm_rank(node, &node_rank);
+    MPI_Comm_free(&node);
+    gpu = static_cast<int>(node_rank % torch::cuda::device_count());
+  } else if (device == "cpu") {
+    use_cuda = false;
+  } else {
+    error->all(FLERR, "pair_style est: '{}' has an unknown device '{}'", path, device);
+  }
+  try {
+    cutoff = std::stod(get("cutoff_A"));
+    reach = std::stod(get("interaction_range_A"));
+    n_layers = std::stoi(get("n_layers"));
+  } catch (const std::exception &) {
+    error->all(FLERR,
+               "pair_style est: '{}' lacks a numeric cutoff_A, interaction_range_A or n_layers",
+               path);
+  }
+  species.clear();
+  std::istringstream zs(get("species"));
+  for (long z; zs >> z;) species.push_back(z);
+  if (species.empty()) error->all(FLERR, "pair_style est: '{}' names no species", path);
+
+  try {
+    model = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        path, "model", false, 1, static_cast<c10::DeviceIndex>(use_cuda ? gpu : -1));
+  } catch (const std::exception &err) {
+    error->all(FLERR, "pair_style est: the compiled model '{}' does not load here: {}", path,
+               first_line(err.what()));
+  }
+  model_path = path;
+}
+
+// pair_coeff * * model.pt2 El_1 ... El_ntypes: the model file, then the element of each LAMMPS
+// atom type in order.
+void PairEST::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg != 3 + ntypes)
+    error->all(FLERR,
+               "pair_coeff for pair_style est: expected `pair_coeff * * model.pt2` and one "
+               "element per atom type ({} types), got {} arguments",
+               ntypes, narg);
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for pair_style est must be `pair_coeff * * model.pt2 ...`");
+
+  load_model(arg[2]);
+
+  std::string known;
+  for (long z : species) known += std::string(" ") + SYMBOLS[z];
+  type_to_z.assign(ntypes + 1, 0);
+  for (int t = 1; t <= ntypes; ++t) {
+    const std::string symbol = arg[2 + t];
+    const int z = atomic_number(symbol);
+    if (z == 0)
+      error->all(FLERR, "pair_coeff for pair_style est: '{}' (type {}) is not a chemical element",
+                 symbol, t);
+    bool found = false;
+    for (long s : species) found = found || s == z;
+    if (!found)
+      error->all(FLERR,
+                 "pair_coeff for pair_style est: element {} (type {}) is unknown to the model "
+                 "'{}', which knows{}",
+                 symbol, t, arg[2], known);
+    type_to_z[t] = z;
+  }
+  for (int i = 1; i <= ntypes; ++i)
+    for (int j = i; j <= ntypes; ++j) setflag[i][j] = 1;
+}
+
+void PairEST::init_style()
+{
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style est requires newton_pair on (ghost forces are summed onto "
+                      "their owners by reverse communication)");
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "pair_style est requires `units metal` (eV and Angstrom)");
+  // Every atom, local or ghost, gets its full neighbour list: a ghost within n_layers x r_c of
+  // a local atom passes messages over all its edges.
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+
+  // Ghosts out to (n_layers + 1) x r_c, plus the skin because ghosts are refreshed only at
+  // reneighbouring. A smaller comm_modify cutoff is raised (never lowered).
+  if (comm->mode != Comm::SINGLE)
+    error->all(FLERR, "pair_style est needs comm_modify mode single");
+  const double needed = reach + neighbor->skin;
+  if (comm->cutghostuser < needed) {
+    if (comm->me == 0)
+      utils::logmesg(lmp,
+                     "pair_style est: ghost cutoff set to {:.6g} A = (n_layers + 1) x r_c "
+                     "({:.6g} A) + skin\n",
+                     needed, reach);
+    comm->cutghostuser = needed;
+  }
+}
+
+double PairEST::init_one(int i, int j)
+{
+  if (setflag[i][j] == 0) error->all(FLERR, "pair_style est: pair_coeff * * ... is not set");
+  return cutoff;
+}
+
+// One evaluation of the model on this rank's local and ghost atoms. Its inputs are the
+// package's signature (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j
+// closer than r_c (edge_shifts zero: ghosts carry real positions) of the atoms the local
+// energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank = sum of the
+// local atoms' energies and its derivatives with respect to all positions, so that summing
+// the ghosts' forces onto their owners gives each atom -dE/dx exactly.
+void PairEST::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  if (nlocal == 0) return;    // no energy on this rank, so no force on anything from it
+
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  // The graph the local energies need, by hops along edges r < r_c from the local atoms (hop
+  // 0): an atom's energy depends on its initial features (its own edges: one hop) carried over
+  // n_layers layers, so the local energies need every atom up to n_layers + 1 hops and all the
+  // edges of every atom up to n_layers hops, and nothing else. Atoms further out (present
+  // because the ghost cutoff is geometric) are left out, with their edges; the force on them is
+  // exactly zero. Kept atoms are renumbered: locals first (unchanged), then ghosts by hop.
+  const double rc2 = cutoff * cutoff;
+  std::vector<int> hop(nall, -1);
+  std::vector<int> kept(nlocal);    // new index -> LAMMPS index
+  std::vector<int64_t> centre, neighbour;    // LAMMPS indices until renumbered
+  for (int i = 0; i < nlocal; ++i) {
+    hop[i] = 0;
+    kept[i] = i;
+  }
+  size_t begin = 0;
+  for (int level = 0; level <= n_layers; ++level) {
+    const size_t end = kept.size();
+    for (size_t k = begin; k < end; ++k) {
+      const int i = kept[k];
+      const int *jlist = list->firstneigh[i];
+      const int jnum = list->numneigh[i];
+      for (int jj = 0; jj < jnum; ++jj) {
+        const int j = jlist[jj] & NEIGHMASK;
+        const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+        if (dx * dx + dy * dy + dz * dz >= rc2) continue;
+        centre.push_back(i);
+        neighbour.push_back(j);
+        if (hop[j] < 0) {
+          hop[j] = level + 1;
+          kept.push_back(j);
+        }
+      }
+    }
+    begin = end;
+  }
+  std::vector<int64_t> new_index(nall, -1);
+  for (size_t k = 0; k < kept.size(); ++k) new_index[kept[k]] = static_cast<int64_t>(k);
+
+  // The package takes at least one edge. Without any, add one placeholder atom 2 r_c from
+  // atom 0 (not local) and an edge to it: an edge longer than r_c contributes exactly nothing.
+  const int n_kept = static_cast<int>(kept.size());
+  int n = n_kept;
+  std::vector<double> pos(static_cast<size_t>(3) * (n_kept + 1));
+  std::vector<int64_t> numbers(n_kept + 1);
+  for (int k = 0; k < n_kept; ++k) {
+    const int i = kept[k];
+    pos[3 * k + 0] = x[i][0];
+    pos[3 * k + 1] = x[i][1];
+    pos[3 * k + 2] = x[i][2];
+    numbers[k] = type_to_z[type[i]];
+  }
+  for (auto &i : centre) i = new_index[i];
+  for (auto &j : neighbour) j = new_index[j];
+  if (centre.empty()) {
+    pos[3 * n_kept + 0] = x[0][0] + 2.0 * cutoff;
+    pos[3 * n_kept + 1] = x[0][1];
+    pos[3 * n_kept + 2] = x[0][2];
+    numbers[n_kept] = numbers[0];
+    centre.push_back(n_kept);
+    neighbour.push_back(0);
+    n = n_kept + 1;
+  }
+  const int64_t n_edges = static_cast<int64_t>(centre.size());
+
+  const auto dtype = float64 ? torch::kFloat64 : torch::kFloat32;
+  const torch::Device device = use_cuda
+      ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(gpu))
+      : torch::Device(torch::kCPU);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+
+  std::vector<torch::Tensor> outputs;
+  try {
+    std::vector<int64_t> edges(centre);
+    edges.insert(edges.end(), neighbour.begin(), neighbour.end());
+    std::vector<torch::Tensor> inputs{
+        torch::from_blob(pos.data(), {n, 3}, f64).to(device, dtype),
+        torch::from_blob(numbers.data(), {n}, i64).to(device),
+        torch::from_blob(edges.data(), {2, n_edges}, i64).to(device),
+        torch::zeros({n_edges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
+        (torch::arange(n, i64) < nlocal).to(device)};
+    outputs = model->run(inputs);
+    for (auto &t : outputs) t = t.to(torch::kCPU, torch::kFloat64).contiguous();
+  } catch (const std::exception &err) {
+    if (out_of_memory(err))
+      error->one(FLERR,
+                 "pair_style est: out of memory on the {} evaluating {} atoms ({} local) and {} "
+                 "edges on this rank; the run stops: use more MPI ranks (or GPUs) or a smaller "
+                 "system ({})",
+                 use_cuda ? "GPU" : "CPU", n, nlocal, n_edges, first_line(err.what()));
+    error->one(FLERR, "pair_style est: the model '{}' failed: {}", model_path,
+               first_line(err.what()));
+  }
+  if (outputs.size() != 5)
+    error->one(FLERR, "pair_style est: the model returned {} outputs, not 5", outputs.size());
+
+  const torch::Tensor &energy = outputs[0];
+  const torch::Tensor &forces = outputs[2];
+  if (!energy.isfinite().all().item<bool>() || !forces.isfinite().all().item<bool>())
+    error->one(FLERR,
+               "pair_style est: the model returned a non-finite energy or force (atoms too "
+               "close?); the run stops");
+
+  const double *fm = forces.data_ptr<double>();
+  for (int k = 0; k < n_kept; ++k) {
+    const int i = kept[k];
+    f[i][0] += fm[3 * k + 0];
+    f[i][1] += fm[3 * k + 1];
+    f[i][2] += fm[3 * k + 2];
+  }
+
+  if (eflag_global) eng_vdwl += energy.item<double>();
+  if (eflag_atom) {
+    // Ghost energies are not this rank's to count: the owner counts them.
+    const double *e = outputs[1].data_ptr<double>();
+    for (int i = 0; i < nlocal; ++i) eatom[i] += e[i];
+  }
+  // LAMMPS's virial components in order xx, yy, zz, xy, xz, yz, W = -dE/d strain.
+  if (vflag_global) {
+    const double *w = outputs[3].data_ptr<double>();
+    virial[0] += w[0];
+    virial[1] += w[4];
+    virial[2] += w[8];
+    virial[3] += 0.5 * (w[1] + w[3]);
+    virial[4] += 0.5 * (w[2] + w[6]);
+    virial[5] += 0.5 * (w[5] + w[7]);
+  }
+  if (vflag_atom) {
+    // Ghosts' shares are summed onto their owners by reverse communication (newton on).
+    const double *w = outputs[4].data_ptr<double>();
+    for (int k = 0; k < n_kept; ++k) {
+      const int i = kept[k];
+      const double *wi = w + 9 * k;
+      vatom[i][0] += wi[0];
+      vatom[i][1] += wi[4];
+      vatom[i][2] += wi[8];
+      vatom[i][3] += 0.5 * (wi[1] + wi[3]);
+      vatom[i][4] += 0.5 * (wi[2] + wi[6]);
+      vatom[i][5] += 0.5 * (wi[5] + wi[7]);
+    }
+  }
+}
