@@ -430,16 +430,28 @@ class ESTModel(nn.Module):
             network = self._compiled_network
         e_all = self.head(network(torch.cat([z, species]), graph, vec)).squeeze(-1)
         e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
-        r = vec.norm(dim=-1)
-        if vec.shape[0] > 0:
-            has_neighbour = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-            has_neighbour[edge_index[0][r < self.config.cutoff_A]] = True
-            e = torch.where(has_neighbour, e, torch.zeros_like(e))
-        else:
-            e = torch.zeros_like(e)
+        energies = self.atom_energies(z, e, edge_index, vec.norm(dim=-1))
+        energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
+        return ModelOutput(energy=energy, energies=energies)
+
+    def atom_energies(self, z: Tensor, e: Tensor, edge_index: Tensor, r: Tensor) -> Tensor:
+        """energies_i (n,) eV of the module docstring from the network's per-atom outputs.
+
+        Args:
+            z: (n,) atomic numbers.
+            e: (n,) head output minus the head output of an isolated atom of the same species.
+            edge_index: (2, E) edges (row 0 = centre atom).
+            r: (E,) edge lengths in Å.
+
+        An atom with no edge shorter than the cutoff gets e_i = 0, so it has exactly its isolated
+        energy. The test is an ``index_add`` over the edges, with no value read back to the host,
+        so the padded CUDA-graph step and the exported package use this method as they are.
+        """
+        within = (r < self.config.cutoff_A).to(e.dtype)
+        has_neighbour = e.new_zeros(e.shape[0]).index_add(0, edge_index[0], within) > 0
+        e = torch.where(has_neighbour, e, torch.zeros_like(e))
         energies = (e * self.energy_scale / self.config.avg_atoms + self.energy_shift
                     + self.element_reference[z])
         if self.repulsion is not None:
             energies = energies + self.repulsion(z, edge_index, r)
-        energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)
-        return ModelOutput(energy=energy, energies=energies)
+        return energies

@@ -32,8 +32,8 @@ energy, forces and stress of the unpadded one (up to the order of floating-point
 :func:`padded_energies` assembles the per-atom energies as :meth:`est_calc.model.ESTModel.forward`
 does, without its host synchronisations, which a capture cannot contain: the isolated-atom
 reference nodes are the structure's species (found on the host when the atomic numbers change,
-instead of ``torch.unique``), and "has a neighbour within the cutoff" is an ``index_add`` of
-``r < r_c`` (instead of a boolean-mask gather). tests/unit/test_graphs.py compares the two.
+instead of ``torch.unique``); the rest is :meth:`est_calc.model.ESTModel.atom_energies`, as in
+the eager model. tests/unit/test_graphs.py compares the two.
 
 Capacities and recapture. The need is N + 2 atoms and E edges; a capacity is fitted to the need
 (atoms) or to ``headroom`` x the need rounded up to a multiple of :data:`EDGE_UNIT` (edges). The
@@ -110,14 +110,7 @@ def padded_energies(model: ESTModel, batch: AtomsBatch, graph: Graph, species: T
             network = model._compiled_network
         e_all = model.head(network(torch.cat([z, species]), graph, vec)).squeeze(-1)
         e = e_all[:n] - e_all[n:].index_select(0, slot)
-        r = vec.norm(dim=-1)
-        within = (r < model.config.cutoff_A).to(e.dtype)
-        has_neighbour = e.new_zeros(n).index_add(0, edge_index[0], within) > 0
-        e = torch.where(has_neighbour, e, torch.zeros_like(e))
-        energies = (e * model.energy_scale / model.config.avg_atoms + model.energy_shift
-                    + model.element_reference[z])
-        if model.repulsion is not None:
-            energies = energies + model.repulsion(z, edge_index, r)
+        energies = model.atom_energies(z, e, edge_index, vec.norm(dim=-1))
         energies = torch.where(real, energies, torch.zeros_like(energies))
         energy = energies.new_zeros(1).index_add(0, batch.system_idx, energies)
     return ModelOutput(energy=energy, energies=energies)

@@ -109,15 +109,7 @@ class EdgeEnergyModel(nn.Module):
         z = atomic_numbers
         x = m.network(z, _Edges(edge_index), vectors)
         e = m.head(x).squeeze(-1) - self.isolated_head[z]
-        r = vectors.norm(dim=-1)
-        inside = (r < self.cutoff_A).to(r.dtype)
-        n_inside = r.new_zeros(z.shape[0]).index_add(0, edge_index[0], inside)
-        e = torch.where(n_inside > 0, e, torch.zeros_like(e))
-        energies = (e * m.energy_scale / m.config.avg_atoms + m.energy_shift
-                    + m.element_reference[z])
-        if m.repulsion is not None:
-            energies = energies + m.repulsion(z, edge_index, r)
-        return energies
+        return m.atom_energies(z, e, edge_index, vectors.norm(dim=-1))
 
     def forward(self, positions: Tensor, atomic_numbers: Tensor, edge_index: Tensor,
                 edge_shifts: Tensor, local_mask: Tensor):
