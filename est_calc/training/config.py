@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "apply_overrides",
+    "isolated_atom_energies",
 ]
 
 
@@ -54,6 +55,12 @@ class DataConfig:
         bad_frames: "stop" (raise with the counts) or "skip" (drop, counted and reported).
         max_train_frames: use only the first N training frames (None = all).
         max_val_frames: evaluate on the first N validation frames (None = all).
+        isolated_atoms: the energies of isolated atoms at the data's level of theory, as the
+            element references (the energy each atom has with no neighbour inside the cutoff,
+            so dissociation ends at the right energy): a file of single-atom frames with
+            energies (extended XYZ such as ``iso_atoms.xyz``) or a mapping from element symbol
+            or atomic number to eV. None: references fitted by least squares to the training
+            energies. Every element of the training data needs one.
     """
 
     train: str | list[str] = ""
@@ -62,6 +69,7 @@ class DataConfig:
     bad_frames: str = "stop"
     max_train_frames: int | None = None
     max_val_frames: int | None = None
+    isolated_atoms: str | dict | None = None
 
 
 @dataclass
@@ -80,6 +88,9 @@ class LossConfig:
         kind: "l2" (mean squared error), "l1" or "huber".
         huber_delta: delta of the Huber loss in the loss's own units.
         forces_on_free_atoms: OC20 convention: force loss only on atoms with fixed == 0.
+        stage_two_start: from this fraction of the schedule on (e.g. 0.75), the energy and
+            force weights become ``stage_two_energy_weight`` and ``stage_two_force_weight``
+            (the late energy up-weighting of MACE's second stage); None: one stage.
     """
 
     energy_weight: float = 1.0
@@ -88,6 +99,9 @@ class LossConfig:
     kind: str = "l2"
     huber_delta: float = 0.01
     forces_on_free_atoms: bool = True
+    stage_two_start: float | None = None
+    stage_two_energy_weight: float = 1000.0
+    stage_two_force_weight: float = 100.0
 
 
 @dataclass
@@ -108,6 +122,10 @@ class TrainSection:
 
     ``threads``: intra-op threads of every step; None chooses per step from its graph
     (:func:`est_calc.threads.choose_threads`).
+
+    ``optimizer``: "adamw" (decoupled weight decay) or "adam" (L2-free Adam); ``amsgrad`` uses
+    the AMSGrad variant of either (the molecular literature's choice: MACE trains 3BPA with
+    AMSGrad at lr 0.01, batch 5).
 
     ``num_workers``: ``torch.utils.data.DataLoader`` worker processes that read and collate the
     next steps' frames while a step runs (0, the default: read in the training process). The
@@ -134,6 +152,8 @@ class TrainSection:
     time_budget_s: float | None = None
     threads: int | None = None
     num_workers: int = 0
+    optimizer: str = "adamw"
+    amsgrad: bool = False
 
 
 @dataclass
@@ -186,6 +206,12 @@ class TrainConfig:
         for key in ("max_train_frames", "max_val_frames"):
             if getattr(d, key) is not None:
                 _check_int(f"data.{key}", getattr(d, key), 1)
+        if d.isolated_atoms is not None:
+            if isinstance(d.isolated_atoms, dict):
+                isolated_atom_energies(d.isolated_atoms)  # raises on a bad entry
+            else:
+                _check_text("data.isolated_atoms", d.isolated_atoms,
+                            "a path or a mapping of element to energy (eV)")
 
         m = self.model
         from est_calc.model import PRESETS, ModelConfig
@@ -216,6 +242,13 @@ class TrainConfig:
         loss.huber_delta = _check_number("loss.huber_delta", loss.huber_delta, 0.0, None,
                                          "a finite positive number", low_open=True)
         _check_bool("loss.forces_on_free_atoms", loss.forces_on_free_atoms)
+        if loss.stage_two_start is not None:
+            loss.stage_two_start = _check_number("loss.stage_two_start", loss.stage_two_start,
+                                                 0.0, 1.0, "a number in [0, 1) or null",
+                                                 high_open=True)
+        for key in ("stage_two_energy_weight", "stage_two_force_weight"):
+            setattr(loss, key, _check_number(f"loss.{key}", getattr(loss, key), 0.0, None,
+                                             "a finite non-negative number"))
 
         t = self.train
         for key in ("max_steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
@@ -239,6 +272,8 @@ class TrainConfig:
 
         _check_choice("train.neighbor_backend", t.neighbor_backend, tuple(BACKENDS))
         _check_bool("train.progress", t.progress)
+        _check_choice("train.optimizer", t.optimizer, ("adamw", "adam"))
+        _check_bool("train.amsgrad", t.amsgrad)
         if t.init is not None:
             _check_text("train.init", t.init,
                         "a path or registry name of a potential, or a checkpoint path")
@@ -266,6 +301,9 @@ class TrainConfig:
             for p in ([] if value is None else value if isinstance(value, list) else [value]):
                 if not Path(p).exists():
                     raise FileNotFoundError(f"data.{key}: no such file or folder: {p}")
+        iso = self.data.isolated_atoms
+        if isinstance(iso, str) and not Path(iso).is_file():
+            raise FileNotFoundError(f"data.isolated_atoms: no such file: {iso}")
         init = self.train.init if init is None else init
         if init is not None:
             looks_like_path = "/" in init or os.sep in init or init.endswith(".pt")
@@ -274,6 +312,61 @@ class TrainConfig:
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output_dir {out} exists and is not a folder")
+
+
+def isolated_atom_energies(source: str | dict) -> dict[int, float]:
+    """Atomic number -> isolated-atom energy (eV) from ``data.isolated_atoms``.
+
+    Args:
+        source: a mapping (element symbol or atomic number -> eV) or the path of a file of
+            single-atom frames with energies, read with ``ase.io.read`` (extended XYZ:
+            ``energy=`` in the comment line).
+
+    Raises:
+        ValueError: an unknown element, a non-finite energy, a frame of more than one atom or
+            without an energy, or the same element twice with different energies (one line
+            naming the entry).
+    """
+    from ase.data import atomic_numbers
+
+    out: dict[int, float] = {}
+
+    def add(key, value, where):
+        if isinstance(key, str) and key in atomic_numbers:
+            z = atomic_numbers[key]
+        elif isinstance(key, int) and not isinstance(key, bool) and 0 < key < 119:
+            z = key
+        else:
+            raise ValueError(f"data.isolated_atoms{where}: {key!r} is not an element")
+        e = _check_number(f"data.isolated_atoms{where}", value, -math.inf, None,
+                          "a finite energy in eV")
+        if z in out and abs(out[z] - e) > 1e-9:
+            raise ValueError(f"data.isolated_atoms{where}: element {key} given twice with "
+                             f"different energies ({out[z]} and {e} eV)")
+        out[z] = e
+
+    if isinstance(source, dict):
+        for key, value in source.items():
+            add(key, value, f"[{key!r}]")
+        return out
+    from ase.io import read
+
+    try:
+        frames = read(source, index=":")
+    except Exception as err:  # noqa: BLE001 - any reader failure is one line naming the file
+        raise ValueError(f"data.isolated_atoms: cannot read {source}: {_first_line(err)}") from None
+    for k, atoms in enumerate(frames):
+        where = f" ({source}, frame {k})"
+        if len(atoms) != 1:
+            raise ValueError(f"data.isolated_atoms{where}: {len(atoms)} atoms; an isolated "
+                             f"atom frame has one")
+        energy = atoms.info.get("energy")
+        if energy is None and atoms.calc is not None:
+            energy = atoms.calc.results.get("energy")
+        if energy is None:
+            raise ValueError(f"data.isolated_atoms{where}: no energy")
+        add(int(atoms.numbers[0]), energy, where)
+    return out
 
 
 def _first_line(err: BaseException) -> str:

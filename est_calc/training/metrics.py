@@ -4,7 +4,9 @@ Definitions (see ../shared/OC20_FORMATS.md section 2):
 
 * energy MAE: mean over systems of |E_pred - E_target| (eV).
 * force MAE: mean of |F_pred - F_target| over the free atoms (``fixed == 0``) and all three
-  components (eV/Å); ``forces_x/y/z_mae`` per component.
+  components (eV/Å); ``forces_x/y/z_mae`` per component. Force RMSE: the root of the mean of
+  the squares over the same components (the molecular literature's headline figure).
+* energy RMSE (eV per structure) and per-atom energy MAE/RMSE (eV/atom).
 * force cosine: cosine similarity between the predicted and target 3-vectors of each free atom
   (eps 1e-8), averaged over free atoms.
 * force magnitude error: mean over free atoms of | |F_pred| - |F_target| |.
@@ -72,6 +74,7 @@ class S2EFMetrics:
         self._add("energy_mse", (de**2).sum(), n_sys)
         if n_atoms is not None:
             self._add("energy_per_atom_mae", (de / n_atoms.double()).sum(), n_sys)
+            self._add("energy_per_atom_mse", ((de / n_atoms.double()) ** 2).sum(), n_sys)
         ewt = de < ENERGY_THRESHOLD_eV
         self._add("energy_within_threshold", ewt.sum(), n_sys)
         if forces_pred is None or forces_true is None:
@@ -87,6 +90,7 @@ class S2EFMetrics:
         df = (fp - ft).abs()
         n_free = fp.shape[0]
         self._add("forces_mae", df.sum(), 3 * n_free)
+        self._add("forces_mse", (df**2).sum(), 3 * n_free)
         for c, name in enumerate("xyz"):
             self._add(f"forces_{name}_mae", df[:, c].sum(), n_free)
         cos = torch.nn.functional.cosine_similarity(fp, ft, dim=1, eps=1e-8).float()
@@ -102,8 +106,12 @@ class S2EFMetrics:
         self._add("energy_forces_within_threshold", efwt.sum(), n_sys)
 
     def compute(self) -> dict[str, float]:
-        """Metric name -> value (averages over everything seen so far)."""
-        return {k: self._sums[k] / max(self._counts[k], 1) for k in self._sums}
+        """Metric name -> value (averages over everything seen so far); every ``*_mse`` also
+        gives its root, ``*_rmse``."""
+        out = {k: self._sums[k] / max(self._counts[k], 1) for k in self._sums}
+        for k in [k for k in out if k.endswith("_mse")]:
+            out[k[:-4] + "_rmse"] = out[k] ** 0.5
+        return out
 
     def reset(self) -> None:
         self._sums.clear()
@@ -122,7 +130,10 @@ class S2EFMetrics:
 _LABELS = {
     "energy_mae": ("energy MAE", "eV", 1.0),
     "energy_per_atom_mae": ("energy MAE per atom", "meV/atom", 1000.0),
+    "energy_rmse": ("energy RMSE", "meV", 1000.0),
+    "energy_per_atom_rmse": ("energy RMSE per atom", "meV/atom", 1000.0),
     "forces_mae": ("force MAE", "eV/Å", 1.0),
+    "forces_rmse": ("force RMSE", "meV/Å", 1000.0),
     "forces_cosine_similarity": ("force cosine", "", 1.0),
     "forces_magnitude_error": ("force magnitude error", "eV/Å", 1.0),
     "energy_within_threshold": ("EwT", "%", 100.0),

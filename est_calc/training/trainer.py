@@ -50,7 +50,7 @@ from est_calc.training import distributed as dist_utils
 from est_calc.training.batching import (StepBatches, collate, fit_element_references,
                                         rotate_batch)
 from est_calc.training.checkpoint import load_checkpoint, save_checkpoint
-from est_calc.training.config import TrainConfig
+from est_calc.training.config import TrainConfig, isolated_atom_energies
 from est_calc.training.datasets import FrameSubset, check_species, species_error
 from est_calc.training.loss import loss_terms
 from est_calc.training.metrics import S2EFMetrics, format_metrics
@@ -292,14 +292,20 @@ class Trainer:
         if self.val_frames is not None:
             check_species(self.val_frames, potential.species, what="validation data",
                           owner=owner)
+        # References set in the training precision (E0s of heavy elements are ~1e3 eV).
+        potential = potential.to(dtype=self.dtype)
         if state is None and init is None:
             self._set_normalisation(potential, species)
         self.potential = potential.to(device=self.device, dtype=self.dtype)
         self.ema = copy.deepcopy(self.potential)
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.potential.parameters(), lr=t.lr,
-                                           weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.potential.parameters(), lr=t.lr,
+                                               weight_decay=t.weight_decay, amsgrad=t.amsgrad)
+        else:
+            self.optimizer = torch.optim.Adam(self.potential.parameters(), lr=t.lr,
+                                              amsgrad=t.amsgrad)
         self.step = 0
         self.history: list[dict] = []
         self.elapsed_s = 0.0
@@ -324,8 +330,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _set_normalisation(self, potential, species) -> None:
-        """Least-squares element references; energy scale = RMS force component (MACE-like)."""
-        refs = fit_element_references(self.train_frames, self.cfg.data.energy, species)
+        """Element references: the isolated-atom energies of ``data.isolated_atoms``, else a
+        least-squares fit to the training energies; energy scale = RMS force component
+        (MACE-like)."""
+        iso = self.cfg.data.isolated_atoms
+        if iso is not None:
+            e0 = isolated_atom_energies(iso)
+            missing = sorted(set(species) - set(e0))
+            if missing:
+                from ase.data import chemical_symbols
+
+                raise ValueError(
+                    f"data.isolated_atoms has no energy for {[chemical_symbols[z] for z in missing]}"
+                    f" of the training data (it has {[chemical_symbols[z] for z in sorted(e0)]})")
+            refs = np.zeros(119)
+            for z in species:
+                refs[z] = e0[z]
+        else:
+            refs = fit_element_references(self.train_frames, self.cfg.data.energy, species)
         model = potential.model
         model.element_reference.copy_(torch.as_tensor(refs, dtype=model.element_reference.dtype))
         n = min(len(self.train_frames), 2000)
@@ -405,6 +427,15 @@ class Trainer:
         return batch, tgt, rot
 
     # ---------------------------------------------------------------- one step
+    def loss_weights(self) -> tuple[float, float]:
+        """(energy, force) loss weights of the current step: ``loss.energy_weight`` and
+        ``loss.force_weight``, or the stage-two weights from ``loss.stage_two_start`` times the
+        schedule's length on (a time-budget plan moves that step with the schedule)."""
+        loss = self.cfg.loss
+        if loss.stage_two_start is not None and self.step >= loss.stage_two_start * self.max_steps:
+            return loss.stage_two_energy_weight, loss.stage_two_force_weight
+        return loss.energy_weight, loss.force_weight
+
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         batch, tgt, rot = self._next_batch()
@@ -428,7 +459,8 @@ class Trainer:
                            tgt.has_stress, tgt.n_atoms, force_mask, cfg.loss.kind, cfg.loss.huber_delta)
         counts = dist_utils.all_reduce_sum(
             [terms.energy_count, terms.force_count, terms.stress_count])
-        loss = terms.total(cfg.loss.energy_weight, cfg.loss.force_weight, cfg.loss.stress_weight, counts)
+        w_e, w_f = self.loss_weights()
+        loss = terms.total(w_e, w_f, cfg.loss.stress_weight, counts)
         lr = self.scheduler.get_last_lr()[0]  # this step's
         self.optimizer.zero_grad(set_to_none=True)
         with intra_op_threads(choose_threads(graph.n_edges, t.threads)):
@@ -563,8 +595,21 @@ class Trainer:
                      batch_size=self.cfg.train.batch_size, device=self.device,
                      neighbor_backend=self.cfg.train.neighbor_backend)
         last = next((h for h in reversed(self.history) if "loss" in h), {})
-        row = {"step": self.step, "train_loss": last.get("loss", float("nan")), **{f"val_{k}": v for k, v in m.items()}}
+        row = {"step": self.step, "elapsed_s": round(self.elapsed_s, 2),
+               "train_loss": last.get("loss", float("nan")),
+               **{f"val_{k}": v for k, v in m.items()}}
+        # Steps per second since the previous evaluation (evaluations included).
+        prev = next((h for h in reversed(self.history) if "elapsed_s" in h), None)
+        if prev is not None and row["elapsed_s"] > prev["elapsed_s"]:
+            rate = (self.step - prev["step"]) / (row["elapsed_s"] - prev["elapsed_s"])
+        else:
+            rate = self.step / max(self.elapsed_s, 1e-9)
         self.history.append(row)
+        logger.info("step %d/%d  %.1f steps/s  val energy RMSE %.2f meV (%.3f meV/atom)  "
+                    "force RMSE %.1f meV/Å", self.step, self.max_steps, rate,
+                    1000 * m.get("energy_rmse", float("nan")),
+                    1000 * m.get("energy_per_atom_rmse", float("nan")),
+                    1000 * m.get("forces_rmse", float("nan")))
         self._write_csv_and_plot()
 
     def _write_csv_and_plot(self) -> None:
@@ -587,7 +632,10 @@ class Trainer:
         plot_learning_curves(self.history, self.out / "learning_curves.png")
 
     def _export(self, path: Path) -> None:
-        final = copy.deepcopy(self.ema).to(dtype=torch.float32, device="cpu")
+        # float32 weights unless the run trained in float64 (then the references and weights
+        # keep their precision; the calculator casts to the dtype it is asked for).
+        final = copy.deepcopy(self.ema).to(dtype=torch.float64 if self.dtype == torch.float64
+                                           else torch.float32, device="cpu")
         val = [h for h in self.history if "val_energy_mae" in h]
         final.metadata = dict(final.metadata or {})
         earlier = final.metadata.get("training")
