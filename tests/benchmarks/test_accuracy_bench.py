@@ -33,7 +33,7 @@ def test_accuracy_quick_ethanol(tmp_path, monkeypatch, capsys):
 
     train_e = {round(a.get_potential_energy(), 6) for a in read(out / "train.xyz", ":")}
     for label, s in split["evals"].items():
-        frames = read(s["file"], ":")
+        frames = read(out / s["file"], ":")
         assert len(frames) == s["n"]
         assert not any(a.pbc.any() for a in frames)
         assert not train_e & {round(a.get_potential_energy(), 6) for a in frames}
@@ -43,7 +43,7 @@ def test_accuracy_quick_ethanol(tmp_path, monkeypatch, capsys):
     assert report["sets"]["MD test (rMD17)"]["EST"]["forces_rmse_meV_A"] > 0
     # The table's numbers are those of a direct evaluation.
     rows = accuracy._est_predict(str(out / "est" / "potential.pt"),
-                                 split["evals"]["50 held out"]["file"], "float32")
+                                 str(out / split["evals"]["50 held out"]["file"]), "float32")
     de = np.array([p - r for r, _, p, _, _ in rows])
     assert report["sets"]["50 held out"]["EST"]["energy_rmse_meV"] == pytest.approx(
         1000 * np.sqrt(np.mean(de**2)))
