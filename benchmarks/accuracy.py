@@ -391,8 +391,17 @@ def errors(rows) -> dict:
 
 
 def molecule_box(molecule, n_atoms: int = 1000, density_g_cm3: float = 0.6, seed: int = 0):
-    """About ``n_atoms`` atoms: copies of ``molecule``, randomly rotated, placed without contacts
-    closer than 2 Å (rejection sampling) in a cubic periodic box of the given density."""
+    """About ``n_atoms`` atoms: copies of ``molecule``, randomly rotated, placed without
+    intermolecular contacts closer than 2 Å (rejection sampling) in a cubic periodic box of the
+    given density (lowered in 10 % steps where the molecules do not fit)."""
+    for k in range(10):
+        box = _try_molecule_box(molecule, n_atoms, density_g_cm3 * 0.9**k, seed)
+        if box is not None:
+            return box
+    raise RuntimeError(f"could not pack {n_atoms} atoms of {molecule.get_chemical_formula()}")
+
+
+def _try_molecule_box(molecule, n_atoms, density_g_cm3, seed):
     from ase import Atoms
     from scipy.spatial import cKDTree
 
@@ -404,7 +413,7 @@ def molecule_box(molecule, n_atoms: int = 1000, density_g_cm3: float = 0.6, seed
     placed = np.zeros((0, 3))
     numbers = []
     for _ in range(n_mol):
-        for _try in range(5000):
+        for _try in range(2000):
             q = rng.normal(size=4)
             q /= np.linalg.norm(q)
             w, x, y, z = q
@@ -420,7 +429,7 @@ def molecule_box(molecule, n_atoms: int = 1000, density_g_cm3: float = 0.6, seed
             numbers.extend(molecule.numbers)
             break
         else:
-            raise RuntimeError(f"could not place {n_mol} molecules in a {side:.1f} Å box")
+            return None
     return Atoms(numbers=numbers, positions=placed, cell=[side] * 3, pbc=True)
 
 
