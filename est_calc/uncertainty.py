@@ -17,10 +17,12 @@ backward call over K times the work).
 
 **Latent distance** (:class:`LatentDistance`): a single model's own per-atom features h_i
 (:meth:`est_calc.model.ESTModel.recording_features`, the (C,) scalar vector that enters the energy
-head) are compared with reference features of the training set, stored per element as centres
-c_{Z,m}:
+head) are compared with reference features of the training set. Per element Z the reference
+features have mean mu_Z and covariance S_Z; features are whitened, w = W_Z^T (h - mu_Z) with
+W_Z W_Z^T = (S_Z + 1e-3 I)^-1, and a random sample of the whitened reference atoms is stored as
+centres c_{Z,m}:
 
-    d_i          = min_m |h_i - c_{Z_i, m}|                               (feature units)
+    d_i          = min_m |W_Z^T (h_i - mu_Z) - c_{Z_i, m}|                 (whitened units)
     forces_std_i = a * d_i ** b                                           (eV/Å)
     energy_std   = kappa * sqrt(sum_{i in structure} forces_std_i ** 2)   (eV; kappa in Å)
 
@@ -70,8 +72,10 @@ class LatentDistance(nn.Module):
 
     Args:
         species: (S,) atomic numbers with centres.
-        centres: (S, M, C) reference features per species; rows past ``n_centres[s]`` are
-            padding and never the nearest.
+        centres: (S, M, C) whitened reference features per species; rows past
+            ``n_centres[s]`` are padding and never the nearest.
+        mean: (S, C) mean reference feature per species.
+        whiten: (S, C, C) whitening matrix W per species (module docstring).
         n_centres: (S,) how many rows of ``centres`` are real for each species.
         force_a, force_b: the map forces_std = a * d ** b (eV/Å), b >= 0.
         energy_kappa: energy_std = kappa * sqrt(sum forces_std^2), Å.
@@ -79,7 +83,8 @@ class LatentDistance(nn.Module):
             absent from the reference frames): the largest distance met while fitting.
     """
 
-    def __init__(self, species: Tensor, centres: Tensor, n_centres: Tensor, *, force_a: float,
+    def __init__(self, species: Tensor, centres: Tensor, n_centres: Tensor, mean: Tensor,
+                 whiten: Tensor, *, force_a: float,
                  force_b: float, energy_kappa: float, unknown_distance: float):
         super().__init__()
         if centres.ndim != 3 or centres.shape[0] != len(species):
@@ -95,6 +100,8 @@ class LatentDistance(nn.Module):
         self.register_buffer("row_of_z", lookup)
         self.register_buffer("centres", centres.detach().clone())
         self.register_buffer("n_centres", torch.as_tensor(n_centres, dtype=torch.long))
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("whiten", whiten.detach().clone())
         self.force_a = float(force_a)
         self.force_b = float(force_b)
         self.energy_kappa = float(energy_kappa)
@@ -120,7 +127,8 @@ class LatentDistance(nn.Module):
             n = int(self.n_centres[s])
             if n == 0:
                 continue
-            d[atoms] = torch.cdist(features[atoms], self.centres[s, :n]).amin(dim=1)
+            w = (features[atoms] - self.mean[s]) @ self.whiten[s]
+            d[atoms] = torch.cdist(w, self.centres[s, :n]).amin(dim=1)
         return d
 
     def forward(self, z: Tensor, features: Tensor, system_idx: Tensor,
@@ -137,14 +145,16 @@ class LatentDistance(nn.Module):
         """Plain tensors and values for :func:`save_uncertainty`."""
         return {"kind": "latent_distance",
                 "tensors": {"species": self.species.cpu(), "centres": self.centres.float().cpu(),
-                            "n_centres": self.n_centres.cpu()},
+                            "n_centres": self.n_centres.cpu(), "mean": self.mean.float().cpu(),
+                            "whiten": self.whiten.float().cpu()},
                 "force_a": self.force_a, "force_b": self.force_b,
                 "energy_kappa": self.energy_kappa, "unknown_distance": self.unknown_distance}
 
     @classmethod
     def from_state(cls, state: dict) -> "LatentDistance":
         t = state["tensors"]
-        return cls(t["species"], t["centres"], t["n_centres"], force_a=state["force_a"],
+        return cls(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
+                   force_a=state["force_a"],
                    force_b=state["force_b"], energy_kappa=state["energy_kappa"],
                    unknown_distance=state["unknown_distance"])
 

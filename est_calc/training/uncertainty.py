@@ -1,0 +1,202 @@
+"""Fitting the latent-distance uncertainty of a trained potential (:mod:`est_calc.uncertainty`).
+
+Two data sets, both labelled by the teacher:
+
+* reference frames (the training set or a part of it): per element the features' mean and
+  covariance give the whitening, and a random sample of ``n_reference`` whitened atoms per
+  element is kept as centres;
+* calibration frames, held out from training but from the same distribution: per atom the
+  distance d_i to its element's nearest centre and the force error e_i = |F_i - F_i^ref|.
+  Atoms are put into ``n_bins`` equal-count bins of d; the map forces_std = a d^b is the
+  least-squares line through (log mean d, log RMS e) of the bins (b clipped to >= 0, so the map
+  is monotone), and kappa = sqrt(mean dE^2 / mean sum_i forces_std_i^2) over the frames.
+
+The trunk is frozen: features come from forward passes without gradients, forces from one
+backward pass per calibration batch, so a fit takes minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from est_calc.batch import AtomsBatch
+from est_calc.forces import energy_forces_stress
+from est_calc.neighbors import build_graph
+from est_calc.uncertainty import LatentDistance
+
+__all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
+           "spearman", "miscalibration_area"]
+
+
+@dataclass
+class FrameErrors:
+    """What a potential gives on labelled frames, per atom and per frame.
+
+    Attributes:
+        z: (n,) atomic numbers; features: (n, C) the energy head's input; forces: (n, 3)
+        predicted, eV/Å; force_error: (n,) |F - F_ref|, eV/Å; frame: (n,) frame index of each
+        atom; energy_error: (n_frames,) E - E_ref, eV; n_atoms: (n_frames,).
+    """
+
+    z: np.ndarray
+    features: np.ndarray
+    forces: np.ndarray
+    force_error: np.ndarray
+    frame: np.ndarray
+    energy_error: np.ndarray
+    n_atoms: np.ndarray
+
+
+def _chunks(frames: Sequence, max_atoms: int):
+    chunk, size = [], 0
+    for frame in frames:
+        if chunk and size + frame.n_atoms > max_atoms:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(frame)
+        size += frame.n_atoms
+    if chunk:
+        yield chunk
+
+
+def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
+                    max_atoms: int = 3000) -> FrameErrors:
+    """Features (and, with ``forces``, errors against the frames' labels) of ``potential`` on
+    ``frames`` (objects with positions, numbers, cell, pbc, energy and forces, as
+    :class:`est_calc.training.datasets.Frame`), in batches of up to ``max_atoms`` atoms."""
+    from est_calc.accel import accelerate
+
+    fast = accelerate(potential, inference=True).eval()
+    parts = {k: [] for k in ("z", "features", "forces", "force_error", "energy_error")}
+    dtype, device = potential.dtype, potential.device
+    for chunk in _chunks(list(frames), max_atoms):
+        batch = AtomsBatch.from_arrays([f.positions for f in chunk], [f.numbers for f in chunk],
+                                       [f.cell for f in chunk], [f.pbc for f in chunk],
+                                       device=device, dtype=dtype)
+        graph = build_graph(batch, potential.cutoff_A, paired=True)
+        with fast.model.recording_features() as sink:
+            if forces:
+                pred = energy_forces_stress(fast, batch, graph)
+            else:
+                with torch.no_grad():
+                    pred = fast(batch, graph)
+        parts["z"].append(batch.atomic_numbers.cpu().numpy())
+        parts["features"].append(sink[0].double().cpu().numpy())
+        if forces:
+            f = pred.forces.double().cpu().numpy()
+            ref = np.concatenate([fr.forces for fr in chunk])
+            parts["forces"].append(f)
+            parts["force_error"].append(np.linalg.norm(f - ref, axis=1))
+            e = pred.energy.double().cpu().numpy()
+            parts["energy_error"].append(e - np.array([fr.energy for fr in chunk]))
+    n_atoms = np.array([f.n_atoms for f in frames])
+    cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+    return FrameErrors(cat["z"], cat["features"], cat["forces"], cat["force_error"],
+                       np.repeat(np.arange(len(n_atoms)), n_atoms), cat["energy_error"], n_atoms)
+
+
+def _power_law(d: np.ndarray, err: np.ndarray, n_bins: int) -> tuple[float, float, list]:
+    """(a, b, bins) of the fit RMS err = a d^b over equal-count bins of d (module docstring)."""
+    order = np.argsort(d)
+    bins = [b for b in np.array_split(order, n_bins) if len(b)]
+    centre = np.array([d[b].mean() for b in bins])
+    rms = np.array([np.sqrt(np.mean(err[b] ** 2)) for b in bins])
+    ok = (centre > 0) & (rms > 0)
+    b, log_a = np.polyfit(np.log(centre[ok]), np.log(rms[ok]), 1)
+    b = max(float(b), 0.0)
+    log_a = float(np.mean(np.log(rms[ok]) - b * np.log(centre[ok])))
+    return float(np.exp(log_a)), b, list(zip(centre.tolist(), rms.tolist()))
+
+
+def latent_distance_from(potential, reference: FrameErrors, *, n_reference: int = 2048,
+                         seed: int = 0, ridge: float = 1e-3) -> LatentDistance:
+    """An uncalibrated LatentDistance (a = b = kappa = 1) from the reference frames' features."""
+    feats = torch.as_tensor(reference.features, dtype=torch.float64)
+    species = sorted(set(int(z) for z in potential.species))
+    c = feats.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    mean = feats.new_zeros(len(species), c)
+    whiten = torch.eye(c, dtype=feats.dtype).repeat(len(species), 1, 1)
+    rows = []
+    for s, z in enumerate(species):
+        mine = feats[torch.as_tensor(reference.z == z)]
+        if len(mine) < 2:
+            rows.append(feats.new_zeros(0, c))
+            continue
+        mean[s] = mine.mean(0)
+        cov = torch.cov((mine - mean[s]).T) + ridge * torch.eye(c, dtype=feats.dtype)
+        whiten[s] = torch.linalg.cholesky(torch.linalg.inv(cov))
+        pick = torch.randperm(len(mine), generator=gen)[:n_reference]
+        rows.append((mine[pick] - mean[s]) @ whiten[s])
+    m = max(1, max(len(r) for r in rows))
+    centres = feats.new_zeros(len(species), m, c)
+    for s, r in enumerate(rows):
+        centres[s, :len(r)] = r
+    counts = torch.tensor([len(r) for r in rows])
+    return LatentDistance(torch.tensor(species), centres.float(), counts, mean.float(),
+                          whiten.float(), force_a=1.0, force_b=1.0, energy_kappa=1.0,
+                          unknown_distance=1.0)
+
+
+def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *,
+                        n_reference: int = 2048, n_bins: int = 20, seed: int = 0,
+                        max_atoms: int = 3000) -> tuple[LatentDistance, dict]:
+    """Fit the latent-distance estimate of ``potential`` (module docstring).
+
+    Args:
+        potential: the trained :class:`est_calc.potential.Potential` (left unchanged).
+        reference: frames whose features define "seen" (the training set or a part of it).
+        calibration: held-out labelled frames of the training distribution.
+        n_reference: reference atoms kept per element.
+        n_bins: equal-count bins of the distance for the calibration fit.
+
+    Returns:
+        (LatentDistance on the CPU in float32, report) where the report holds the fitted a, b,
+        kappa, the bins and the Spearman correlation of forces_std with the force error on the
+        calibration frames.
+    """
+    ref = evaluate_frames(potential, reference, forces=False, max_atoms=max_atoms)
+    raw = latent_distance_from(potential, ref, n_reference=n_reference, seed=seed)
+    cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms)
+    d = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double().numpy()
+    a, b, bins = _power_law(d, cal.force_error, n_bins)
+    std = a * d ** b
+    var_frame = np.bincount(cal.frame, weights=std ** 2, minlength=len(cal.n_atoms))
+    kappa = float(np.sqrt(np.mean(cal.energy_error ** 2) / max(np.mean(var_frame), 1e-30)))
+    t = raw.state()["tensors"]
+    part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
+                          force_a=a, force_b=b, energy_kappa=kappa,
+                          unknown_distance=float(max(d.max(), 1e-6)) * 2.0)
+    report = {"force_a": a, "force_b": b, "energy_kappa": kappa, "bins": bins,
+              "n_reference_atoms": int(len(ref.z)), "n_calibration_atoms": int(len(cal.z)),
+              "spearman_calibration": spearman(std, cal.force_error),
+              "n_reference": n_reference}
+    return part, report
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of x and y (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def miscalibration_area(sigma: np.ndarray, error: np.ndarray, n_levels: int = 99
+                        ) -> tuple[float, np.ndarray, np.ndarray]:
+    """(area, expected, observed) of the calibration curve of Gaussian force errors.
+
+    With per-component sigma_c = forces_std / sqrt(3), |F - F_ref|^2 / sigma_c^2 is chi^2 with
+    3 degrees of freedom for a calibrated estimate. For each confidence level p the observed
+    fraction of atoms whose error lies inside the p-quantile ball is compared with p; the area
+    is the mean |observed - p| over the levels (0 for a calibrated estimate, up to 0.5).
+    """
+    from scipy.stats import chi2
+
+    levels = np.linspace(0.01, 0.99, n_levels)
+    z2 = error ** 2 / np.maximum(sigma ** 2 / 3.0, 1e-30)
+    observed = np.array([np.mean(z2 <= chi2.ppf(p, 3)) for p in levels])
+    return float(np.mean(np.abs(observed - levels))), levels, observed
