@@ -9,7 +9,8 @@ Two data sets, both labelled by the teacher:
   distance d_i to its element's nearest centre and the force error e_i = |F_i - F_i^ref|.
   Atoms are put into ``n_bins`` equal-count bins of d; the map forces_std = a d^b is the
   least-squares line through (log mean d, log RMS e) of the bins (b clipped to >= 0, so the map
-  is monotone), and kappa = sqrt(mean dE^2 / mean sum_i forces_std_i^2) over the frames.
+  is monotone), and kappa^2 = median_frames(dE^2 / sum_i forces_std_i^2) / 0.4549 (the median
+  of chi^2 with one degree of freedom), so that energy_std is the frames' Gaussian sigma.
 
 The trunk is frozen: features come from forward passes without gradients, forces from one
 backward pass per calibration batch, so a fit takes minutes on a CPU.
@@ -27,6 +28,9 @@ from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
 from est_calc.uncertainty import LatentDistance
+
+#: Median of the chi^2 distribution with one degree of freedom.
+CHI2_1_MEDIAN = 0.45493642311957283
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
            "spearman", "miscalibration_area"]
@@ -166,7 +170,10 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     a, b, bins = _power_law(d, cal.force_error, n_bins)
     std = a * d ** b
     var_frame = np.bincount(cal.frame, weights=std ** 2, minlength=len(cal.n_atoms))
-    kappa = float(np.sqrt(np.mean(cal.energy_error ** 2) / max(np.mean(var_frame), 1e-30)))
+    # Median of the chi^2_1 ratio dE^2 / var (0.4549 for a calibrated Gaussian): a few frames
+    # with large energy errors (gas molecules) do not set the scale of all the others.
+    ratio = cal.energy_error ** 2 / np.maximum(var_frame, 1e-30)
+    kappa = float(np.sqrt(np.median(ratio) / CHI2_1_MEDIAN))
     t = raw.state()["tensors"]
     part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                           force_a=a, force_b=b, energy_kappa=kappa,
