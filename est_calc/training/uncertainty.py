@@ -19,6 +19,7 @@ backward pass per calibration batch, so a fit takes minutes on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from est_calc.uncertainty import LatentDistance
 CHI2_1_MEDIAN = 0.45493642311957283
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
+           "train_with_uncertainty", "fit_run_uncertainty",
            "spearman", "miscalibration_area"]
 
 
@@ -68,10 +70,12 @@ def _chunks(frames: Sequence, max_atoms: int):
 
 
 def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
-                    max_atoms: int = 3000) -> FrameErrors:
+                    max_atoms: int = 3000, energy_mode: str = "total") -> FrameErrors:
     """Features (and, with ``forces``, errors against the frames' labels) of ``potential`` on
     ``frames`` (objects with positions, numbers, cell, pbc, energy and forces, as
-    :class:`est_calc.training.datasets.Frame`), in batches of up to ``max_atoms`` atoms."""
+    :class:`est_calc.training.datasets.Frame`), in batches of up to ``max_atoms`` atoms.
+    ``energy_mode`` "referenced": the label is energy - reference_energy (as the potential was
+    trained with ``data.energy: referenced``)."""
     from est_calc.accel import accelerate
 
     fast = accelerate(potential, inference=True).eval()
@@ -96,7 +100,10 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
             parts["forces"].append(f)
             parts["force_error"].append(np.linalg.norm(f - ref, axis=1))
             e = pred.energy.double().cpu().numpy()
-            parts["energy_error"].append(e - np.array([fr.energy for fr in chunk]))
+            ref_e = np.array([fr.energy - ((fr.reference_energy or 0.0)
+                                            if energy_mode == "referenced" else 0.0)
+                              for fr in chunk])
+            parts["energy_error"].append(e - ref_e)
     n_atoms = np.array([f.n_atoms for f in frames])
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     return FrameErrors(cat["z"], cat["features"], cat["forces"], cat["force_error"],
@@ -148,7 +155,8 @@ def latent_distance_from(potential, reference: FrameErrors, *, n_reference: int 
 
 def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *,
                         n_reference: int = 2048, n_bins: int = 20, seed: int = 0,
-                        max_atoms: int = 3000) -> tuple[LatentDistance, dict]:
+                        max_atoms: int = 3000, energy_mode: str = "total"
+                        ) -> tuple[LatentDistance, dict]:
     """Fit the latent-distance estimate of ``potential`` (module docstring).
 
     Args:
@@ -157,6 +165,7 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
         calibration: held-out labelled frames of the training distribution.
         n_reference: reference atoms kept per element.
         n_bins: equal-count bins of the distance for the calibration fit.
+        energy_mode: "total" or "referenced" (the potential's ``data.energy``).
 
     Returns:
         (LatentDistance on the CPU in float32, report) where the report holds the fitted a, b,
@@ -165,7 +174,8 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     """
     ref = evaluate_frames(potential, reference, forces=False, max_atoms=max_atoms)
     raw = latent_distance_from(potential, ref, n_reference=n_reference, seed=seed)
-    cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms)
+    cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms,
+                          energy_mode=energy_mode)
     d = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double().numpy()
     a, b, bins = _power_law(d, cal.force_error, n_bins)
     std = a * d ** b
@@ -207,3 +217,63 @@ def miscalibration_area(sigma: np.ndarray, error: np.ndarray, n_levels: int = 99
     z2 = error ** 2 / np.maximum(sigma ** 2 / 3.0, 1e-30)
     observed = np.array([np.mean(z2 <= chi2.ppf(p, 3)) for p in levels])
     return float(np.mean(np.abs(observed - levels))), levels, observed
+
+
+def train_with_uncertainty(cfg, *, init: str | None = None, resume: bool = False,
+                           overwrite: bool = False) -> list[Path]:
+    """``est train`` with ``cfg.uncertainty`` (:class:`est_calc.training.config.
+    UncertaintySection`): the exported potential(s), one per committee member.
+
+    "latent" trains as usual, then fits the latent distance of the exported potential and
+    writes its sidecar (``potential.uncertainty``); "committee" trains ``committee_size``
+    members, each a whole run with its own seed in ``output_dir/member<k>`` (``resume`` and
+    ``overwrite`` apply to each).
+    """
+    import copy
+
+    from est_calc.training.trainer import train
+
+    cfg.validate()
+    u = cfg.uncertainty
+    if u.kind != "committee":
+        path = train(cfg, init=init, resume=resume, overwrite=overwrite)
+        if u.kind == "latent":
+            fit_run_uncertainty(cfg, path)
+        return [path]
+    paths = []
+    for k in range(u.committee_size):
+        member = copy.deepcopy(cfg)
+        member.output_dir = str(Path(cfg.output_dir) / f"member{k}")
+        member.train.seed = cfg.train.seed + k
+        member.uncertainty.kind = "none"
+        paths.append(train(member, init=init, resume=resume, overwrite=overwrite))
+    return paths
+
+
+def fit_run_uncertainty(cfg, potential_path) -> Path:
+    """Fit and write the latent-distance sidecar of a run's exported potential (``cfg`` as in
+    :func:`train_with_uncertainty`); returns the sidecar's path."""
+    from est_calc.potential import load_potential
+    from est_calc.training.datasets import FrameSubset
+    from est_calc.training.trainer import _open
+    from est_calc.uncertainty import save_uncertainty
+
+    u = cfg.uncertainty
+    potential = load_potential(str(potential_path))
+    data, good, _ = _open(cfg.data.train, u.max_reference_frames, "skip", "train")
+    reference = FrameSubset(data, good)
+    source = u.calibration if u.calibration is not None else cfg.data.val
+    data, good, _ = _open(source, None, "skip", "calibration")
+    calibration = FrameSubset(data, good)
+    part, report = fit_latent_distance(potential, reference, calibration,
+                                       n_reference=u.n_reference, seed=cfg.train.seed,
+                                       energy_mode=cfg.data.energy)
+    meta = {"kind": "latent_distance",
+            "recipe": f"reference: {cfg.data.train} (up to {u.max_reference_frames} frames); "
+                      f"calibration: {source}",
+            "fit": {k: v for k, v in report.items() if k != "bins"}}
+    out = save_uncertainty(part, potential_path, metadata=meta)
+    print(f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
+          f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
+          f"{report['n_calibration_atoms']} calibration atoms) -> {out}")
+    return out
