@@ -34,9 +34,11 @@ class UncertainStructure(SimulationUnstable):
     """
 
 
-def check_uncertainty_arguments(threshold, on_uncertain: str, uncertain_frames) -> None:
+def check_uncertainty_arguments(uncertainty_threshold, on_uncertain: str,
+                                uncertain_frames) -> None:
     """Raise ValueError, naming the argument, for a threshold that is not None or finite and
     > 0, an unknown ``on_uncertain``, or an output path that cannot be created."""
+    threshold = uncertainty_threshold
     if threshold is not None:
         try:
             ok = math.isfinite(float(threshold)) and float(threshold) > 0
