@@ -30,6 +30,9 @@ from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
 from est_calc.uncertainty import LatentDistance
 
+#: Fewest calibration atoms per distance bin, and the largest exponent b of the power law.
+MIN_BIN_ATOMS = 50
+MAX_EXPONENT = 2.0
 #: Median of the chi^2 distribution with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
 
@@ -111,14 +114,26 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
 
 
 def _power_law(d: np.ndarray, err: np.ndarray, n_bins: int) -> tuple[float, float, list]:
-    """(a, b, bins) of the fit RMS err = a d^b over equal-count bins of d (module docstring)."""
+    """(a, b, bins) of the fit RMS err = a d^b over equal-count bins of d (module docstring).
+
+    Bins hold at least ``MIN_BIN_ATOMS`` atoms; with fewer than three bins, or no spread of d,
+    the std is constant (b = 0, a = the overall RMS error). b is clipped to [0, MAX_EXPONENT].
+    """
+    n_bins = min(n_bins, len(d) // MIN_BIN_ATOMS)
+    overall = float(max(np.sqrt(np.mean(err ** 2)), 1e-6)) if len(err) else 1e-6
+    if n_bins < 3:
+        return overall, 0.0, []
     order = np.argsort(d)
     bins = [b for b in np.array_split(order, n_bins) if len(b)]
     centre = np.array([d[b].mean() for b in bins])
     rms = np.array([np.sqrt(np.mean(err[b] ** 2)) for b in bins])
     ok = (centre > 0) & (rms > 0)
+    if ok.sum() < 2 or np.ptp(np.log(centre[ok])) < 1e-6:
+        # No spread of distances to fit a slope to (tiny or degenerate calibration sets): a
+        # constant std, the overall RMS error.
+        return overall, 0.0, list(zip(centre.tolist(), rms.tolist()))
     b, log_a = np.polyfit(np.log(centre[ok]), np.log(rms[ok]), 1)
-    b = max(float(b), 0.0)
+    b = min(max(float(b), 0.0), MAX_EXPONENT)
     log_a = float(np.mean(np.log(rms[ok]) - b * np.log(centre[ok])))
     return float(np.exp(log_a)), b, list(zip(centre.tolist(), rms.tolist()))
 
