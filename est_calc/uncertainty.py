@@ -27,8 +27,8 @@ centres c_{Z,m}:
     energy_std   = kappa * sqrt(sum_{i in structure} forces_std_i ** 2)   (eV; kappa in Å)
 
 a, b (b >= 0, so the map is monotone) and kappa are fitted on held-out frames
-(:mod:`est_calc.training.uncertainty`) so that E|F_i - F_i^ref|^2 = forces_std_i^2 within bins of
-d (the per-component Gaussian sigma is forces_std_i / sqrt(3)). No extra backward pass: the
+(:mod:`est_calc.training.uncertainty`) so that within bins of d the median force error is that of
+a Gaussian error with per-component sigma forces_std_i / sqrt(3). No extra backward pass: the
 features come from the forward pass that gives the energy, and the distance costs
 n_atoms * n_centres * C multiply-adds.
 

@@ -8,8 +8,13 @@ Two data sets, both labelled by the teacher:
 * calibration frames, held out from training but from the same distribution: per atom the
   distance d_i to its element's nearest centre and the force error e_i = |F_i - F_i^ref|.
   Atoms are put into ``n_bins`` equal-count bins of d; the map forces_std = a d^b is the
-  least-squares line through (log mean d, log RMS e) of the bins (b clipped to >= 0, so the map
-  is monotone), and kappa^2 = median_frames(dE^2 / sum_i forces_std_i^2) / 0.4549 (the median
+  least-squares line through (log mean d, log s) of the bins, s = median(e) / 0.888 (b clipped
+  to [0, 2], so the map is monotone). For a Gaussian error of per-component sigma
+  forces_std / sqrt(3), |e|^2 / sigma^2 is chi^2 with 3 degrees of freedom and
+  median |e| = sqrt(2.366 / 3) forces_std = 0.888 forces_std; the median, unlike the RMS, is not
+  set by the few atoms with very large errors (force errors are heavier-tailed than a Gaussian:
+  an RMS fit on two calibration sets of the same recipe gave b = 0.14 and 0.32). And
+  kappa^2 = median_frames(dE^2 / sum_i forces_std_i^2) / 0.4549 (the median
   of chi^2 with one degree of freedom), so that energy_std is the frames' Gaussian sigma.
 
 The trunk is frozen: features come from forward passes without gradients, forces from one
@@ -33,6 +38,8 @@ from est_calc.uncertainty import LatentDistance
 #: Fewest calibration atoms per distance bin, and the largest exponent b of the power law.
 MIN_BIN_ATOMS = 50
 MAX_EXPONENT = 2.0
+#: median |e| / forces_std for a Gaussian force error: sqrt(median of chi^2_3 / 3).
+MEDIAN_RATIO = 0.8880641651696379
 #: Median of the chi^2 distribution with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
 
@@ -114,28 +121,30 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
 
 
 def _power_law(d: np.ndarray, err: np.ndarray, n_bins: int) -> tuple[float, float, list]:
-    """(a, b, bins) of the fit RMS err = a d^b over equal-count bins of d (module docstring).
+    """(a, b, bins) of the fit median(err) / 0.888 = a d^b over equal-count bins of d (module
+    docstring).
 
     Bins hold at least ``MIN_BIN_ATOMS`` atoms; with fewer than three bins, or no spread of d,
-    the std is constant (b = 0, a = the overall RMS error). b is clipped to [0, MAX_EXPONENT].
+    the std is constant (b = 0, a from the overall median error). b is clipped to
+    [0, MAX_EXPONENT].
     """
     n_bins = min(n_bins, len(d) // MIN_BIN_ATOMS)
-    overall = float(max(np.sqrt(np.mean(err ** 2)), 1e-6)) if len(err) else 1e-6
+    overall = float(max(np.median(err) / MEDIAN_RATIO, 1e-6)) if len(err) else 1e-6
     if n_bins < 3:
         return overall, 0.0, []
     order = np.argsort(d)
     bins = [b for b in np.array_split(order, n_bins) if len(b)]
     centre = np.array([d[b].mean() for b in bins])
-    rms = np.array([np.sqrt(np.mean(err[b] ** 2)) for b in bins])
-    ok = (centre > 0) & (rms > 0)
+    scale = np.array([np.median(err[b]) / MEDIAN_RATIO for b in bins])
+    ok = (centre > 0) & (scale > 0)
     if ok.sum() < 2 or np.ptp(np.log(centre[ok])) < 1e-6:
         # No spread of distances to fit a slope to (tiny or degenerate calibration sets): a
-        # constant std, the overall RMS error.
-        return overall, 0.0, list(zip(centre.tolist(), rms.tolist()))
-    b, log_a = np.polyfit(np.log(centre[ok]), np.log(rms[ok]), 1)
+        # constant std from the overall median error.
+        return overall, 0.0, list(zip(centre.tolist(), scale.tolist()))
+    b, log_a = np.polyfit(np.log(centre[ok]), np.log(scale[ok]), 1)
     b = min(max(float(b), 0.0), MAX_EXPONENT)
-    log_a = float(np.mean(np.log(rms[ok]) - b * np.log(centre[ok])))
-    return float(np.exp(log_a)), b, list(zip(centre.tolist(), rms.tolist()))
+    log_a = float(np.mean(np.log(scale[ok]) - b * np.log(centre[ok])))
+    return float(np.exp(log_a)), b, list(zip(centre.tolist(), scale.tolist()))
 
 
 def latent_distance_from(potential, reference: FrameErrors, *, n_reference: int = 2048,
@@ -203,7 +212,9 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                           force_a=a, force_b=b, energy_kappa=kappa,
                           unknown_distance=float(max(d.max(), 1e-6)) * 2.0)
-    report = {"force_a": a, "force_b": b, "energy_kappa": kappa, "bins": bins,
+    report = {"force_a": a, "force_b": b, "energy_kappa": kappa,
+              "bins": bins, "miscalibration_area_calibration": miscalibration_area(
+                  std, cal.force_error)[0],
               "n_reference_atoms": int(len(ref.z)), "n_calibration_atoms": int(len(cal.z)),
               "spearman_calibration": spearman(std, cal.force_error),
               "n_reference": n_reference}
