@@ -104,10 +104,24 @@ class Potential(nn.Module):
         self.species = species
         self.metadata = metadata
         # The per-atom uncertainty estimate (est_calc.uncertainty.LatentDistance) or None, and
-        # why there is none (for the message of ESTCalculator(uncertainty=True)).
-        self.uncertainty = uncertainty
+        # why there is none (for the message of ESTCalculator(uncertainty=True)). Kept out of
+        # the module tree, so state_dict() (checkpoints, training) holds the model only; _apply
+        # moves and casts it with the potential.
+        self.__dict__["uncertainty"] = uncertainty
         self.uncertainty_problem = None if uncertainty is not None else (
             "this potential has no uncertainty part")
+
+    def __setattr__(self, name, value):
+        if name == "uncertainty":  # not a submodule (see __init__)
+            self.__dict__["uncertainty"] = value
+            return
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("uncertainty") is not None:
+            self.__dict__["uncertainty"] = self.__dict__["uncertainty"]._apply(fn, *args, **kwargs)
+        return out
 
     @classmethod
     def from_config(cls, config, species: Sequence[int], metadata: Optional[dict] = None):
