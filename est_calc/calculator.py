@@ -37,7 +37,8 @@ from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph, cell_problem
 from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
-from est_calc.uncertainty import committee_forces_stress
+from est_calc.uncertainty import (STD_PROPERTIES, check_committee, check_uncertainty_request,
+                                  committee_forces_stress, committee_models, latent_forces_stress)
 
 __all__ = ["ESTCalculator", "CloseContactWarning", "LegacyNormWarning", "CLOSE_CONTACT_A", "DefaultPotentialMissing", "UnknownArgumentError", "resolve_device",
            "resolve_dtype"]
@@ -262,32 +263,6 @@ def _checked_batch(atoms_list: Sequence, potential: Potential, device, dtype) ->
     return AtomsBatch.from_arrays(pos, numbers, cells, pbcs, device=device, dtype=dtype)
 
 
-def _committee_models(models) -> list:
-    """The members of ``model=[...]``, refused when the list cannot be a committee."""
-    models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"a committee needs at least two potentials, got {len(models)}; pass "
-                         "one potential on its own (model='file.pt')")
-    for m in models:
-        if getattr(m, "differentiates_itself", False) or str(m).endswith(".pt2"):
-            raise ValueError(f"committee member {str(m)!r} is a compiled package; a committee "
-                             "needs potential files (.pt) or Potentials")
-    return models
-
-
-def _check_committee(members: Sequence[Potential], models: Sequence) -> None:
-    """Raise ValueError unless every member has the first one's architecture and elements."""
-    first = members[0]
-    for k, member in enumerate(members[1:], start=1):
-        if member.config != first.config:
-            raise ValueError(f"committee member {k} ({str(models[k])!r}) has another "
-                             f"architecture than member 0 ({str(models[0])!r}); a committee "
-                             "shares one graph and needs one ModelConfig")
-        if member.species != first.species:
-            raise ValueError(f"committee member {k} ({str(models[k])!r}) knows elements "
-                             f"{list(member.species)}, member 0 {list(first.species)}")
-
-
 class ESTCalculator(Calculator):
     """ASE calculator for EST potentials.
 
@@ -362,11 +337,9 @@ class ESTCalculator(Calculator):
             potential's training data, which selects the D3(BJ) parameters, e.g. "pbe"
             (Materials Project) or "rpbe" (OC20); see
             :func:`est_calc.dispersion.functionals`.
-        uncertainty: also return ``energy_std`` (eV, per structure) and ``forces_std`` (eV/Å,
-            shape (n_atoms,): the RMS length of the force vector's spread) in ``results`` and in
-            :meth:`calculate_batch`, from the same pass (:mod:`est_calc.uncertainty`). A
-            committee gives its members' spread; a single potential needs its uncertainty part
-            (the latent distance of its ``.uncertainty`` sidecar, no extra backward pass).
+        uncertainty: also return ``energy_std`` (eV) and per-atom ``forces_std`` (eV/Å) from
+            the same pass (:mod:`est_calc.uncertainty`): a committee's spread, or a single
+            potential's uncertainty part (its ``.uncertainty`` sidecar; no extra backward).
         **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
             (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
             passed on; any other name is refused.
@@ -380,9 +353,9 @@ class ESTCalculator(Calculator):
         ValueError: an unreadable potential file, a bad dtype, device or neighbour backend, an
             unknown dispersion method or functional, a functional without ``dispersion``,
             ``dispersion`` without a functional, or ``cuda_graph=True`` off CUDA or with
-            ``low_memory`` or ``dispersion``; a committee of fewer than two members or of
-            differing architectures or elements; ``uncertainty=True`` for a potential without an
-            uncertainty part, or with ``cuda_graph=True``.
+            ``low_memory``, ``dispersion``, ``uncertainty`` or a committee; a committee of one
+            member, or of differing architectures or elements; ``uncertainty=True`` for a
+            potential without an uncertainty part.
 
     Attributes:
         potential: the :class:`Potential` that runs: the accelerated view
@@ -453,30 +426,15 @@ class ESTCalculator(Calculator):
             from est_calc.allocator import tune_malloc as _tune_malloc
 
             _tune_malloc()
-        if not isinstance(uncertainty, bool):
-            raise ValueError(f"uncertainty must be True or False, got {uncertainty!r}")
         committee = None
         if isinstance(model, (list, tuple)):
-            committee = [self._load_one(m) for m in _committee_models(model)]
-            _check_committee(committee, model)
-            potential = committee[0]
-        else:
-            potential = self._load_one(model)
-        if uncertainty and committee is None and getattr(potential, "uncertainty", None) is None:
-            from est_calc.uncertainty import describe_missing
-
-            raise ValueError(
-                f"uncertainty=True needs a committee (model=[file1, file2, ...]) or a potential "
-                f"with an uncertainty part; {describe_missing(potential)} (fit one with "
-                f"`est train` and `uncertainty:` in its config)")
-        if (uncertainty or committee is not None) and cuda_graph:
-            raise ValueError("cuda_graph=True cannot be combined with a committee or "
-                             "uncertainty=True (the captured step records one model's energy "
-                             "and forces only)")
+            committee = [self._load_one(m) for m in committee_models(model)]
+            check_committee(committee, model)
+        potential = committee[0] if committee else self._load_one(model)
+        check_uncertainty_request(uncertainty, potential, committee, cuda_graph)
         self.uncertainty = uncertainty
         if uncertainty:
-            self.implemented_properties = [*type(self).implemented_properties, "energy_std",
-                                           "forces_std"]
+            self.implemented_properties = [*self.implemented_properties, *STD_PROPERTIES]
         config = getattr(potential.model, "config", None)
         if (self.dtype == torch.float32 and config is not None
                 and getattr(config, "vector_norm", "joint") == "separate"):
@@ -647,17 +605,13 @@ class ESTCalculator(Calculator):
                         self.committee, work, graph, compute_stress=want_stress,
                         extra_energy=extra_energy)
                     return pred, estimate if self.uncertainty else None
-                if not self.uncertainty:
-                    return energy_forces_stress(
-                        self.potential, work, graph, compute_stress=want_stress,
-                        create_graph=False, extra_energy=extra_energy), None
-                with self.potential.model.recording_features() as features:
-                    pred = energy_forces_stress(
-                        self.potential, work, graph, compute_stress=want_stress,
-                        create_graph=False, extra_energy=extra_energy)
-                estimate = self.potential.uncertainty(work.atomic_numbers, features[0],
-                                                      work.system_idx, work.n_systems)
-                return pred, estimate
+                if self.uncertainty:
+                    return latent_forces_stress(self.potential, work, graph,
+                                                compute_stress=want_stress,
+                                                extra_energy=extra_energy)
+                return energy_forces_stress(
+                    self.potential, work, graph, compute_stress=want_stress,
+                    create_graph=False, extra_energy=extra_energy), None
 
         return self._out_of_memory_guard(run, batch, graph)
 

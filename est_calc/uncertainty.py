@@ -51,9 +51,13 @@ from est_calc.atomic_io import atomic_torch_save
 from est_calc.forces import Prediction, _check_volumes
 from est_calc.geometry import apply_strain, symmetrize
 
-__all__ = ["UncertaintyEstimate", "LatentDistance", "committee_forces_stress", "sidecar_path",
+__all__ = ["UncertaintyEstimate", "LatentDistance", "committee_forces_stress", "committee_models",
+           "check_committee", "check_uncertainty_request", "latent_forces_stress", "sidecar_path",
+           "STD_PROPERTIES",
            "save_uncertainty", "load_uncertainty", "file_sha256", "SIDECAR_SUFFIX"]
 
+#: The results ``uncertainty=True`` adds: eV per structure, eV/Å per atom.
+STD_PROPERTIES = ("energy_std", "forces_std")
 FORMAT = "est_calc.uncertainty"
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".uncertainty"
@@ -164,6 +168,46 @@ class LatentDistance(nn.Module):
 
 
 # ------------------------------------------------------------------------------ committee
+
+
+def latent_forces_stress(potential, batch, graph, *, compute_stress: bool = False,
+                         extra_energy=None) -> tuple[Prediction, UncertaintyEstimate]:
+    """:func:`est_calc.forces.energy_forces_stress` of ``potential`` and, from the features of
+    that same pass, its :class:`LatentDistance` estimate (``potential.uncertainty``)."""
+    from est_calc.forces import energy_forces_stress
+
+    with potential.model.recording_features() as features:
+        pred = energy_forces_stress(potential, batch, graph, compute_stress=compute_stress,
+                                    create_graph=False, extra_energy=extra_energy)
+    estimate = potential.uncertainty(batch.atomic_numbers, features[0], batch.system_idx,
+                                     batch.n_systems)
+    return pred, estimate
+
+
+def committee_models(models) -> list:
+    """The members of ``model=[...]``, refused when the list cannot be a committee."""
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"a committee needs at least two potentials, got {len(models)}; pass "
+                         "one potential on its own (model='file.pt')")
+    for m in models:
+        if getattr(m, "differentiates_itself", False) or str(m).endswith(".pt2"):
+            raise ValueError(f"committee member {str(m)!r} is a compiled package; a committee "
+                             "needs potential files (.pt) or Potentials")
+    return models
+
+
+def check_committee(members: Sequence, models: Sequence) -> None:
+    """Raise ValueError unless every member has the first one's architecture and elements."""
+    first = members[0]
+    for k, member in enumerate(members[1:], start=1):
+        if member.config != first.config:
+            raise ValueError(f"committee member {k} ({str(models[k])!r}) has another "
+                             f"architecture than member 0 ({str(models[0])!r}); a committee "
+                             "shares one graph and needs one ModelConfig")
+        if member.species != first.species:
+            raise ValueError(f"committee member {k} ({str(models[k])!r}) knows elements "
+                             f"{list(member.species)}, member 0 {list(first.species)}")
 
 
 def committee_forces_stress(members: Sequence[nn.Module], batch, graph, *,
@@ -289,8 +333,20 @@ def load_uncertainty(potential_path) -> tuple[LatentDistance | None, str | None]
         return None, f"{side} is incomplete or invalid ({err})"
 
 
-def describe_missing(potential) -> str:
-    """Why ``potential`` cannot give an uncertainty (for error messages)."""
-    reason = getattr(potential, "uncertainty_problem", None)
-    return reason or "this potential has no uncertainty part"
+def check_uncertainty_request(uncertainty, potential, committee, cuda_graph) -> None:
+    """Raise ValueError (naming the problem) for an ``ESTCalculator(uncertainty=...)`` that
+    cannot be honoured: not a bool, a single potential without an uncertainty part, or a
+    committee or uncertainty with ``cuda_graph=True``."""
+    if not isinstance(uncertainty, bool):
+        raise ValueError(f"uncertainty must be True or False, got {uncertainty!r}")
+    if uncertainty and not committee and getattr(potential, "uncertainty", None) is None:
+        reason = getattr(potential, "uncertainty_problem", None)
+        raise ValueError(
+            f"uncertainty=True needs a committee (model=[file1, file2, ...]) or a potential "
+            f"with an uncertainty part; {reason or 'this potential has no uncertainty part'} "
+            "(fit one with `est train --uncertainty`)")
+    if (uncertainty or committee) and cuda_graph is True:
+        raise ValueError("cuda_graph=True cannot be combined with a committee or "
+                         "uncertainty=True (the captured step records one model's energy and "
+                         "forces only)")
 

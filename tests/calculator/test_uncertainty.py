@@ -186,3 +186,13 @@ def test_default_potential_ships_an_uncertainty_part():
     alloy.numbers[np.random.default_rng(0).permutation(32)[:16]] = 79
     alloy.rattle(0.05, seed=2)
     assert _calc_results(watched, alloy)["forces_std"].max() > got["forces_std"].max()
+
+
+def test_latent_std_with_low_memory_is_the_same(latent_potential):
+    """Recomputing the layers in the backward pass does not record the features twice."""
+    atoms = _cells()[0]
+    base = ESTCalculator(str(latent_potential), device="cpu", dtype="float64", uncertainty=True)
+    low = ESTCalculator(str(latent_potential), device="cpu", dtype="float64", uncertainty=True,
+                        low_memory=True)
+    np.testing.assert_allclose(_calc_results(low, atoms)["forces_std"],
+                               _calc_results(base, atoms)["forces_std"], rtol=1e-12)
