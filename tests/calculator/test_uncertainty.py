@@ -196,3 +196,15 @@ def test_latent_std_with_low_memory_is_the_same(latent_potential):
                         low_memory=True)
     np.testing.assert_allclose(_calc_results(low, atoms)["forces_std"],
                                _calc_results(base, atoms)["forces_std"], rtol=1e-12)
+
+
+def test_dispersion_shifts_the_committee_mean_not_its_spread(make_potential):
+    pots = [make_potential(seed=s) for s in (0, 1)]
+    plain = ESTCalculator(pots, device="cpu", dtype="float64", uncertainty=True)
+    d3 = ESTCalculator(pots, device="cpu", dtype="float64", uncertainty=True,
+                       dispersion="d3bj", functional="pbe")
+    atoms = _cells()[0]
+    a, b = _calc_results(plain, atoms), _calc_results(d3, atoms)
+    assert b["energy"] < a["energy"]  # dispersion binds
+    np.testing.assert_allclose(b["forces_std"], a["forces_std"], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(b["energy_std"], a["energy_std"], rtol=1e-8)
