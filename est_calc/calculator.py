@@ -13,6 +13,7 @@ one pass; stress is computed only when asked for and only for periodic systems.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
@@ -36,6 +37,8 @@ from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph, cell_problem
 from est_calc.potential import DefaultPotentialMissing, Potential, load_potential
+from est_calc.uncertainty import (STD_PROPERTIES, check_committee, check_uncertainty_request,
+                                  committee_forces_stress, committee_models, latent_forces_stress)
 
 __all__ = ["ESTCalculator", "CloseContactWarning", "LegacyNormWarning", "CLOSE_CONTACT_A", "DefaultPotentialMissing", "UnknownArgumentError", "resolve_device",
            "resolve_dtype"]
@@ -273,7 +276,10 @@ class ESTCalculator(Calculator):
             left as they are. A ``.pt2`` path is a deployment package (``est export``,
             :mod:`est_calc.deploy`): it runs in its own dtype and on its own device ("auto"
             picks it; another dtype or device is refused), without ``compile``, ``low_memory``
-            or a reduced ``attention_precision``.
+            or a reduced ``attention_precision``. A list of two or more names, paths or
+            Potentials of one architecture and one set of elements is a committee
+            (:func:`est_calc.uncertainty.committee_forces_stress`): results are the members'
+            mean, at K times the cost of one.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..., or "mps"; a device
             this machine lacks is refused (:func:`est_calc.devices.resolve_device`).
         dtype: "float32" (default) or "float64" (finite-difference checks, tight relaxations).
@@ -331,6 +337,9 @@ class ESTCalculator(Calculator):
             potential's training data, which selects the D3(BJ) parameters, e.g. "pbe"
             (Materials Project) or "rpbe" (OC20); see
             :func:`est_calc.dispersion.functionals`.
+        uncertainty: also return ``energy_std`` (eV) and per-atom ``forces_std`` (eV/Å) from
+            the same pass (:mod:`est_calc.uncertainty`): a committee's spread, or a single
+            potential's uncertainty part (its ``.uncertainty`` sidecar; no extra backward).
         **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
             (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
             passed on; any other name is refused.
@@ -344,7 +353,9 @@ class ESTCalculator(Calculator):
         ValueError: an unreadable potential file, a bad dtype, device or neighbour backend, an
             unknown dispersion method or functional, a functional without ``dispersion``,
             ``dispersion`` without a functional, or ``cuda_graph=True`` off CUDA or with
-            ``low_memory`` or ``dispersion``.
+            ``low_memory``, ``dispersion``, ``uncertainty`` or a committee; a committee of one
+            member, or of differing architectures or elements; ``uncertainty=True`` for a
+            potential without an uncertainty part.
 
     Attributes:
         potential: the :class:`Potential` that runs: the accelerated view
@@ -381,7 +392,7 @@ class ESTCalculator(Calculator):
 
     def __init__(
         self,
-        model: str | Potential = "default",
+        model: str | Potential | Sequence[str | Potential] = "default",
         *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "float32",
@@ -395,6 +406,7 @@ class ESTCalculator(Calculator):
         dispersion=None,
         functional: str | None = None,
         cuda_graph: bool = False,
+        uncertainty: bool = False,
         **kwargs,
     ):
         _check_keywords(kwargs)
@@ -414,29 +426,15 @@ class ESTCalculator(Calculator):
             from est_calc.allocator import tune_malloc as _tune_malloc
 
             _tune_malloc()
-        if getattr(model, "differentiates_itself", False):
-            potential = model  # a deployment package, checked by _load_package
-        elif isinstance(model, Potential):
-            potential = model
-            if potential.dtype != self.dtype or potential.device != self.device:
-                potential = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
-        elif isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"model must be a registry name, a path or an est_calc Potential, got a "
-                f"{type(model).__name__} (wrap an ESTModel with Potential(model, config, species))"
-            )
-        else:
-            try:
-                potential = load_potential(model, device=self.device, dtype=self.dtype)
-            except DefaultPotentialMissing:
-                raise
-            except FileNotFoundError as err:
-                if str(model) == "default":
-                    raise DefaultPotentialMissing(_NO_DEFAULT_MSG) from None
-                raise FileNotFoundError(str(err)) from None
-            for p in potential.parameters():  # our own copy: no parameter gradients needed
-                p.requires_grad_(False)
-        potential.eval()
+        committee = None
+        if isinstance(model, (list, tuple)):
+            committee = [self._load_one(m) for m in committee_models(model)]
+            check_committee(committee, model)
+        potential = committee[0] if committee else self._load_one(model)
+        check_uncertainty_request(uncertainty, potential, committee, cuda_graph)
+        self.uncertainty = uncertainty
+        if uncertainty:
+            self.implemented_properties = [*self.implemented_properties, *STD_PROPERTIES]
         config = getattr(potential.model, "config", None)
         if (self.dtype == torch.float32 and config is not None
                 and getattr(config, "vector_norm", "joint") == "separate"):
@@ -453,10 +451,16 @@ class ESTCalculator(Calculator):
         self.attention_precision = attention_precision
         # Every speed-up, made once: a view of the potential that shares its parameters (the
         # caller's object is left as it is; est_calc.accel).
-        potential = accelerate(potential, inference=True,
-                               attention_dtype=ATTENTION_DTYPES[attention_precision])
-        if compile:
-            potential.model.enable_compile()
+        def fast(member):
+            member = accelerate(member, inference=True,
+                                attention_dtype=ATTENTION_DTYPES[attention_precision])
+            if compile:
+                member.model.enable_compile()
+            return member
+
+        potential = fast(potential)
+        self.committee = None if committee is None else [potential] + [
+            fast(member) for member in committee[1:]]
         self.compile = bool(compile)
         self.potential = potential
         self.cuda_graph = bool(cuda_graph)
@@ -494,6 +498,34 @@ class ESTCalculator(Calculator):
             self._dispersion_pairs = dispersion.pair_list(skin)
             self._batch_dispersion_pairs = dispersion.pair_list(skin)
 
+    def _load_one(self, model) -> Potential:
+        """The Potential (or deployment package) of one ``model`` argument, on the calculator's
+        device and dtype, in eval mode."""
+        if getattr(model, "differentiates_itself", False):
+            potential = model  # a deployment package, checked by _load_package
+        elif isinstance(model, Potential):
+            potential = model
+            if potential.dtype != self.dtype or potential.device != self.device:
+                potential = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        elif isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a registry name, a path or an est_calc Potential, got a "
+                f"{type(model).__name__} (wrap an ESTModel with Potential(model, config, species))"
+            )
+        else:
+            try:
+                potential = load_potential(model, device=self.device, dtype=self.dtype)
+            except DefaultPotentialMissing:
+                raise
+            except FileNotFoundError as err:
+                if str(model) == "default":
+                    raise DefaultPotentialMissing(_NO_DEFAULT_MSG) from None
+                raise FileNotFoundError(str(err)) from None
+            for p in potential.parameters():  # our own copy: no parameter gradients needed
+                p.requires_grad_(False)
+        potential.eval()
+        return potential
+
     @property
     def cutoff_A(self) -> float:
         """Interaction cutoff of the potential, Å."""
@@ -519,7 +551,8 @@ class ESTCalculator(Calculator):
                 numbers as a host array (and ``cell`` its cell); None runs the eager path.
 
         Returns:
-            Prediction; ``stress`` is meaningful only where ``stress_mask`` is True.
+            (Prediction, UncertaintyEstimate or None): ``stress`` is meaningful only where
+            ``stress_mask`` is True; the estimate comes with ``uncertainty=True``.
 
         Raises:
             MemoryError: the neighbour list or the model ran out of memory
@@ -557,17 +590,28 @@ class ESTCalculator(Calculator):
         want_stress = stress_mask is not None
 
         step = self.captured_step if numbers is not None and extra_energy is None else None
+        members = self.committee or [self.potential]
 
         def run():
-            with intra_op_threads(choose_threads(graph.n_edges, self.threads)), \
-                    self.potential.model.checkpoint_layers(self.low_memory):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(intra_op_threads(choose_threads(graph.n_edges, self.threads)))
+                for member in members:
+                    stack.enter_context(member.model.checkpoint_layers(self.low_memory))
                 if step is not None:
                     return step(work, graph, compute_stress=want_stress, numbers=numbers,
-                                cell=cell)
+                                cell=cell), None
+                if self.committee is not None:
+                    pred, estimate = committee_forces_stress(
+                        self.committee, work, graph, compute_stress=want_stress,
+                        extra_energy=extra_energy)
+                    return pred, estimate if self.uncertainty else None
+                if self.uncertainty:
+                    return latent_forces_stress(self.potential, work, graph,
+                                                compute_stress=want_stress,
+                                                extra_energy=extra_energy)
                 return energy_forces_stress(
-                    self.potential, work, graph, compute_stress=want_stress, create_graph=False,
-                    extra_energy=extra_energy,
-                )
+                    self.potential, work, graph, compute_stress=want_stress,
+                    create_graph=False, extra_energy=extra_energy), None
 
         return self._out_of_memory_guard(run, batch, graph)
 
@@ -656,13 +700,16 @@ class ESTCalculator(Calculator):
         return (f"out of memory {stage} on {self.device} in {dtype} ({reason}){advice}")
 
     @staticmethod
-    def _results(pred, batch: AtomsBatch, stress_mask: Sequence[bool] | None) -> list[dict]:
+    def _results(pred, batch: AtomsBatch, stress_mask: Sequence[bool] | None,
+                 estimate=None) -> list[dict]:
         """ASE results (numpy float64), one dict per structure of the batch.
 
         Every array leaves the device once and is checked once (FloatingPointError naming the
         quantity when the model produced a non-finite value), then split per structure.
         """
         arrays = {"energy": pred.energy, "energies": pred.energies, "forces": pred.forces}
+        if estimate is not None:
+            arrays["energy_std"], arrays["forces_std"] = estimate.energy_std, estimate.forces_std
         if stress_mask is not None and any(stress_mask):
             arrays["stress"] = pred.stress
         arrays = {key: value.detach().cpu().double().numpy() for key, value in arrays.items()}
@@ -680,6 +727,9 @@ class ESTCalculator(Calculator):
             res = {"energy": energy, "free_energy": energy,
                    "energies": arrays["energies"][lo:hi].copy(),
                    "forces": arrays["forces"][lo:hi].copy()}
+            if estimate is not None:
+                res["energy_std"] = float(arrays["energy_std"][k])
+                res["forces_std"] = arrays["forces_std"][lo:hi].copy()
             if "stress" in arrays and stress_mask[k]:
                 # Exactly symmetric (the strain is symmetrised), so ASE's averaging of the
                 # off-diagonal pairs returns the upper triangle unchanged.
@@ -706,9 +756,9 @@ class ESTCalculator(Calculator):
             )
         batch = AtomsBatch.from_atoms(self.atoms, device=self.device, dtype=self.dtype)
         mask = [True] if want_stress else None
-        pred = self._predict(batch, mask, self.neighbor_list, self._dispersion_pairs,
-                             numbers=self.atoms.numbers, cell=self.atoms.cell.array)
-        self.results = self._results(pred, batch, mask)[0]
+        pred, estimate = self._predict(batch, mask, self.neighbor_list, self._dispersion_pairs,
+                                       numbers=self.atoms.numbers, cell=self.atoms.cell.array)
+        self.results = self._results(pred, batch, mask, estimate)[0]
 
     def calculate_batch(
         self, atoms_list: Sequence, properties: Iterable[str] = ("energy", "forces")
@@ -743,6 +793,6 @@ class ESTCalculator(Calculator):
         batch = _checked_batch(atoms_list, self.potential, self.device, self.dtype)
         periodic = batch.pbc.any(dim=1).tolist()
         mask = periodic if "stress" in properties and any(periodic) else None
-        pred = self._predict(batch, mask, self.batch_neighbor_list,
-                             self._batch_dispersion_pairs)
-        return self._results(pred, batch, mask)
+        pred, estimate = self._predict(batch, mask, self.batch_neighbor_list,
+                                       self._batch_dispersion_pairs)
+        return self._results(pred, batch, mask, estimate)

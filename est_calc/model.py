@@ -313,6 +313,7 @@ class ESTModel(nn.Module):
         self._rotate_grid = True
         self._checkpoint_layers = False
         self._compiled_network = None
+        self._feature_sink: list | None = None
 
     def enable_compile(self, *, mode: str | None = None, dynamic: bool = True):
         """Run the network (everything between edge vectors and per-atom scalars) through
@@ -352,6 +353,22 @@ class ESTModel(nn.Module):
             yield self
         finally:
             self._checkpoint_layers = previous
+
+    @contextmanager
+    def recording_features(self):
+        """Collect the per-atom scalar features (n_atoms, C) that enter the energy head.
+
+        Yields a list; every forward pass inside the block appends its batch's features,
+        detached (``network`` output of the real atoms, after the final norm). The energy and
+        its derivatives are those of an unrecorded call. The uncertainty estimates of
+        :mod:`est_calc.uncertainty` read them.
+        """
+        previous, sink = self._feature_sink, []
+        self._feature_sink = sink
+        try:
+            yield sink
+        finally:
+            self._feature_sink = previous
 
     @contextmanager
     def fixed_grid(self):
@@ -435,7 +452,10 @@ class ESTModel(nn.Module):
         network = self.network
         if self._compiled_network is not None and not self.training and not self._checkpoint_layers:
             network = self._compiled_network
-        e_all = self.head(network(torch.cat([z, species]), graph, vec)).squeeze(-1)
+        features = network(torch.cat([z, species]), graph, vec)
+        if self._feature_sink is not None:
+            self._feature_sink.append(features[:n_atoms].detach())
+        e_all = self.head(features).squeeze(-1)
         e = e_all[:n_atoms] - e_all[n_atoms:][inverse]
         energies = self.atom_energies(z, e, edge_index, vec.norm(dim=-1))
         energy = energies.new_zeros(batch.n_systems).index_add(0, batch.system_idx, energies)

@@ -77,13 +77,16 @@ class Potential(nn.Module):
     Attributes:
         model: the ``ESTModel`` (energy per structure, eV; per-element reference energies are
             its ``element_reference`` buffer).
+        uncertainty: the :class:`est_calc.uncertainty.LatentDistance` fitted for this model
+            (loaded from the file's ``.uncertainty`` sidecar), or None.
         config: the model's ``ModelConfig``.
         species: sorted tuple of the atomic numbers the potential knows.
         metadata: plain-value dict (training data summary, metrics, ``units`` = "eV/Å",
             ``est_calc_version`` of the code that made it).
     """
 
-    def __init__(self, model: nn.Module, config, species: Iterable[int], metadata=None):
+    def __init__(self, model: nn.Module, config, species: Iterable[int], metadata=None,
+                 uncertainty: nn.Module | None = None):
         super().__init__()
         species = tuple(sorted({int(z) for z in species}))
         if not species:
@@ -100,6 +103,25 @@ class Potential(nn.Module):
         self.config = config
         self.species = species
         self.metadata = metadata
+        # The per-atom uncertainty estimate (est_calc.uncertainty.LatentDistance) or None, and
+        # why there is none (for the message of ESTCalculator(uncertainty=True)). Kept out of
+        # the module tree, so state_dict() (checkpoints, training) holds the model only; _apply
+        # moves and casts it with the potential.
+        self.__dict__["uncertainty"] = uncertainty
+        self.uncertainty_problem = None if uncertainty is not None else (
+            "this potential has no uncertainty part")
+
+    def __setattr__(self, name, value):
+        if name == "uncertainty":  # not a submodule (see __init__)
+            self.__dict__["uncertainty"] = value
+            return
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("uncertainty") is not None:
+            self.__dict__["uncertainty"] = self.__dict__["uncertainty"]._apply(fn, *args, **kwargs)
+        return out
 
     @classmethod
     def from_config(cls, config, species: Sequence[int], metadata: Optional[dict] = None):
@@ -328,6 +350,13 @@ def load_potential(
             f"{str(path)!r}: weights do not fit the stored config: {str(err).splitlines()[0]}"
         ) from None
     metadata = dict(payload.get("metadata") or {})
-    pot = Potential(model, config, payload["species"], metadata)
+    from est_calc.uncertainty import load_uncertainty
+
+    uncertainty, problem = load_uncertainty(path)
+    if uncertainty is not None:
+        uncertainty = uncertainty.to(device=device, dtype=dtype)
+    pot = Potential(model, config, payload["species"], metadata, uncertainty)
+    if problem is not None:
+        pot.uncertainty_problem = problem
     pot.eval()
     return pot

@@ -14,7 +14,10 @@ that did not converge.
     est adsorb --slab Cu111 --adsorbate O [--sites fcc,hcp] [--calc emt|est|PATH]
 
 Every command takes ``--dispersion d3bj --functional NAME`` to add DFT-D3(BJ) to the EST
-potential (:mod:`est_calc.dispersion`).
+potential (:mod:`est_calc.dispersion`). ``est relax`` and ``est md`` take
+``--uncertainty-threshold F [--on-uncertain record|stop] [--uncertain-frames PATH]``: steps whose
+largest per-atom force std exceeds F eV/Å are written to PATH (extxyz, for relabelling) and the
+run goes on or stops (exit code 2 with one line naming the step; :mod:`md_recipes.uncertain`).
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ def check_dispersion(dispersion: str | None, functional: str | None,
 
 def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
                     compile: bool = False, dispersion: str | None = None,
-                    functional: str | None = None):
+                    functional: str | None = None, uncertainty: bool = False):
     """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
 
     ``dispersion`` ("d3bj") and ``functional`` (e.g. "rpbe") add DFT-D3(BJ) to an EST potential
-    (``ESTCalculator(..., dispersion=, functional=)``).
+    (``ESTCalculator(..., dispersion=, functional=)``); ``uncertainty`` makes it return
+    ``forces_std`` (EMT has none: refused).
 
     Raises:
         ValueError: for a spec that is neither a known name nor an existing file, (EST) a
@@ -71,6 +75,9 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
     """
     check_dispersion(dispersion, functional, spec)
     if spec.lower() == "emt":
+        if uncertainty:
+            raise ValueError("--uncertainty-threshold needs an EST potential with an uncertainty "
+                             "part; --calc emt has none")
         from ase.calculators.emt import EMT
 
         return EMT()
@@ -80,7 +87,8 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
     from est_calc.calculator import ESTCalculator
 
     return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
-                         compile=compile, dispersion=dispersion, functional=functional)
+                         compile=compile, dispersion=dispersion, functional=functional,
+                         uncertainty=uncertainty)
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +106,37 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--functional", default=None,
                    help="DFT functional of the potential's training data, which selects the "
                         "D3(BJ) parameters (e.g. pbe, rpbe)")
+
+
+def _add_uncertainty_args(p: argparse.ArgumentParser) -> None:
+    from md_recipes.uncertain import ON_UNCERTAIN
+
+    p.add_argument("--uncertainty-threshold", type=float, default=None, metavar="F",
+                   help="watch the largest per-atom force std (eV/Å): steps above F are written "
+                        "to --uncertain-frames (the potential needs an uncertainty part)")
+    p.add_argument("--on-uncertain", default="record", choices=ON_UNCERTAIN,
+                   help="record: write the frame and go on (default); stop: write it and stop")
+    p.add_argument("--uncertain-frames", default="uncertain.extxyz", metavar="PATH",
+                   help="extxyz file of the frames above the threshold (default uncertain.extxyz)")
+
+
+def _uncertainty_kwargs(args) -> dict:
+    """The recipes' uncertainty arguments of the command line, checked."""
+    from md_recipes.uncertain import check_uncertainty_arguments
+
+    on = args.uncertainty_threshold is not None
+    kwargs = dict(uncertainty_threshold=args.uncertainty_threshold,
+                  on_uncertain=args.on_uncertain,
+                  uncertain_frames=args.uncertain_frames if on else None)
+    check_uncertainty_arguments(**kwargs)
+    return kwargs
+
+
+def _report_uncertain(steps: list, kwargs: dict) -> None:
+    if kwargs["uncertainty_threshold"] is not None:
+        where = f" -> {kwargs['uncertain_frames']}" if steps else ""
+        print(f"{'uncertain frames':<22}{len(steps)} above "
+              f"{kwargs['uncertainty_threshold']:g} eV/Å{where}")
 
 
 def _bound(text: str) -> float | None:
@@ -168,6 +207,7 @@ def add_relax_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=500, help="most optimiser steps")
     p.add_argument("--log", default=None, help="optimiser log file")
     _add_max_force_arg(p)
+    _add_uncertainty_args(p)
     _add_calc_args(p)
     p.set_defaults(func=_run_relax)
     return p
@@ -185,20 +225,22 @@ def _run_relax(args) -> int:
     from md_recipes.relax import _check_common, relax
 
     _check_common(args.fmax, args.steps, args.optimizer, args.max_force)
+    unc = _uncertainty_kwargs(args)
     check_dispersion(args.dispersion, args.functional, args.calc)
     _check_structure_output("-o/--output", args.output)
     check_output_path("--log", args.log)
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
-                           args.functional)
+                           args.functional, uncertainty=unc["uncertainty_threshold"] is not None)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
-                max_force_eV_per_A=args.max_force)
+                max_force_eV_per_A=args.max_force, **unc)
     _write_structures(args.output, res.atoms)
     print(f"{'structure':<12}{res.atoms.get_chemical_formula()}")
     print(f"{'converged':<12}{res.converged} after {res.steps} steps ({args.optimizer})")
     print(f"{'energy':<12}{res.energies[0]:.6f} -> {res.energies[-1]:.6f} eV")
     print(f"{'max force':<12}{res.fmax_eV_per_A:.4f} eV/Å (criterion {args.fmax})")
+    _report_uncertain(res.uncertain_steps, unc)
     if args.cell:
         a, b, c, al, be, ga = res.atoms.cell.cellpar()
         print(f"{'cell':<12}a={a:.4f} b={b:.4f} c={c:.4f} Å  {al:.2f} {be:.2f} {ga:.2f} deg")
@@ -234,6 +276,7 @@ def add_md_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-energy-drift", type=_bound, default=0.1, metavar="E",
                    help="nve: stop when the total energy moved by more than E eV/atom "
                         "(default 0.1; 'none': no check)")
+    _add_uncertainty_args(p)
     _add_calc_args(p)
     p.set_defaults(func=_run_md)
     return p
@@ -251,6 +294,7 @@ def _run_md(args) -> int:
                   max_force_eV_per_A=args.max_force,
                   max_temperature_ratio=args.max_temperature_ratio,
                   max_energy_drift_eV_per_atom=args.max_energy_drift)
+    kwargs.update(_uncertainty_kwargs(args))
     _check_arguments(**kwargs)  # before the structure is read and the potential loaded
     check_dispersion(args.dispersion, args.functional, args.calc)
     if args.restart is not None and os.path.exists(args.restart):
@@ -259,7 +303,8 @@ def _run_md(args) -> int:
         read_checkpoint(args.restart)  # a damaged restart file is named before any work
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
-                           args.functional)
+                           args.functional,
+                           uncertainty=kwargs["uncertainty_threshold"] is not None)
     res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
     if args.restart is not None and res.start_step == res.n_steps > 0:
         print(f"{'restart':<22}{args.restart} is already at step {res.n_steps}: "
@@ -276,6 +321,7 @@ def _run_md(args) -> int:
           f"({drift:+.3f} meV/atom/ps)")
     if res.pressure is not None:
         print(f"{'<P> second half':<22}{np.mean(res.pressure[half]):.3f} GPa")
+    _report_uncertain(res.uncertain_steps, kwargs)
     print(f"{'trajectory':<22}{args.output}")
     return 0
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms, units
@@ -41,6 +41,7 @@ from md_recipes.safety import (
     check_finite_state,
     check_output_path,
 )
+from md_recipes.uncertain import UncertaintyWatch, check_uncertainty_arguments
 
 __all__ = ["ENSEMBLES", "MDResult", "run_md", "read_checkpoint", "SimulationUnstable",
            "TEMPERATURE_FLOOR_K"]
@@ -72,6 +73,8 @@ class MDResult:
         start_step: step this call started from: 0 for a fresh run, the checkpoint's step on
             restart. ``start_step == n_steps`` on a restart means the run had already finished:
             nothing was run or written, and the single sample is the checkpoint's state.
+        uncertain_steps: steps of this call whose largest per-atom force std exceeded
+            ``uncertainty_threshold`` (empty without one).
     """
 
     atoms: Atoms
@@ -84,6 +87,7 @@ class MDResult:
     pressure: np.ndarray | None
     n_steps: int
     start_step: int = 0
+    uncertain_steps: list[int] = field(default_factory=list)
 
 
 def _make_dynamics(atoms, ensemble, dt, temperature_K, pressure_GPa, friction_per_fs, rng,
@@ -231,7 +235,8 @@ def _check_arguments(*, ensemble="nve", temperature_K=300.0, pressure_GPa=0.0, t
                      n_steps=0, log_every=10, friction_per_fs=0.01, taut_fs=None, taup_fs=None,
                      max_force_eV_per_A=None, max_temperature_ratio=None,
                      max_energy_drift_eV_per_atom=None, trajectory=None, logfile=None,
-                     restart=None, plot=None) -> None:
+                     restart=None, plot=None, uncertainty_threshold=None,
+                     on_uncertain="record", uncertain_frames=None) -> None:
     """Raise ValueError, naming the argument, for any value :func:`run_md` cannot use (before
     any structure is read or any energy computed)."""
     if ensemble not in ENSEMBLES:
@@ -252,6 +257,7 @@ def _check_arguments(*, ensemble="nve", temperature_K=300.0, pressure_GPa=0.0, t
     for name, path in (("trajectory", trajectory), ("logfile", logfile), ("restart", restart),
                        ("plot", plot)):
         check_output_path(name, path)
+    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames)
 
 
 def run_md(
@@ -276,6 +282,9 @@ def run_md(
     max_force_eV_per_A: float | None = DEFAULT_MAX_FORCE_EV_PER_A,
     max_temperature_ratio: float | None = 10.0,
     max_energy_drift_eV_per_atom: float | None = 0.1,
+    uncertainty_threshold: float | None = None,
+    on_uncertain: str = "record",
+    uncertain_frames: str | None = None,
 ) -> MDResult:
     """Run molecular dynamics in one of :data:`ENSEMBLES`.
 
@@ -291,6 +300,14 @@ def run_md(
     * "nve": the total energy moved by more than ``max_energy_drift_eV_per_atom`` per atom,
       |E_tot(step) - E_tot(start)| / N, with "start" the first step of this call. 0.1 eV/atom
       would heat the system by 2 * 0.1 eV / (3 k_B) = 774 K; a sound NVE run stays far below.
+
+    With ``uncertainty_threshold`` the calculator must return ``forces_std``
+    (``ESTCalculator(uncertainty=True)``; the default calculator then has it): every step whose
+    largest per-atom force std exceeds the threshold is written to ``uncertain_frames`` (extxyz,
+    for relabelling; :mod:`md_recipes.uncertain`) and listed in ``MDResult.uncertain_steps``, and
+    with ``on_uncertain="stop"`` the run stops there with
+    :class:`~md_recipes.uncertain.UncertainStructure` (a SimulationUnstable). The log then has a
+    column ``max_Fstd``, the largest per-atom force std (eV/Å) of each sample.
 
     The energy enters the checks at every step where the calculator produced it with the forces
     (ASE calculators that compute both together, EMT and EST included), else every
@@ -327,6 +344,11 @@ def run_md(
         max_temperature_ratio: runaway bound of thermostatted ensembles, relative to the target
             (> 1).
         max_energy_drift_eV_per_atom: bound on the total-energy change per atom in "nve".
+        uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std; None: not
+            watched.
+        on_uncertain: "record" (write the frame and go on) or "stop" (write it and stop).
+        uncertain_frames: extxyz path of the frames beyond the threshold (appended to on
+            restart); None: not written.
 
     Returns:
         MDResult with the samples of this call.
@@ -334,7 +356,8 @@ def run_md(
     Raises:
         ValueError: bad arguments (non-finite or out of range, output folder missing, damaged
             checkpoint), checked before any energy is computed.
-        SimulationUnstable: the run left the bounds above.
+        SimulationUnstable: the run left the bounds above (UncertainStructure: the force std
+            exceeded ``uncertainty_threshold`` with ``on_uncertain="stop"``).
     """
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixCom
@@ -347,7 +370,9 @@ def run_md(
                      max_force_eV_per_A=max_force_eV_per_A,
                      max_temperature_ratio=max_temperature_ratio,
                      max_energy_drift_eV_per_atom=max_energy_drift_eV_per_atom,
-                     trajectory=trajectory, logfile=logfile, restart=restart, plot=plot)
+                     trajectory=trajectory, logfile=logfile, restart=restart, plot=plot,
+                     uncertainty_threshold=uncertainty_threshold, on_uncertain=on_uncertain,
+                     uncertain_frames=uncertain_frames)
     n_steps, log_every = int(n_steps), int(log_every)
     if len(atoms) == 0:
         raise ValueError("cannot run MD on an empty Atoms object")
@@ -355,7 +380,10 @@ def run_md(
     resuming = restart is not None and os.path.exists(restart)
     header, saved = (read_checkpoint(restart) if resuming else (None, None))
     work = atoms.copy()
-    work.calc = default_calculator() if calc is None else calc
+    watch = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
+                              label="MD", append=resuming)
+             if uncertainty_threshold is not None else None)
+    work.calc = (default_calculator(uncertainty=watch is not None) if calc is None else calc)
     if ensemble == "nvt-langevin" and not work.constraints:
         work.set_constraint(FixCom())
     rng = np.random.default_rng(seed)
@@ -435,6 +463,8 @@ def run_md(
                     "is not conserving energy (try a smaller timestep_fs)",
                     step=step, quantity="total energy", value=abs(drift),
                     limit=max_energy_drift_eV_per_atom)
+        if watch is not None:
+            watch(step, work)
 
     records: list[tuple] = []
     traj = None
@@ -448,7 +478,8 @@ def run_md(
         log = open(logfile, "a" if resuming else "w") if logfile is not None else None
         if log is not None and not resuming:
             log.write(f"# {ensemble} dt={timestep_fs} fs T={temperature_K} K seed={seed}\n"
-                      "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa\n")
+                      "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa"
+                      + ("  max_Fstd_eV_per_A" if watch is not None else "") + "\n")
 
     def sample(step: int, write: bool = True) -> None:
         epot = float(work.get_potential_energy())
@@ -462,8 +493,9 @@ def run_md(
             return
         if log is not None:
             p = "nan" if pres is None else f"{pres:.5f}"
+            u = f" {watch.last:.5f}" if watch is not None else ""
             log.write(f"{step:8d} {step * timestep_fs:12.3f} {epot:14.6f} {ekin:12.6f} "
-                      f"{epot + ekin:14.6f} {temp:10.3f} {p}\n")
+                      f"{epot + ekin:14.6f} {temp:10.3f} {p}{u}\n")
             log.flush()
         if traj is not None:
             traj.write()
@@ -518,7 +550,8 @@ def run_md(
     results = {k: v for k, v in work.calc.results.items() if k in ("energy", "forces", "stress")}
     final.calc = SinglePointCalculator(final, **results)
     result = MDResult(final, rec[:, 0].astype(int), rec[:, 1], rec[:, 2], rec[:, 3], rec[:, 4],
-                      rec[:, 5], pressure, n_steps, start)
+                      rec[:, 5], pressure, n_steps, start,
+                      list(watch.steps) if watch is not None else [])
     if plot is not None and not finished:
         from md_recipes.plotting import plot_md
 

@@ -48,6 +48,8 @@ class RelaxResult:
         energies: potential energy (eV) at each visited geometry, the start included.
         fmax_eV_per_A: largest per-atom force norm (eV/Å) of the final geometry (for a cell
             relaxation: of the filter's generalised forces, which include the cell).
+        uncertain_steps: steps whose largest per-atom force std exceeded the
+            ``uncertainty_threshold`` of :func:`relax` (empty without one).
     """
 
     atoms: Atoms
@@ -55,22 +57,26 @@ class RelaxResult:
     steps: int
     energies: list[float] = field(default_factory=list)
     fmax_eV_per_A: float = float("nan")
+    uncertain_steps: list[int] = field(default_factory=list)
 
 
 #: Verlet skin (Å) of the recipes' default calculator, as the command line's ``--skin``.
 DEFAULT_SKIN_A = 1.0
 
 
-def default_calculator(dispersion: str | None = None, functional: str | None = None):
+def default_calculator(dispersion: str | None = None, functional: str | None = None,
+                       uncertainty: bool = False):
     """The project's calculator with the shipped potential and a 1 Å Verlet skin (as ``est
     relax`` / ``est md``), ``ESTCalculator(skin=DEFAULT_SKIN_A)``, imported lazily. The pairs are
     those of a fresh build at every step; the skin only saves rebuilding them.
 
     ``dispersion="d3bj"`` with ``functional`` (e.g. "rpbe") adds DFT-D3(BJ) (as ``est relax
-    --dispersion d3bj --functional rpbe``; see :class:`est_calc.calculator.ESTCalculator`)."""
+    --dispersion d3bj --functional rpbe``; see :class:`est_calc.calculator.ESTCalculator`).
+    ``uncertainty=True`` returns ``forces_std`` too (the shipped potential's uncertainty part)."""
     from est_calc.calculator import ESTCalculator
 
-    return ESTCalculator(skin=DEFAULT_SKIN_A, dispersion=dispersion, functional=functional)
+    return ESTCalculator(skin=DEFAULT_SKIN_A, dispersion=dispersion, functional=functional,
+                         uncertainty=uncertainty)
 
 
 def _check_common(fmax_eV_per_A: float, max_steps: int, optimizer: str,
@@ -125,6 +131,9 @@ def relax(
     trajectory: str | None = None,
     logfile: str | None = None,
     max_force_eV_per_A: float | None = DEFAULT_RELAX_MAX_FORCE_EV_PER_A,
+    uncertainty_threshold: float | None = None,
+    on_uncertain: str = "record",
+    uncertain_frames: str | None = None,
 ) -> RelaxResult:
     """Relax atomic positions (and optionally the cell) until max |F| < fmax.
 
@@ -142,6 +151,13 @@ def relax(
         logfile: optional text log path of the optimiser (None: silent).
         max_force_eV_per_A: bound on max_i |F_i| (eV/Å) of the atoms' raw forces at every visited
             geometry; None: no bound.
+        uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std of every
+            visited geometry (the calculator must return ``forces_std``; the default one then
+            does); the log gets a line ``Uncertainty: step max_force_std`` per step. None: not
+            watched.
+        on_uncertain: "record" (write the geometry to ``uncertain_frames`` and go on) or "stop"
+            (write it and stop with :class:`~md_recipes.uncertain.UncertainStructure`).
+        uncertain_frames: extxyz path of the geometries beyond the threshold; None: not written.
 
     Returns:
         RelaxResult; ``converged=False`` (with a RuntimeWarning) when the criterion was not met.
@@ -153,11 +169,18 @@ def relax(
     """
     from ase.optimize import BFGS, FIRE, LBFGS
 
+    from md_recipes.uncertain import UncertaintyWatch, check_uncertainty_arguments
+
     name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
+    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames)
     if len(atoms) == 0:
         raise ValueError("cannot relax an empty Atoms object")
+    uncertainty = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
+                                    label="relaxation")
+                   if uncertainty_threshold is not None else None)
     work = atoms.copy()
-    work.calc = default_calculator() if calc is None else calc
+    work.calc = (default_calculator(uncertainty=uncertainty is not None) if calc is None
+                 else calc)
     target = work
     if relax_cell:
         if not work.pbc.all():
@@ -173,6 +196,11 @@ def relax(
             energies.append(float(work.get_potential_energy()))
             check_energy_forces("relaxation", opt.nsteps, energies[-1],
                                 work.get_forces(apply_constraint=False), max_force_eV_per_A)
+            if uncertainty is not None:
+                value = uncertainty(opt.nsteps, work)
+                if opt.logfile is not None:
+                    opt.logfile.write(f"Uncertainty: {opt.nsteps:3d} max_force_std "
+                                      f"{value:.5f} eV/Å\n")
 
         opt.attach(watch, interval=1)
         try:
@@ -182,7 +210,8 @@ def relax(
                                      step=opt.nsteps, quantity="model output") from exc
     fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
     _report(converged, opt.nsteps, fmax, fmax_eV_per_A)
-    return RelaxResult(_snapshot(work), converged, int(opt.nsteps), energies, fmax)
+    return RelaxResult(_snapshot(work), converged, int(opt.nsteps), energies, fmax,
+                       list(uncertainty.steps) if uncertainty is not None else [])
 
 
 def _constrained_forces(atoms: Atoms, forces: np.ndarray) -> np.ndarray:

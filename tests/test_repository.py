@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Model weights: only the shipped potentials (and test fixtures) may be tracked.
-WEIGHT_SUFFIXES = {".pt", ".pt2", ".pth", ".ckpt", ".safetensors"}
+WEIGHT_SUFFIXES = {".pt", ".pt2", ".pth", ".ckpt", ".safetensors", ".uncertainty"}
 #: Plots and pictures: only a figure a model card links may be tracked.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf"}
 #: What a run writes and the repository never holds, wherever it is.

@@ -2,7 +2,9 @@
 
 Adds the metadata a user of the registry needs (name, teacher, data recipe, model card) to the
 EMA weights the trainer exported, writes ``potentials/<name>.pt`` atomically and names it in
-``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``.
+``potentials/DEFAULT``. The model card's numbers come from ``benchmarks/model_card.py``. A new
+file invalidates the old uncertainty sidecar (it is bound to the file's sha256): refit it with
+``training_runs/fit_default_uncertainty.py``.
 
 Usage: python training_runs/ship_default.py RUN/potential.pt NAME [CHAIN]
 CHAIN names the data recipe recorded in the file: "v8" (default; est-emt-small version 8: version

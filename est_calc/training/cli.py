@@ -20,6 +20,13 @@ def add_training_parsers(sub) -> None:
                            "metrics.csv and learning_curves.png; other files stay)")
     p.add_argument("--init", default=None, metavar="POTENTIAL",
                    help="fine-tune this potential (registry name or path) instead of starting fresh")
+    unc = p.add_mutually_exclusive_group()
+    unc.add_argument("--committee", type=_committee_size, default=None, metavar="K",
+                     help="train K potentials with seeds seed..seed+K-1 into output_dir/member<k> "
+                          "(a committee: ESTCalculator(model=[...], uncertainty=True))")
+    unc.add_argument("--uncertainty", action="store_true",
+                     help="after training, fit the latent-distance uncertainty of the exported "
+                          "potential (calibrated on data.val or uncertainty.calibration)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="OC20 S2EF metrics of a potential on a data set")
@@ -49,13 +56,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _committee_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a committee needs K >= 2 members, got {text!r}")
+    return value
+
+
 def _train(args) -> int:
     from est_calc.training.config import load_config
-    from est_calc.training.trainer import train
+    from est_calc.training.uncertainty import train_with_uncertainty
 
-    cfg = load_config(args.config, args.set)
-    path = train(cfg, init=args.init, resume=args.resume, overwrite=args.overwrite)
-    print(f"exported {path}")
+    sets = list(args.set)
+    if args.committee is not None:
+        sets += ["uncertainty.kind=committee", f"uncertainty.committee_size={args.committee}"]
+    elif args.uncertainty:
+        sets += ["uncertainty.kind=latent"]
+    cfg = load_config(args.config, sets)
+    paths = train_with_uncertainty(cfg, init=args.init, resume=args.resume,
+                                   overwrite=args.overwrite)
+    for path in paths:
+        print(f"exported {path}")
+    if len(paths) > 1:
+        names = ", ".join(repr(str(p)) for p in paths)
+        print(f"committee: ESTCalculator(model=[{names}], uncertainty=True)")
     return 0
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "ModelSection",
     "LossConfig",
     "TrainSection",
+    "UncertaintySection",
     "TrainConfig",
     "load_config",
     "apply_overrides",
@@ -157,6 +158,25 @@ class TrainSection:
 
 
 @dataclass
+class UncertaintySection:
+    """The uncertainty estimate trained with the potential (:mod:`est_calc.uncertainty`).
+
+    ``kind``: "none"; "latent" (after training, fit the latent-distance estimate of the exported
+    potential: reference features from up to ``max_reference_frames`` training frames,
+    ``n_reference`` atoms kept per element, calibration on ``calibration`` frames, default
+    ``data.val``; written as ``potential.uncertainty`` beside ``potential.pt``); or "committee"
+    (train ``committee_size`` potentials with seeds ``train.seed + k`` into
+    ``output_dir/member<k>``, for ``ESTCalculator(model=[...], uncertainty=True)``).
+    """
+
+    kind: str = "none"
+    committee_size: int = 3
+    calibration: str | list[str] | None = None
+    n_reference: int = 2048
+    max_reference_frames: int | None = 2000
+
+
+@dataclass
 class TrainConfig:
     """The whole run."""
 
@@ -165,6 +185,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    uncertainty: UncertaintySection = field(default_factory=UncertaintySection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,6 +304,17 @@ class TrainConfig:
             t.time_budget_s = _check_number("train.time_budget_s", t.time_budget_s, 0.0, None,
                                             "a finite positive number of seconds",
                                             low_open=True)
+        u = self.uncertainty
+        _check_choice("uncertainty.kind", u.kind, ("none", "latent", "committee"))
+        _check_int("uncertainty.committee_size", u.committee_size, 2)
+        _check_int("uncertainty.n_reference", u.n_reference, 1)
+        if u.max_reference_frames is not None:
+            _check_int("uncertainty.max_reference_frames", u.max_reference_frames, 1)
+        if u.calibration is not None:
+            _check_paths_value("uncertainty.calibration", u.calibration)
+        if u.kind == "latent" and u.calibration is None and d.val is None:
+            raise ValueError("uncertainty.kind=latent needs held-out frames to calibrate on: set "
+                             "uncertainty.calibration or data.val")
 
     def check_paths(self, init: str | None = None) -> None:
         """Check that the data (and an ``init`` given as a path) exist and that ``output_dir``
@@ -296,11 +328,11 @@ class TrainConfig:
             FileNotFoundError: a data path or an init path that does not exist (names the key).
             ValueError: ``output_dir`` exists and is not a folder.
         """
-        for key in ("train", "val"):
-            value = getattr(self.data, key)
+        for key, value in (("data.train", self.data.train), ("data.val", self.data.val),
+                           ("uncertainty.calibration", self.uncertainty.calibration)):
             for p in ([] if value is None else value if isinstance(value, list) else [value]):
                 if not Path(p).exists():
-                    raise FileNotFoundError(f"data.{key}: no such file or folder: {p}")
+                    raise FileNotFoundError(f"{key}: no such file or folder: {p}")
         iso = self.data.isolated_atoms
         if isinstance(iso, str) and not Path(iso).is_file():
             raise FileNotFoundError(f"data.isolated_atoms: no such file: {iso}")

@@ -203,10 +203,13 @@ def _load_init(init: str):
                                                "train_data": state["config"]["data"]["train"]}}
             return potential.to(dtype=torch.float64)
     try:
-        return load_potential(init, device="cpu", dtype=torch.float64)
+        potential = load_potential(init, device="cpu", dtype=torch.float64)
     except ValueError as err:
         raise ValueError(f"init {init!r} is neither an est_calc training checkpoint nor a "
                          f"potential ({str(err).split(':')[0]})") from None
+    # An uncertainty part describes the init's weights, not the ones this run will make.
+    potential.uncertainty = None
+    return potential
 
 
 class Trainer:

@@ -1,0 +1,162 @@
+"""run_md / relax / est md / est relax with an uncertainty threshold: exactly the frames beyond it
+are written, and the run records them or stops, as asked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+from ase.io import read, write
+
+from est_calc.cli import main
+from md_recipes import relax, run_md
+from md_recipes.uncertain import UncertainStructure
+
+SCALE = 0.1  # forces_std = SCALE * |F_i|: known, deterministic, and it changes along a run
+
+
+class StdEMT(EMT):
+    """EMT with a stand-in per-atom force std (eV/Å)."""
+
+    implemented_properties = [*EMT.implemented_properties, "forces_std"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        kwargs = {} if system_changes is None else {"system_changes": system_changes}
+        super().calculate(atoms, properties, **kwargs)
+        self.results["forces_std"] = SCALE * np.linalg.norm(self.results["forces"], axis=1)
+
+
+def _max_std(atoms) -> float:
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    return SCALE * float(np.linalg.norm(atoms.get_forces(apply_constraint=False), axis=1).max())
+
+
+@pytest.fixture
+def cu():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.08, seed=5)
+    return atoms
+
+
+def test_md_records_exactly_the_frames_beyond_the_threshold(cu, tmp_path):
+    traj, frames, log = tmp_path / "md.traj", tmp_path / "unc.extxyz", tmp_path / "md.log"
+    run_md(cu, StdEMT(), ensemble="nve", temperature_K=600.0, n_steps=12, log_every=1,
+           trajectory=str(traj), progress=False)
+    # The threshold is set from the run itself: the median of its per-step largest std.
+    stds = [_max_std(a) for a in read(traj, ":")]
+    threshold = float(np.median(stds))
+    res = run_md(cu, StdEMT(), ensemble="nve", temperature_K=600.0, n_steps=12, log_every=1,
+                 trajectory=str(traj), logfile=str(log), progress=False,
+                 uncertainty_threshold=threshold, uncertain_frames=str(frames))
+    want = [step for step, s in enumerate(stds) if s > threshold]
+    assert 0 < len(want) < len(stds)
+    assert res.uncertain_steps == want
+    written = read(frames, ":")
+    assert [a.info["step"] for a in written] == want
+    for atoms, step in zip(written, want):
+        np.testing.assert_allclose(atoms.positions, read(traj, step).positions, atol=1e-6)
+        assert atoms.info["max_force_std"] > threshold
+        assert atoms.arrays["forces_std"].shape == (len(cu),)
+        assert atoms.calc is None  # no model labels in a file meant for relabelling
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("#")]
+    assert "max_Fstd" in log.read_text().splitlines()[1]
+    np.testing.assert_allclose([float(line.split()[-1]) for line in lines], stds, rtol=1e-4)
+
+
+def test_md_stops_at_the_first_uncertain_step(cu, tmp_path):
+    frames, log = tmp_path / "unc.extxyz", tmp_path / "md.log"
+    start = _max_std(cu)
+    with pytest.raises(UncertainStructure, match=r"step 0: largest per-atom force std") as err:
+        run_md(cu, StdEMT(), ensemble="nve", n_steps=5, progress=False, logfile=str(log),
+               uncertainty_threshold=0.5 * start, on_uncertain="stop",
+               uncertain_frames=str(frames))
+    assert err.value.step == 0 and err.value.quantity == "force std"
+    assert len(read(frames, ":")) == 1
+    assert log.read_text().splitlines()[-1].startswith("# MD stopped at step 0")
+
+
+def test_relax_records_and_stops(tmp_path):
+    slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+    slab.rattle(0.15, seed=2)
+    start = _max_std(slab)
+    frames, log = tmp_path / "unc.extxyz", tmp_path / "opt.log"
+    res = relax(slab, StdEMT(), fmax_eV_per_A=0.1, max_steps=60, logfile=str(log),
+                uncertainty_threshold=0.5 * start, uncertain_frames=str(frames))
+    assert res.uncertain_steps and res.uncertain_steps[0] == 0
+    assert len(res.uncertain_steps) < res.steps + 1  # forces fall as it relaxes
+    assert [a.info["step"] for a in read(frames, ":")] == res.uncertain_steps
+    assert log.read_text().count("Uncertainty:") == res.steps + 1
+    with pytest.raises(UncertainStructure):
+        relax(slab, StdEMT(), uncertainty_threshold=0.5 * start, on_uncertain="stop",
+              uncertain_frames=str(tmp_path / "stop.extxyz"))
+    assert len(read(tmp_path / "stop.extxyz", ":")) == 1
+
+
+@pytest.mark.parametrize("threshold, on, match", [
+    (0.0, "record", "uncertainty_threshold must be a finite number > 0"),
+    (-1.0, "record", "uncertainty_threshold must be"),
+    (float("nan"), "record", "uncertainty_threshold must be"),
+    (0.1, "maybe", "on_uncertain must be one of"),
+])
+def test_bad_uncertainty_arguments(cu, threshold, on, match):
+    with pytest.raises(ValueError, match=match):
+        run_md(cu, StdEMT(), n_steps=2, progress=False, uncertainty_threshold=threshold,
+               on_uncertain=on)
+    with pytest.raises(ValueError, match=match):
+        relax(cu, StdEMT(), uncertainty_threshold=threshold, on_uncertain=on)
+
+
+def test_threshold_needs_a_calculator_with_forces_std(cu):
+    with pytest.raises(ValueError, match="forces_std"):
+        run_md(cu, EMT(), n_steps=2, progress=False, uncertainty_threshold=0.1)
+
+
+def _md_argv(path, tmp_path, *extra):
+    return ["md", str(path), "--steps", "3", "--log-every", "1", "--no-progress", "--device",
+            "cpu", "-o", str(tmp_path / "md.traj"), *extra]
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_cli_stop_exits_non_zero_in_one_line(cu, tmp_path, capsys):
+    path = tmp_path / "cu.xyz"
+    write(path, cu)
+    frames = tmp_path / "u.extxyz"
+    code = main(_md_argv(path, tmp_path, "--uncertainty-threshold", "1e-6", "--on-uncertain",
+                         "stop", "--uncertain-frames", str(frames)))
+    line = _one_error_line(capsys)
+    assert code != 0 and line.startswith("est md: error: MD stopped at step 0")
+    assert "force std" in line and len(read(frames, ":")) == 1
+
+
+def test_cli_record_writes_every_step_and_reports(cu, tmp_path, capsys):
+    path = tmp_path / "cu.xyz"
+    write(path, cu)
+    frames = tmp_path / "u.extxyz"
+    code = main(_md_argv(path, tmp_path, "--uncertainty-threshold", "1e-6",
+                         "--uncertain-frames", str(frames)))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len(read(frames, ":")) == 4 and "uncertain frames" in out and "4 above" in out
+    code = main(["relax", str(path), "--device", "cpu", "--steps", "2", "-o",
+                 str(tmp_path / "r.traj"), "--uncertainty-threshold", "1e3",
+                 "--uncertain-frames", str(tmp_path / "r.extxyz")])
+    assert "0 above 1000 eV/Å" in capsys.readouterr().out
+    assert not (tmp_path / "r.extxyz").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--uncertainty-threshold", "0"], "uncertainty_threshold must be a finite number > 0"),
+    (["--uncertainty-threshold", "0.2", "--calc", "emt"], "--calc emt has none"),
+])
+def test_cli_bad_uncertainty_options(cu, tmp_path, capsys, extra, match):
+    path = tmp_path / "cu.xyz"
+    write(path, cu)
+    assert main(_md_argv(path, tmp_path, *extra)) == 2
+    assert match in _one_error_line(capsys)

@@ -1,0 +1,86 @@
+"""`est train --committee K` and `est train --uncertainty`: one command trains either form of the
+uncertainty, and the config section is checked like every other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from est_calc.calculator import ESTCalculator
+from est_calc.cli import main
+from est_calc.training.config import load_config
+from est_calc.training.datasets import frame_from_atoms, write_extxyz_with_sidecar
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("unc-train")
+    frames = []
+    for k in range(4):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        atoms.get_potential_energy()
+        frames.append(frame_from_atoms(atoms, sid=k, fid=0))
+    write_extxyz_with_sidecar(frames, d / "train.extxyz")
+
+    def make(tmp_path, **extra):
+        cfg = {"output_dir": str(tmp_path / "run"),
+               "data": {"train": str(d / "train.extxyz"), "val": str(d / "train.extxyz")},
+               "model": {"preset": "tiny"},
+               "train": {"max_steps": 1, "batch_size": 2, "eval_every": 1,
+                         "checkpoint_every": 1, "device": "cpu", "progress": False}, **extra}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+def _forces_std(calc) -> np.ndarray:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1)
+    atoms.rattle(0.05, seed=7)
+    atoms.calc = calc
+    atoms.get_forces()
+    return calc.results["forces_std"]
+
+
+def test_train_committee_in_one_command(config, tmp_path, capsys):
+    assert main(["train", str(config(tmp_path)), "--committee", "2"]) == 0
+    out = capsys.readouterr().out
+    paths = [tmp_path / "run" / f"member{k}" / "potential.pt" for k in range(2)]
+    assert all(p.exists() for p in paths) and "committee: ESTCalculator(model=[" in out
+    std = _forces_std(ESTCalculator([str(p) for p in paths], device="cpu", uncertainty=True))
+    assert std.shape == (8,) and np.all(std > 0)  # different seeds, different members
+
+
+def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
+    assert main(["train", str(config(tmp_path)), "--uncertainty"]) == 0
+    assert "uncertainty: latent distance fitted" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert (run / "potential.uncertainty").exists()
+    std = _forces_std(ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True))
+    assert std.shape == (8,) and np.all(np.isfinite(std))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("uncertainty.kind=bayes", "uncertainty.kind"),
+    ("uncertainty.committee_size=1", "uncertainty.committee_size"),
+    ("uncertainty.n_reference=0", "uncertainty.n_reference"),
+    ("uncertainty.typo=1", "unknown config keys at uncertainty"),
+])
+def test_bad_uncertainty_config(config, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(config(tmp_path), [override]).validate()
+
+
+def test_latent_needs_calibration_frames(config, tmp_path, capsys):
+    path = config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    del raw["data"]["val"]
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--uncertainty"]) == 2
+    assert "needs held-out frames to calibrate on" in capsys.readouterr().err
