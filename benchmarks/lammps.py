@@ -432,7 +432,9 @@ LOOP = re.compile(r"Loop time of ([0-9.eE+-]+) on (\d+) procs for (\d+) steps wi
 
 def lammps_input(data: Path, plugin: Path, package: Path, symbols: list[str], timestep_fs: float,
                  warmup: int, steps: int) -> str:
-    """The LAMMPS input: first-frame energy, the warm-up run, then the timed run."""
+    """The LAMMPS input: the warm-up run (its thermo line at step 0 gives the first frame's
+    energy), then the timed run, without a second setup (``pre no``: no extra force call, so
+    both paths time exactly ``steps`` force evaluations)."""
     lines = f"""units metal
 atom_style atomic
 boundary p p p
@@ -444,13 +446,12 @@ neighbor {SKIN_A} bin
 neigh_modify every 1 delay 0 check yes
 timestep {timestep_fs / 1000!r}
 fix nve all nve
-thermo_style custom step pe ke etotal
-run 0
-print "EST_FIRST $(pe:%.17g)"
+thermo_style custom step pe
+thermo_modify format float %.17g
 thermo {max(warmup, 1)}
 run {warmup}
 thermo {max(steps, 1)}
-run {steps}
+run {steps} pre no
 print "EST_LAST $(pe:%.17g)"
 """
     return lines
@@ -481,7 +482,7 @@ def run_lammps(atoms_file: Path, folder: Path, args, ranks: int, warmup: int, st
         run.error = g.killed or f"exit {g.returncode}: {' | '.join(errors[-2:]) or _tail(folder)}"
         return run
     loops = LOOP.findall(log)
-    first = re.findall(r"^EST_FIRST (\S+)", log, re.M)
+    first = re.findall(r"^\s*Step\s+PotEng\s*\n\s*0\s+(\S+)", log, re.M)
     last = re.findall(r"^EST_LAST (\S+)", log, re.M)
     if not loops or not first or not last:
         run.error = f"could not read the log: {_tail(folder)}"
