@@ -513,6 +513,11 @@ class MemoryModel:
             pts = self.points.setdefault((run.path, run.parallel), {})
             pts[run.atoms] = max(pts.get(run.atoms, 0), value)
 
+    def basis(self, path: str, parallel: int, n: int) -> list[int]:
+        """The measured sizes :meth:`predict` uses for ``n``."""
+        below = [a for a in sorted(self.points.get((path, parallel), {})) if a <= n]
+        return below[-1:] if below and below[-1] == n else below[-2:]
+
     def has(self, path: str, parallel: int, n: int) -> bool:
         return n in self.points.get((path, parallel), {})
 
@@ -686,8 +691,9 @@ def main(argv=None) -> int:
                 return f"skipped: the {args.probe_atoms}-atom probe failed ({probe.error})"
         need = memory.predict(kind, par, n)
         if need is not None and need > budget:
-            return (f"skipped: needs ~{need / GIB:.1f} GiB {where} memory (extrapolated from "
-                    f"one step at smaller sizes) > budget {budget / GIB:.1f} GiB")
+            at = " and ".join(f"{a:,}" for a in memory.basis(kind, par, n))
+            return (f"skipped: needs ~{need / GIB:.1f} GiB {where} memory (peak of a run at "
+                    f"{at} atoms, linear in the atoms) > budget {budget / GIB:.1f} GiB")
         return None
 
     kinds = ["ase", "lammps"] + (["ase_pt2"] if args.ase_package else [])

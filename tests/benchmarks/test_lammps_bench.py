@@ -54,7 +54,7 @@ def tiny(plugin, make_potential, tmp_path_factory):
 def _run(tiny, plugin, tmp_path, *extra, timeout=900):
     source, package = tiny
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--dtype", "float64", "--potential",
+    cmd = [sys.executable, str(SCRIPT), "--dtype", "float64", "--potential",
            str(source), "--package", str(package), "--plugin", str(plugin), "--json", str(out),
            "--workdir", str(tmp_path / "work"), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
@@ -64,7 +64,8 @@ def _run(tiny, plugin, tmp_path, *extra, timeout=900):
 
 
 def test_quick_table_and_same_trajectory(tiny, plugin, tmp_path):
-    proc, data = _run(tiny, plugin, tmp_path, "--ranks", "1,2", "--steps", "3", "--warmup", "1")
+    proc, data = _run(tiny, plugin, tmp_path, "--quick", "--ranks", "1,2", "--steps", "3",
+                      "--warmup", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = data["rows"]
     assert [(r["atoms"], r["parallel"], r["steps"]) for r in rows] == [(108, 1, 3), (108, 2, 3)]
@@ -90,13 +91,28 @@ def test_quick_table_and_same_trajectory(tiny, plugin, tmp_path):
 def test_memory_guard_stops_a_run(tiny, plugin, tmp_path):
     """A budget far below one run's memory: each run is killed by the guard and the row says so;
     the script still ends normally with its table."""
-    proc, data = _run(tiny, plugin, tmp_path, "--ranks", "1", "--steps", "1", "--warmup", "0",
-                      "--memory-gib", "0.05", timeout=300)
+    proc, data = _run(tiny, plugin, tmp_path, "--quick", "--ranks", "1", "--steps", "1",
+                      "--warmup", "0", "--memory-gib", "0.05", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = data["rows"]
     for kind in ("ase", "lammps"):
         assert "memory guard" in row[kind]["error"], row
     assert "failed: memory guard" in proc.stdout
+
+
+def test_row_beyond_the_budget_is_skipped_after_a_probe(tiny, plugin, tmp_path):
+    """256 atoms beyond --probe-atoms 108: one step at 108 atoms per path, then the row is
+    skipped with the extrapolated need instead of being run."""
+    proc, data = _run(tiny, plugin, tmp_path, "--sizes", "256", "--probe-atoms", "108",
+                      "--memory-gib", "0.45", "--ranks", "1", "--steps", "1", "--warmup", "0",
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = data["rows"]
+    assert row["atoms"] == 256
+    for kind in ("ase", "lammps"):
+        assert row[kind]["error"].startswith("skipped: needs ~"), row
+        assert "peak of a run at 108 atoms" in row[kind]["error"]
+    assert "probe" in proc.stderr
 
 
 def test_memory_extrapolation_and_cells():
