@@ -20,8 +20,8 @@ Checks: the potential energy of the first frame must agree between the paths (pe
 the energy after the last step is reported beside it (the trajectories are the same one up to
 float round-off, which grows along the run).
 
-Memory: every run's peak resident memory is measured (the sum over its processes, sampled, and
-the kernel's high-water mark of the largest one). Before a size beyond ``--probe-atoms``
+Memory: every run's peak resident memory is measured (the sum over its processes, mpirun's
+ranks included, sampled, and the kernel's high-water mark of the largest one). Before a size beyond ``--probe-atoms``
 (10,000), each path runs one step at ``--probe-atoms`` atoms unless a row there has already
 run; its memory is extrapolated linearly in the atom count (through the two largest measured
 sizes, or through zero from one). A row predicted above the budget (``--memory-gib``, capped at
@@ -229,18 +229,33 @@ def ensure_package(potential: str, dtype: str, device: str, cache: Path,
 
 
 # ------------------------------------------------------------------------------ memory guard
-def _session_rss(sid: int) -> int:
-    """Resident bytes of every process of session ``sid`` (Linux /proc)."""
-    total = 0
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Linux /proc). mpirun's proxy and ranks start sessions
+    of their own, so the parent links are what ties them to the run."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) != sid:  # state ppid pgrp session
-                continue
-            with open(f"/proc/{entry.name}/statm") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])  # state ppid ...
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _rss(pids: list[int]) -> int:
+    """Resident bytes of ``pids`` together."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
                 total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             continue
@@ -277,21 +292,21 @@ class Guarded:
 
 def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeout_s: float,
                 gpu: bool = False, gpu_limit_bytes: int | None = None) -> Guarded:
-    """Run ``cmd`` (stdout/stderr to ``cwd``/out.txt, err.txt) in its own session; sample its
-    memory every 0.2 s and kill the session when it passes ``limit_bytes`` (GPU:
+    """Run ``cmd`` (stdout/stderr to ``cwd``/out.txt, err.txt); sample the resident memory of
+    it and its descendants every 0.2 s and kill them all when it passes ``limit_bytes`` (GPU:
     ``gpu_limit_bytes``, device-wide use above the level at the start) or ``timeout_s``."""
     gpu_base = _gpu_used_bytes() if gpu else None
     peak = [0, 0]
     killed: list[str] = []
     with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
         done = threading.Event()
 
         def watch():
             while not done.wait(0.2):
-                rss = _session_rss(proc.pid)
+                pids = _tree(proc.pid)
+                rss = _rss(pids)
                 peak[0] = max(peak[0], rss)
                 why = None
                 if rss > limit_bytes:
@@ -306,10 +321,11 @@ def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeo
                     why = f"timed out after {timeout_s:.0f} s"
                 if why:
                     killed.append(why)
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    for pid in reversed(_tree(proc.pid)):  # the ranks before their launcher
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     return
 
         thread = threading.Thread(target=watch, daemon=True)
