@@ -20,6 +20,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <unordered_map>
 
 using namespace LAMMPS_NS;
 
@@ -86,10 +87,15 @@ PairEST::PairEST(LAMMPS *lmp) : Pair(lmp)
   // The model returns the global virial itself (sum over edges of r_e (x) f_e), which equals
   // sum_i r_i (x) f_i over local and ghost atoms; f.r is not used.
   no_virial_fdotr_compute = 1;
+  // Extra quantities for `compute pair est`: atoms given to the model, how many of them are
+  // ghosts, and edges.
+  nextra = 3;
+  pvector = new double[nextra]();
 }
 
 PairEST::~PairEST()
 {
+  delete[] pvector;
   if (allocated) {
     memory->destroy(setflag);
     memory->destroy(cutsq);
@@ -244,14 +250,28 @@ void PairEST::init_style()
                       "their owners by reverse communication)");
   if (strcmp(update->unit_style, "metal") != 0)
     error->all(FLERR, "pair_style est requires `units metal` (eV and Angstrom)");
-  // Every atom, local or ghost, gets its full neighbour list: a ghost within n_layers x r_c of
-  // a local atom passes messages over all its edges.
-  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-
-  // Ghosts out to (n_layers + 1) x r_c, plus the skin because ghosts are refreshed only at
-  // reneighbouring. A smaller comm_modify cutoff is raised (never lowered).
   if (comm->mode != Comm::SINGLE)
     error->all(FLERR, "pair_style est needs comm_modify mode single");
+
+  // Periodic images of this rank's own atoms are folded onto them (compute()), which needs
+  // atom IDs. On one rank every ghost is such an image: the model sees the local atoms only,
+  // each with all its edges, so the ghosts need reach no further than r_c + skin (LAMMPS's
+  // default ghost cutoff) and need no neighbour lists of their own.
+  fold_images = atom->tag_enable != 0;
+  ghost_lists = !(fold_images && comm->nprocs == 1);
+  if (!ghost_lists) {
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+    if (comm->me == 0)
+      utils::logmesg(lmp, "pair_style est: one rank: periodic images folded onto their atoms, "
+                          "the model sees the local atoms only\n");
+    return;
+  }
+
+  // Atoms of other ranks: every atom, local or ghost, gets its full neighbour list, since a
+  // ghost within n_layers x r_c of a local atom passes messages over all its edges; ghosts
+  // reach out to (n_layers + 1) x r_c, plus the skin because ghosts are refreshed only at
+  // reneighbouring. A smaller comm_modify cutoff is raised (never lowered).
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
   const double needed = reach + neighbor->skin;
   if (comm->cutghostuser < needed) {
     if (comm->me == 0)
@@ -269,38 +289,65 @@ double PairEST::init_one(int i, int j)
   return cutoff;
 }
 
-// One evaluation of the model on this rank's local and ghost atoms. Its inputs are the
-// package's signature (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j
-// closer than r_c (edge_shifts zero: ghosts carry real positions) of the atoms the local
-// energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank = sum of the
-// local atoms' energies and its derivatives with respect to all positions, so that summing
-// the ghosts' forces onto their owners gives each atom -dE/dx exactly.
+// One evaluation of the model on this rank's atoms. Its inputs are the package's signature
+// (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j closer than r_c with
+// their shifts (r_e = positions[j] - positions[i] + edge_shifts[e], Cartesian Å) of the atoms
+// the local energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank =
+// sum of the local atoms' energies and its derivatives with respect to all positions given.
+//
+// Folding. A ghost that is a periodic image of a local atom (the same atom ID) is not given to
+// the model: an edge i -> j to it becomes an edge to its local owner o with the shift
+// x[j] - x[o] (a lattice vector), so the edge vector x[o] - x[i] + shift is x[j] - x[i] up to
+// round-off. The image's features are its owner's (a local atom has all its edges), the
+// derivative with respect to the edge lands on the owner directly, and the virial, which the
+// package computes from edge vectors (sum over edges of -r_e (x) dE/dr_e), is unchanged. Ghosts
+// owned by other ranks carry real positions and zero shifts; their forces, per-atom energies and
+// per-atom virials are summed onto their owners by reverse communication (newton on).
 void PairEST::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
 
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
+  for (int k = 0; k < nextra; ++k) pvector[k] = 0.0;
   if (nlocal == 0) return;    // no energy on this rank, so no force on anything from it
 
   double **x = atom->x;
   double **f = atom->f;
   const int *type = atom->type;
 
+  // node[j]: the model's index of LAMMPS atom j, or -1 while not (yet) in the graph. Local atoms
+  // are nodes 0..nlocal-1; images of local atoms take their owner's node; other ghosts get
+  // nodes as the walk below reaches them.
+  std::vector<int64_t> node(nall, -1);
+  std::vector<int> owner(nall, -1);    // local index of the atom a ghost is an image of
+  for (int i = 0; i < nlocal; ++i) owner[i] = i;
+  if (fold_images && nall > nlocal) {
+    const tagint *tag = atom->tag;
+    std::unordered_map<tagint, int> local_of;
+    local_of.reserve(static_cast<size_t>(nlocal));
+    for (int i = 0; i < nlocal; ++i) local_of.emplace(tag[i], i);
+    for (int j = nlocal; j < nall; ++j) {
+      auto it = local_of.find(tag[j]);
+      if (it != local_of.end()) owner[j] = it->second;
+    }
+  }
+  for (int j = 0; j < nall; ++j) node[j] = owner[j];
+
   // The graph the local energies need, by hops along edges r < r_c from the local atoms (hop
   // 0): an atom's energy depends on its initial features (its own edges: one hop) carried over
   // n_layers layers, so the local energies need every atom up to n_layers + 1 hops and all the
-  // edges of every atom up to n_layers hops, and nothing else. Atoms further out (present
-  // because the ghost cutoff is geometric) are left out, with their edges; the force on them is
-  // exactly zero. Kept atoms are renumbered: locals first (unchanged), then ghosts by hop.
+  // edges of every atom up to n_layers hops, and nothing else. Images of local atoms are hop 0
+  // (they are their owners) and are never walked from: their owners' lists hold their edges.
+  // The other ghosts are reached only along real edges from real positions, so one at hop h is
+  // within h x r_c of the sub-domain and, for h <= n_layers, its list is complete under the
+  // ghost cutoff (n_layers + 1) x r_c + skin. Atoms further out are left out with their edges;
+  // the force on them is exactly zero. Nodes: locals first (unchanged), then ghosts by hop.
   const double rc2 = cutoff * cutoff;
-  std::vector<int> hop(nall, -1);
-  std::vector<int> kept(nlocal);    // new index -> LAMMPS index
-  std::vector<int64_t> centre, neighbour;    // LAMMPS indices until renumbered
-  for (int i = 0; i < nlocal; ++i) {
-    hop[i] = 0;
-    kept[i] = i;
-  }
+  std::vector<int> kept(nlocal);    // node -> LAMMPS index
+  for (int i = 0; i < nlocal; ++i) kept[i] = i;
+  std::vector<int64_t> centre, neighbour;    // nodes
+  std::vector<double> shifts;                // (E, 3) Å
   size_t begin = 0;
   for (int level = 0; level <= n_layers; ++level) {
     const size_t end = kept.size();
@@ -312,18 +359,27 @@ void PairEST::compute(int eflag, int vflag)
         const int j = jlist[jj] & NEIGHMASK;
         const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
         if (dx * dx + dy * dy + dz * dz >= rc2) continue;
-        centre.push_back(i);
-        neighbour.push_back(j);
-        if (hop[j] < 0) {
-          hop[j] = level + 1;
+        if (node[j] < 0) {
+          if (!ghost_lists)
+            error->one(FLERR, "pair_style est: ghost atom {} is not an image of a local atom "
+                              "on a single rank (atom IDs not unique?)", atom->tag[j]);
+          node[j] = static_cast<int64_t>(kept.size());
           kept.push_back(j);
+        }
+        centre.push_back(static_cast<int64_t>(k));
+        neighbour.push_back(node[j]);
+        const int o = owner[j];
+        if (o >= 0 && o != j) {
+          shifts.push_back(x[j][0] - x[o][0]);
+          shifts.push_back(x[j][1] - x[o][1]);
+          shifts.push_back(x[j][2] - x[o][2]);
+        } else {
+          shifts.insert(shifts.end(), 3, 0.0);
         }
       }
     }
     begin = end;
   }
-  std::vector<int64_t> new_index(nall, -1);
-  for (size_t k = 0; k < kept.size(); ++k) new_index[kept[k]] = static_cast<int64_t>(k);
 
   // The package takes at least one edge. Without any, add one placeholder atom 2 r_c from
   // atom 0 (not local) and an edge to it: an edge longer than r_c contributes exactly nothing.
@@ -338,8 +394,6 @@ void PairEST::compute(int eflag, int vflag)
     pos[3 * k + 2] = x[i][2];
     numbers[k] = type_to_z[type[i]];
   }
-  for (auto &i : centre) i = new_index[i];
-  for (auto &j : neighbour) j = new_index[j];
   if (centre.empty()) {
     pos[3 * n_kept + 0] = x[0][0] + 2.0 * cutoff;
     pos[3 * n_kept + 1] = x[0][1];
@@ -347,6 +401,7 @@ void PairEST::compute(int eflag, int vflag)
     numbers[n_kept] = numbers[0];
     centre.push_back(n_kept);
     neighbour.push_back(0);
+    shifts.insert(shifts.end(), 3, 0.0);
     n = n_kept + 1;
   }
   const int64_t n_edges = static_cast<int64_t>(centre.size());
@@ -366,7 +421,7 @@ void PairEST::compute(int eflag, int vflag)
         torch::from_blob(pos.data(), {n, 3}, f64).to(device, dtype),
         torch::from_blob(numbers.data(), {n}, i64).to(device),
         torch::from_blob(edges.data(), {2, n_edges}, i64).to(device),
-        torch::zeros({n_edges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
+        torch::from_blob(shifts.data(), {n_edges, 3}, f64).to(device, dtype),
         (torch::arange(n, i64) < nlocal).to(device)};
     outputs = model->run(inputs);
     for (auto &t : outputs) t = t.to(torch::kCPU, torch::kFloat64).contiguous();
@@ -397,6 +452,11 @@ void PairEST::compute(int eflag, int vflag)
     f[i][1] += fm[3 * k + 1];
     f[i][2] += fm[3 * k + 2];
   }
+
+  // What the model was given on this rank (`compute ID all pair est` sums them over ranks).
+  pvector[0] = n_kept;
+  pvector[1] = n_kept - nlocal;
+  pvector[2] = static_cast<double>(n_kept == n ? n_edges : 0);
 
   if (eflag_global) eng_vdwl += energy.item<double>();
   if (eflag_atom) {

@@ -1,10 +1,13 @@
 // pair_style est: an est_calc potential exported with `est export` (an AOTInductor .pt2).
 //
-// Contract (see README.md): every atom within interaction_range_A = (n_layers + 1) x cutoff of
-// a local atom is present as a ghost, and every ghost has its full neighbour list, so the
-// local atoms' energies are exact; the force on every atom (ghosts included) is
+// Contract (see README.md): the model gets the local atoms, each with all its edges; a ghost
+// that is a periodic image of a local atom is folded onto it (an edge to the owner with a
+// lattice-vector shift). Ghosts owned by other ranks reach interaction_range_A =
+// (n_layers + 1) x cutoff from the sub-domain and have full neighbour lists, so the local
+// atoms' energies are exact; the force on every atom given (local or ghost) is
 // -d(sum of local energies)/d position, and LAMMPS sums the ghosts' forces, per-atom energies
-// and per-atom virials onto their owners (newton_pair on, reverse communication).
+// and per-atom virials onto their owners (newton_pair on, reverse communication). On one rank
+// every ghost is an image: the model sees the local atoms only.
 #pragma once
 
 #include "pair.h"
@@ -45,6 +48,8 @@ class PairEST : public Pair {
   bool use_cuda = false;
   int gpu = 0;                        // this rank's CUDA device (node-local rank mod GPUs)
   bool float64 = true;
+  bool fold_images = false;           // images of local atoms become their owners (atom IDs)
+  bool ghost_lists = true;            // ghosts have lists and reach (n_layers + 1) x r_c + skin
   std::string model_path;
 };
 

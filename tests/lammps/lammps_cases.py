@@ -135,32 +135,37 @@ class Result:
     forces: np.ndarray        # (n, 3) eV/Å, by atom id
     energies: np.ndarray      # (n,) eV
     atom_virial: np.ndarray   # (n, 6) eV, xx yy zz xy xz yz
+    graph: tuple[int, int, int] | None = None  # what the model was given, summed over ranks:
+                                               # atoms, of which ghosts, edges (`compute pair est`)
 
 
 SINGLE_POINT = """compute pea all pe/atom
 compute sa all stress/atom NULL
-thermo_style custom step pe pxx pyy pzz pxy pxz pyz vol
+compute graph all pair est
+thermo_style custom step pe pxx pyy pzz pxy pxz pyz vol c_graph[1] c_graph[2] c_graph[3]
 dump d all custom 1 atoms.dump id fx fy fz c_pea c_sa[1] c_sa[2] c_sa[3] c_sa[4] c_sa[5] c_sa[6]
 dump_modify d sort id format float %.17g
 run 0
-print "RESULT $(pe:%.17g) $(pxx:%.17g) $(pyy:%.17g) $(pzz:%.17g) $(pxy:%.17g) $(pxz:%.17g) $(pyz:%.17g) $(vol:%.17g)" file result.txt
+print "RESULT $(pe:%.17g) $(pxx:%.17g) $(pyy:%.17g) $(pzz:%.17g) $(pxy:%.17g) $(pxz:%.17g) $(pyz:%.17g) $(vol:%.17g) $(c_graph[1]:%.17g) $(c_graph[2]:%.17g) $(c_graph[3]:%.17g)" file result.txt
 """
 
 
 def single_point(atoms: Atoms, package: Path, folder: Path, nprocs: int = 1) -> Result:
     """Energy, virial, forces, per-atom energies and virials of ``atoms`` (lower-triangular
-    cell) from LAMMPS with zero velocities, so that the pressure is the virial's alone."""
+    cell) from LAMMPS with zero velocities, so that the pressure is the virial's alone, and the
+    size of the graph the model was given."""
     folder.mkdir(parents=True, exist_ok=True)
     write_data(atoms, folder / "data.lmp")
     run_lmp(header(atoms, package, folder / "data.lmp") + SINGLE_POINT, folder, nprocs)
     values = [float(v) for v in (folder / "result.txt").read_text().split()[1:]]
     energy, pressure, volume = values[0], np.array(values[1:7]), values[7]
+    graph = tuple(int(v) for v in values[8:11])
     rows = (folder / "atoms.dump").read_text().splitlines()
     start = rows.index(next(r for r in rows if r.startswith("ITEM: ATOMS"))) + 1
     table = np.array([[float(v) for v in r.split()] for r in rows[start:]])
     assert np.array_equal(table[:, 0], np.arange(1, len(atoms) + 1))
     return Result(energy=energy, virial=pressure * volume / NKTV2P, forces=table[:, 1:4],
-                  energies=table[:, 4], atom_virial=-table[:, 5:11] / NKTV2P)
+                  energies=table[:, 4], atom_virial=-table[:, 5:11] / NKTV2P, graph=graph)
 
 
 def structures() -> dict[str, Atoms]:

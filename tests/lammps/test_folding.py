@@ -1,0 +1,69 @@
+"""Periodic images folded onto their atoms (est_lammps/README.md, "Design"): on one rank the
+model is given the local atoms only, with exactly the edges of ASE's periodic neighbour list, and
+the results equal ESTCalculator's to round-off (1e-12) and those of 2 ranks, where atoms of the
+other rank are ghosts with real positions. Cells smaller than the cutoff, where an atom is its
+own neighbour several times, and a triclinic cell included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.neighborlist import neighbor_list
+from lammps_cases import lower_triangular, reference, single_point, structures
+
+pytestmark = pytest.mark.lammps
+
+CUTOFF_A = 4.0  # the test package's (conftest.py)
+
+
+def _small_cells() -> dict:
+    one = bulk("Cu", "fcc", a=3.61)  # primitive, triclinic: 2.55 Å lattice vectors, 12 images
+    four = bulk("Cu", "fcc", a=3.61, cubic=True)  # 3.61 Å < r_c: each atom its own neighbour
+    four.numbers[[1, 2]] = [8, 6]
+    four.rattle(0.06, seed=7)
+    two = bulk("Cu", "fcc", a=3.62) * (2, 1, 1)  # a skewed primitive pair
+    two.set_cell(two.cell.array @ (np.eye(3) + [[0.0, 0.05, -0.04], [0.03, 0.0, 0.06],
+                                                [-0.05, 0.02, 0.0]]), scale_atoms=True)
+    two.numbers[1] = 8
+    two.rattle(0.05, seed=8)
+    return {"fcc1": lower_triangular(one), "fcc4": lower_triangular(four),
+            "skew2": lower_triangular(two)}
+
+
+CASES = {**_small_cells(), **{k: v for k, v in structures().items()
+                             if k in ("bulk", "slab", "triclinic", "faces")}}
+
+
+def _close(got, want, rtol):
+    """|got - want| <= rtol x the largest |want|, or rtol x 0.01 where that is smaller (a
+    quantity that is zero by symmetry, as the force in a one-atom cell)."""
+    got, want = np.asarray(got, float), np.asarray(want, float)
+    scale = max(float(np.abs(want).max()), 1e-2)
+    assert np.abs(got - want).max() <= rtol * scale, (np.abs(got - want).max(), scale)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_rank_model_sees_local_atoms_only(name, package, tmp_path):
+    atoms = CASES[name]
+    got = single_point(atoms, package, tmp_path)
+    n_edges = len(neighbor_list("i", atoms, CUTOFF_A))
+    assert got.graph == (len(atoms), 0, n_edges)
+    want = reference(atoms, package)
+    assert got.energy == pytest.approx(want.energy, rel=1e-12, abs=1e-12)
+    for field in ("forces", "virial", "energies", "atom_virial"):
+        _close(getattr(got, field), getattr(want, field), 1e-12)
+
+
+@pytest.mark.parametrize("name", ["fcc1", "fcc4", "triclinic"])
+def test_folded_equals_ghosts_of_another_rank(name, package, tmp_path):
+    """Two ranks: each rank's own images fold, the other rank's atoms are ghosts (reverse
+    communication); the same numbers as one rank to 1e-12. With one atom, one rank holds it
+    and all its images and the other rank nothing."""
+    atoms = CASES[name]
+    one = single_point(atoms, package, tmp_path / "np1")
+    two = single_point(atoms, package, tmp_path / "np2", nprocs=2)
+    assert (two.graph[1] > 0) == (len(atoms) > 1)
+    assert two.energy == pytest.approx(one.energy, rel=1e-12, abs=1e-12)
+    for field in ("forces", "virial", "energies", "atom_virial"):
+        _close(getattr(two, field), getattr(one, field), 1e-12)
