@@ -85,6 +85,22 @@ def make_potential():
     return factory
 
 
+@pytest.fixture(scope="session")
+def tiny_package64(make_potential, tmp_path_factory):
+    """(source .pt, package .pt2) of ``make_potential("so2", n_layers=1)`` (the one-layer "tiny"
+    potential, H C O Cu, cutoff 4 Å) exported in float64 through the ``est export`` command line,
+    once per session: tests/deploy, tests/lammps and tests/benchmarks/test_lammps_bench.py all
+    use it (an export compiles for about a minute). Read-only: copy it to change it."""
+    from est_calc.cli import main
+    from est_calc.potential import save_potential
+
+    folder = tmp_path_factory.mktemp("tiny_package64")
+    source = save_potential(make_potential("so2", n_layers=1), folder / "tiny.pt")
+    path = folder / "tiny64.pt2"
+    assert main(["export", str(source), "-o", str(path), "--dtype", "float64"]) == 0
+    return source, path
+
+
 @pytest.fixture
 def cu_slab_co():
     """Rattled Cu(111) 2x2x2 slab, C-down CO on top and an H adatom (11 atoms: Cu8 C O H);

@@ -35,20 +35,17 @@ def plugin():
 
 
 @pytest.fixture(scope="module")
-def tiny(plugin, make_potential, tmp_path_factory):
-    """(source .pt, float64 .pt2) of the one-layer so2 test potential; EST_TEST_LAMMPS_PACKAGE
-    reuses a package exported from make_potential("so2", n_layers=1) (as tests/lammps does)."""
-    from est_calc.potential import save_potential
-
-    folder = tmp_path_factory.mktemp("lammps_bench")
-    source = save_potential(make_potential("so2", n_layers=1), folder / "tiny.pt")
+def tiny(plugin, make_potential, tmp_path_factory, request):
+    """(source .pt, float64 .pt2) of the one-layer so2 test potential: the session's
+    ``tiny_package64`` (tests/conftest.py); EST_TEST_LAMMPS_PACKAGE reuses a package exported
+    from make_potential("so2", n_layers=1) (as tests/lammps does)."""
     if os.environ.get("EST_TEST_LAMMPS_PACKAGE"):
-        return source, Path(os.environ["EST_TEST_LAMMPS_PACKAGE"])
-    from est_calc.cli import main
+        from est_calc.potential import save_potential
 
-    package = folder / "tiny64.pt2"
-    assert main(["export", str(source), "-o", str(package), "--dtype", "float64"]) == 0
-    return source, package
+        folder = tmp_path_factory.mktemp("lammps_bench")
+        source = save_potential(make_potential("so2", n_layers=1), folder / "tiny.pt")
+        return source, Path(os.environ["EST_TEST_LAMMPS_PACKAGE"])
+    return request.getfixturevalue("tiny_package64")
 
 
 def _run(tiny, plugin, tmp_path, *extra, timeout=900):

@@ -2,7 +2,8 @@
 
 * ``package64``: a compiled float64 package of an untrained so2 potential of one layer (the
   "tiny" preset, H C O Cu), written through the ``est export`` command line (so its success path
-  is tested by every test that uses it), about a minute and a half on two cores;
+  is tested by every test that uses it), about a minute and a half on two cores; the session's
+  ``tiny_package64`` (tests/conftest.py), which the LAMMPS tests share;
 * ``traced32``: the shipped potential's float32 function traced (the graph AOTInductor compiles)
   and run by a DeployedPotential without compiling, against ``ESTCalculator()``.
 
@@ -26,15 +27,9 @@ def tiny(make_potential):
 
 
 @pytest.fixture(scope="session")
-def package64(tiny, tmp_path_factory):
-    from est_calc.cli import main
-    from est_calc.potential import save_potential
-
-    folder = tmp_path_factory.mktemp("deploy")
-    source = save_potential(tiny, folder / "tiny.pt")
-    path = folder / "tiny64.pt2"
-    assert main(["export", str(source), "-o", str(path), "--dtype", "float64"]) == 0
-    return path
+def package64(tiny_package64):
+    """The package of ``tiny``."""
+    return tiny_package64[1]
 
 
 @pytest.fixture(scope="session")

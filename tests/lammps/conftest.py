@@ -1,6 +1,7 @@
 """What the LAMMPS tests share, made once per session: the plugin (built with cmake as
 `make lammps` builds it, or reused when up to date) and a float64 package of the one-layer
-"tiny" potential (``est export``, about a minute of compiling on two cores)."""
+"tiny" potential (``est export``, about a minute of compiling on two cores, made once per session
+for these tests and tests/deploy)."""
 
 from __future__ import annotations
 
@@ -22,21 +23,15 @@ def plugin():
 
 
 @pytest.fixture(scope="session")
-def package(plugin, make_potential, tmp_path_factory):
-    """A float64 package of an untrained one-layer so2 potential (H C O Cu), cutoff 4 Å.
+def package(plugin, request):
+    """A float64 package of an untrained one-layer so2 potential (H C O Cu), cutoff 4 Å: the
+    session's ``tiny_package64`` (tests/conftest.py, shared with tests/deploy).
 
     EST_TEST_LAMMPS_PACKAGE=path reuses a package exported the same way (for working on the
-    plugin); by default it is exported afresh."""
+    plugin) instead."""
     import os
     from pathlib import Path
 
     if os.environ.get("EST_TEST_LAMMPS_PACKAGE"):
         return Path(os.environ["EST_TEST_LAMMPS_PACKAGE"])
-    from est_calc.cli import main
-    from est_calc.potential import save_potential
-
-    folder = tmp_path_factory.mktemp("lammps_package")
-    source = save_potential(make_potential("so2", n_layers=1), folder / "tiny.pt")
-    path = folder / "tiny64.pt2"
-    assert main(["export", str(source), "-o", str(path), "--dtype", "float64"]) == 0
-    return path
+    return request.getfixturevalue("tiny_package64")[1]

@@ -18,7 +18,7 @@ CUTOFF_A = 4.0  # the test package's (conftest.py)
 
 
 def _small_cells() -> dict:
-    one = bulk("Cu", "fcc", a=3.61)  # primitive, triclinic: 2.55 Å lattice vectors, 12 images
+    one = bulk("Cu", "fcc", a=3.61)  # primitive, triclinic: 2.55 Å lattice vectors, 18 images within r_c
     four = bulk("Cu", "fcc", a=3.61, cubic=True)  # 3.61 Å < r_c: each atom its own neighbour
     four.numbers[[1, 2]] = [8, 6]
     four.rattle(0.06, seed=7)
