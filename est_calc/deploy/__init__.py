@@ -15,7 +15,9 @@ input                 shape            meaning
 ``atomic_numbers``    (n,) int64       Z of every atom (local and ghost)
 ``edge_index``        (2, E) int64     rows (i = centre, j = neighbour)
 ``edge_shifts``       (E, 3) float     Å: r_e = positions[j] - positions[i] + edge_shifts[e]
-                                       (ASE: unit shifts @ cell; LAMMPS ghosts: zeros)
+                                       (ASE: unit shifts @ cell; LAMMPS: an image of a
+                                       local atom folded onto it, x_image - x_owner;
+                                       ghosts of other ranks: zeros)
 ``local_mask``        (n,) bool        atoms whose energies count (LAMMPS local atoms)
 ====================  ===============  ==================================================
 
@@ -29,12 +31,14 @@ output                shape            meaning
 ``atom_virial``       (n, 3, 3) float  eV, symmetric, summing to ``virial``
 ====================  ===============  ==================================================
 
-float is the package's dtype. Ghost atoms (LAMMPS) carry real positions and zero shifts. The
-energy of atom i depends on the atoms within n_layers + 1 hops (the edge-degree embedding is one
-hop, each layer one more): every atom within (n_layers + 1) x cutoff of a local atom must be
-present, and every atom within n_layers x cutoff must have all its edges, for the local energies,
-and so the forces summed onto the owners of the ghosts, to be exact. Edges longer than the cutoff
-(a neighbour list with a skin) contribute exactly nothing.
+float is the package's dtype. LAMMPS gives periodic images of a rank's own atoms as edges to those
+atoms with lattice-vector shifts, and other ranks' atoms as ghosts with real positions and zero
+shifts (est_lammps/README.md). The energy of atom i depends on the atoms within n_layers + 1 hops
+(the edge-degree embedding is one hop, each layer one more): every atom within (n_layers + 1) x
+cutoff of a local atom must be present (itself, or as the owner of a shifted edge), and every atom
+within n_layers x cutoff must have all its edges, for the local energies, and so the forces
+summed onto the owners of the ghosts, to be exact. Edges longer than the cutoff (a neighbour list
+with a skin) contribute exactly nothing.
 
 The package's AOTInductor metadata (strings, read in C++ with
 ``AOTIModelPackageLoader::get_metadata()``) names the format, its version, the species, the
