@@ -67,3 +67,32 @@ def test_folded_equals_ghosts_of_another_rank(name, package, tmp_path):
     assert two.energy == pytest.approx(one.energy, rel=1e-12, abs=1e-12)
     for field in ("forces", "virial", "energies", "atom_virial"):
         _close(getattr(two, field), getattr(one, field), 1e-12)
+
+
+def test_without_atom_ids_the_ghost_shell(package, tmp_path):
+    """Without atom IDs (`atom_modify id no`) nothing can be folded: the model is given the
+    ghost shell, with the same energy and virial (an orthogonal box: LAMMPS builds triclinic
+    lists only with IDs)."""
+    from lammps_cases import NKTV2P, SINGLE_POINT, header, run_lmp, write_data
+
+    atoms = CASES["bulk"]
+    want = single_point(atoms, package, tmp_path / "ids")
+    folder = tmp_path / "no_ids"
+    folder.mkdir()
+    write_data(atoms, folder / "data.lmp")
+    lines = (folder / "data.lmp").read_text().splitlines()
+    start = lines.index("Atoms # atomic") + 2
+    for k in range(start, start + len(atoms)):
+        lines[k] = "0 " + lines[k].split(" ", 1)[1]
+    lines = [line for line in lines if not line.endswith("xy xz yz")]
+    (folder / "data.lmp").write_text("\n".join(lines) + "\n")
+    script = header(atoms, package, folder / "data.lmp").replace("atom_modify map yes",
+                                                                  "atom_modify id no")
+    script += "\n".join(line for line in SINGLE_POINT.splitlines()
+                        if not line.startswith(("dump", "compute pea", "compute sa")))
+    run_lmp(script, folder)
+    values = [float(v) for v in (folder / "result.txt").read_text().split()[1:]]
+    atoms_given, ghosts, _ = (int(v) for v in values[8:11])
+    assert ghosts > 0 and atoms_given == len(atoms) + ghosts
+    assert values[0] == pytest.approx(want.energy, rel=1e-12, abs=1e-12)
+    _close(np.array(values[1:7]) * values[7] / NKTV2P, want.virial, 1e-12)
