@@ -678,7 +678,7 @@ def main(argv=None) -> int:
     split = stage_split(args, spec, out) if "split" in stages else \
         json.loads((out / "split.json").read_text())
     for s in split["evals"].values():
-        s["file"] = str(out / s["file"])
+        s["file"] = str(out / Path(s["file"]).name)
     if not have_mace() and ({"calibrate", "mace"} & set(stages)):
         print(f"MACE peer env unavailable ({peer_python()}; benchmarks/setup_mace_env.sh makes "
               f"it): EST only")

@@ -36,11 +36,12 @@ def potential_path() -> Path:
 
 
 def golden_structures() -> dict:
-    """Molecules built by ASE (no data needed): ethanol and methylamine, rattled with a seed."""
+    """Molecules built by ASE (no data needed): ethanol, pyridine (a ring of 3BPA) and acetamide,
+    rattled with a seed."""
     from ase.build import molecule
 
     out = {}
-    for name, seed in (("CH3CH2OH", 1), ("CH3NH2", 2)):
+    for name, seed in (("CH3CH2OH", 1), ("C5H5N", 2), ("CH3CONH2", 3)):
         a = molecule(name)
         a.rattle(0.03, seed=seed)
         out[name] = a
@@ -142,12 +143,18 @@ def test_forces_are_the_energy_gradient_and_rotation_invariant(calc64):
             assert -(ep - em) / (2 * h) == pytest.approx(f[i, c], abs=2e-6)
     from scipy.spatial.transform import Rotation
 
-    rot = Rotation.random(random_state=3).as_matrix()
-    r = atoms.copy()
-    r.positions = atoms.positions @ rot.T
-    r.calc = calc64
-    assert r.get_potential_energy() == pytest.approx(e0, abs=1e-8)
-    np.testing.assert_allclose(r.get_forces(), f @ rot.T, atol=1e-9)
+    # The update blocks sample features on a fixed 32-point sphere grid, so rotations are exact
+    # only up to the grid's error (measured on this molecule over 6 rotations: energy <= 1.4
+    # meV, forces 2.2-3.0 meV/Å RMS, <= 9.8 meV/Å max; stated on the model card). Twice that
+    # bounds it; an equivariance bug is 100x larger.
+    for seed in range(3):
+        rot = Rotation.random(random_state=seed).as_matrix()
+        r = atoms.copy()
+        r.positions = atoms.positions @ rot.T
+        r.calc = calc64
+        assert abs(r.get_potential_energy() - e0) < 3e-3
+        df = r.get_forces() - f @ rot.T
+        assert np.sqrt(np.mean(df**2)) < 6e-3 and np.abs(df).max() < 2e-2
 
 
 @needs_data
