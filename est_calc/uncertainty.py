@@ -27,7 +27,7 @@ centres c_{Z,m}:
     energy_std   = kappa * sqrt(sum_{i in structure} forces_std_i ** 2)   (eV; kappa in Å)
 
 a, b (b >= 0, so the map is monotone) and kappa are fitted on held-out frames
-(:mod:`est_calc.training.uncertainty`) so that within bins of d the median force error is that of
+(``est_calc/training/uncertainty.py``) so that within bins of d the median force error is that of
 a Gaussian error with per-component sigma forces_std_i / sqrt(3). No extra backward pass: the
 features come from the forward pass that gives the energy, and the distance costs
 n_atoms * n_centres * C multiply-adds.
@@ -326,7 +326,7 @@ def load_uncertainty(potential_path) -> tuple[LatentDistance | None, str | None]
     if payload.get("potential_sha256") != file_sha256(path):
         return None, (f"{side.name} was fitted for another version of {path.name} (sha256 "
                       "differs); refit it (est train --uncertainty, or "
-                      "est_calc.training.uncertainty.fit_latent_distance)")
+                      "fit_latent_distance in est_calc/training/uncertainty.py)")
     try:
         return LatentDistance.from_state(payload), None
     except (KeyError, TypeError, ValueError) as err:

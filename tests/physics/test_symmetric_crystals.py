@@ -34,6 +34,9 @@ def ideal_crystals() -> dict:
         "B2 CuAu": bulk("CuAu", "cesiumchloride", a=3.2) * (2, 2, 2),
         "rock-salt NiO": bulk("NiO", "rocksalt", a=4.17, cubic=True),
         "primitive Pt": bulk("Pt", "fcc", a=3.92),
+        # for potentials of H, C, N, O (est-3bpa): the diamond lattice, every atom a centre of
+        # tetrahedral symmetry
+        "diamond C": bulk("C", "diamond", a=3.567, cubic=True),
     }
 
 
@@ -113,7 +116,10 @@ def test_shipped_potential_stress_by_finite_differences_on_ideal_crystals(shippe
     pot = load_potential(shipped)
     h = 1e-5
     voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
-    for name in ("fcc Cu", "hcp Ni", "primitive Pt"):
+    crystals = [n for n in ("fcc Cu", "hcp Ni", "primitive Pt", "diamond C")
+                if set(ideal_crystals()[n].numbers) <= set(pot.species)]
+    assert crystals, f"no ideal crystal of the elements of {shipped}"
+    for name in crystals:
         atoms = ideal_crystals()[name]
         calc64 = ESTCalculator(pot, device="cpu", dtype="float64")
         numeric = np.zeros(6)
