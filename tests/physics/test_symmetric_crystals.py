@@ -74,8 +74,11 @@ UNTRAINED = [
 ]
 
 
+METAL_CRYSTALS = [n for n in ideal_crystals() if n != "diamond C"]  # the untrained models' elements
+
+
 @pytest.mark.parametrize("model", UNTRAINED)
-@pytest.mark.parametrize("name", list(ideal_crystals()))
+@pytest.mark.parametrize("name", METAL_CRYSTALS)
 def test_untrained_two_layer_float32_equals_float64(model, name):
     message, overrides = model
     pot = _untrained(message, **overrides)
