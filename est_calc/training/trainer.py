@@ -299,7 +299,7 @@ class Trainer:
         potential = potential.to(dtype=self.dtype)
         if state is None and init is None:
             self._set_normalisation(potential, species)
-        self.potential = potential.to(device=self.device, dtype=self.dtype)
+        self.potential = potential.to(device=self.device)
         self.ema = copy.deepcopy(self.potential)
         for p in self.ema.parameters():
             p.requires_grad_(False)
