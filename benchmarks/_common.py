@@ -87,6 +87,34 @@ def cu_bulk(n_rep: int, a_A: float = 3.6):
     return atoms
 
 
+def cu_bulk_atoms(n_atoms: int, a_A: float = 3.61, option: str = "--atoms"):
+    """Cu fcc bulk of exactly ``n_atoms`` atoms: the 4-atom cubic cell repeated (p, q, r) times,
+    p <= q <= r with the smallest r / p; rattled by 0.05 Å (seed 1).
+
+    Raises:
+        ValueError: ``n_atoms`` is not a positive multiple of 4 (naming ``option``, the command
+            line option it came from).
+    """
+    from ase.build import bulk
+
+    if n_atoms < 4 or n_atoms % 4:
+        raise ValueError(f"{option}: Cu fcc bulk has 4 atoms per cubic cell, got {n_atoms}")
+    cells = n_atoms // 4
+    best = None
+    # p <= q <= r means p^3 <= cells and q^2 <= cells / p
+    for p in range(1, round(cells ** (1 / 3)) + 2):
+        if cells % p:
+            continue
+        for q in range(p, round((cells // p) ** 0.5) + 2):
+            if (cells // p) % q == 0 and cells // (p * q) >= q:
+                r = cells // (p * q)
+                if best is None or r / p < best[2] / best[0]:
+                    best = (p, q, r)
+    atoms = bulk("Cu", "fcc", a=a_A, cubic=True).repeat(best)
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
 # ---------------------------------------------------------------------------- timing
 def sync(device: str) -> None:
     """Wait for queued GPU work so wall-clock times are honest (no-op on CPU)."""

@@ -39,30 +39,10 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _common import median_time, sync  # noqa: E402
+from _common import cu_bulk_atoms, median_time, sync  # noqa: E402
 
 TARGET_MS = 5.0
 TARGET_ATOMS = 1000
-
-
-def cu_bulk_atoms(n_atoms: int, a_A: float = 3.61):
-    """Cu fcc bulk of exactly ``n_atoms`` atoms: the 4-atom cubic cell repeated (p, q, r) times,
-    p <= q <= r as even as possible; rattled by 0.05 Å (seed 1)."""
-    from ase.build import bulk
-
-    if n_atoms < 4 or n_atoms % 4:
-        raise ValueError(f"--atoms: Cu fcc bulk has 4 atoms per cubic cell, got {n_atoms}")
-    cells = n_atoms // 4
-    best = None
-    for p in range(1, cells + 1):
-        for q in range(p, cells + 1):
-            if cells % (p * q) == 0 and cells // (p * q) >= q:
-                r = cells // (p * q)
-                if best is None or r / p < best[2] / best[0]:
-                    best = (p, q, r)
-    atoms = bulk("Cu", "fcc", a=a_A, cubic=True).repeat(best)
-    atoms.rattle(0.05, seed=1)
-    return atoms
 
 
 def install_est_wheels(wheels: str | None, argv: list[str]) -> int | None:

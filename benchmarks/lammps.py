@@ -70,6 +70,8 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _common import cu_bulk_atoms
+
 VENV = Path(sys.prefix)  # the virtual environment of the mpich wheel: include/, lib/, bin/mpirun
 
 
@@ -99,37 +101,13 @@ ENERGY_TOL = {"float32": 1e-4, "float64": 1e-8}
 
 
 # ------------------------------------------------------------------------------ structure
-def cu_bulk_atoms(n_atoms: int, a_A: float = 3.61):
-    """Cu fcc bulk of exactly ``n_atoms`` atoms: the 4-atom cubic cell repeated (p, q, r) times,
-    p <= q <= r as even as possible; rattled by 0.05 Å (seed 1)."""
-    from ase.build import bulk
-
-    if n_atoms < 4 or n_atoms % 4:
-        raise ValueError(f"--sizes: Cu fcc bulk has 4 atoms per cubic cell, got {n_atoms}")
-    cells = n_atoms // 4
-    best = None
-    for p in range(1, round(cells ** (1 / 3)) + 2):
-        if cells % p:
-            continue
-        for q in range(p, round((cells // p) ** 0.5) + 2):
-            if (cells // p) % q == 0 and cells // (p * q) >= q:
-                shape = (p, q, cells // (p * q))
-                if best is None or shape[2] - shape[0] < best[2] - best[0]:
-                    best = shape
-    if best is None:
-        best = (1, 1, cells)
-    atoms = bulk("Cu", "fcc", a=a_A, cubic=True).repeat(best)
-    atoms.rattle(0.05, seed=1)
-    return atoms
-
-
 def starting_state(n_atoms: int, temperature_K: float, seed: int):
     """The benchmark's start: the bulk with Maxwell-Boltzmann momenta at ``temperature_K``
     (numpy Generator of ``seed``), zero total momentum."""
     import numpy as np
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
-    atoms = cu_bulk_atoms(n_atoms)
+    atoms = cu_bulk_atoms(n_atoms, option="--sizes")
     thermalize_momenta(atoms, temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
     return atoms

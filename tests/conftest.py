@@ -101,6 +101,26 @@ def tiny_package64(make_potential, tmp_path_factory):
     return source, path
 
 
+@pytest.fixture(scope="session")
+def plugin():
+    """The LAMMPS plugin (est_lammps/), built with cmake as `make lammps` builds it, or reused
+    when up to date; once per session for tests/lammps and tests/benchmarks/test_lammps_bench.py.
+    Skips, saying why, where a tool is missing; a failed build fails with cmake's output."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "lammps"))
+    from lammps_cases import build_plugin, missing_tools
+
+    why = missing_tools()
+    if why:
+        pytest.skip(why)
+    try:
+        return build_plugin()
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"building the LAMMPS plugin failed:\n{err.stdout[-3000:]}\n{err.stderr[-3000:]}")
+
+
 @pytest.fixture
 def cu_slab_co():
     """Rattled Cu(111) 2x2x2 slab, C-down CO on top and an H adatom (11 atoms: Cu8 C O H);

@@ -17,21 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "lammps.py"
-sys.path.insert(0, str(ROOT / "tests" / "lammps"))
-from lammps_cases import build_plugin, missing_tools
 
 pytestmark = pytest.mark.lammps
-
-
-@pytest.fixture(scope="module")
-def plugin():
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    try:
-        return build_plugin()
-    except subprocess.CalledProcessError as err:
-        pytest.fail(f"building the LAMMPS plugin failed:\n{err.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ intended, rerun the command and say why in the commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_checks import assert_golden_values, assert_pinned_file, sha256
 
 GOLDEN = Path(__file__).with_name("golden_3bpa_potential.json")
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def evaluate(path: Path) -> dict:
 def write_golden() -> None:
     path = potential_path()
     GOLDEN.write_text(json.dumps({"file": path.name,
-                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                  "sha256": sha256(path),
                                   "values": evaluate(path)}, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
 
@@ -87,21 +87,11 @@ def _frames(n: int):
 
 
 def test_shipped_file_is_the_pinned_one(golden):
-    path = potential_path()
-    assert path.name == golden["file"]
-    assert path.stat().st_size < 20 * 2**20
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == golden["sha256"], (
-        f"{path} changed; if intended, rerun `python {Path(__file__).relative_to(ROOT)} --write`")
+    assert_pinned_file(potential_path(), golden, Path(__file__), ROOT)
 
 
 def test_golden_energies_and_forces(golden):
-    got = evaluate(potential_path())
-    assert set(got) == set(golden["values"])
-    for name, want in golden["values"].items():
-        np.testing.assert_allclose(got[name]["energy"], want["energy"], rtol=0, atol=1e-6,
-                                   err_msg=name)
-        np.testing.assert_allclose(got[name]["forces"], want["forces"], rtol=0, atol=1e-6,
-                                   err_msg=name)
+    assert_golden_values(evaluate(potential_path()), golden)
 
 
 def test_loads_by_name_with_its_card(calc64):

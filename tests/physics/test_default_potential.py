@@ -10,13 +10,13 @@ command above and say why in the commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_checks import assert_golden_values, assert_pinned_file, sha256
 
 GOLDEN = Path(__file__).with_name("golden_default_potential.json")
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +53,6 @@ def default_path() -> Path:
     return Path(_resolve("default"))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def evaluate(path: Path) -> dict:
     from est_calc.calculator import ESTCalculator
 
@@ -84,24 +80,11 @@ def golden() -> dict:
 
 
 def test_shipped_file_is_the_pinned_one(golden):
-    path = default_path()
-    assert path.name == golden["file"]
-    assert path.stat().st_size < 20 * 2**20, "a shipped potential must stay under 20 MB"
-    assert sha256(path) == golden["sha256"], (
-        f"{path} changed; if intended, rerun `python {Path(__file__).relative_to(ROOT)} --write`")
+    assert_pinned_file(default_path(), golden, Path(__file__), ROOT)
 
 
 def test_golden_energies_forces_and_stress(golden):
-    got = evaluate(default_path())
-    assert set(got) == set(golden["values"])
-    for name, want in golden["values"].items():
-        np.testing.assert_allclose(got[name]["energy"], want["energy"], rtol=0, atol=1e-6,
-                                   err_msg=name)
-        np.testing.assert_allclose(got[name]["forces"], want["forces"], rtol=0, atol=1e-6,
-                                   err_msg=name)
-        if "stress" in want:
-            np.testing.assert_allclose(got[name]["stress"], want["stress"], rtol=0, atol=1e-7,
-                                       err_msg=name)
+    assert_golden_values(evaluate(default_path()), golden)
 
 
 def test_calculator_without_arguments_loads_the_default():
