@@ -24,7 +24,9 @@ Stages (``--stage``, comma-separated; default all of them, in this order):
   meV/atom, forces in meV/Å; RMSE and MAE), parameters, training wall time, time per MD step of
   each trained model (same cores, alternating rounds), a learning curve (validation force and
   energy RMSE against training minutes, both models; PNG) and, for ethanol, the H-removal and
-  normal-mode curves against DFT (PNG). Tables go to stdout and ``report.md``, numbers to
+  normal-mode curves against DFT (PNG). The speed table has a third row, "EST .pt2": the same
+  EST potential exported by ``est export`` (one AOTInductor graph, no Python per operation;
+  ``--no-export`` leaves it out). Tables go to stdout and ``report.md``, numbers to
   ``report.json`` in ``--out``.
 
 Usage::
@@ -452,6 +454,23 @@ def _time_est(potential: str, structures, repeats: int, threads: int) -> list[fl
     return out
 
 
+def _export_package(potential: Path, out: Path, args) -> dict:
+    """The trained EST potential as an AOTInductor package (``est export``, float32, CPU) in
+    ``out``, for the speed table; reused while it is newer than the potential. Its deviation
+    from the eager potential is checked by the export itself (refused above round-off)."""
+    from est_calc.deploy import export_potential
+
+    path = out / "est.pt2"
+    if path.exists() and path.stat().st_mtime > potential.stat().st_mtime:
+        return {"path": str(path), "reused": True}
+    t0 = time.perf_counter()
+    res = export_potential(str(potential), path, dtype="float32", device="cpu", overwrite=True)
+    print(f"est export: {path} in {time.perf_counter() - t0:.0f} s, max deviation from the "
+          f"eager potential {res.max_deviation:.1e}")
+    return {"path": str(path), "export_s": res.trace_s + res.compile_s,
+            "max_deviation": res.max_deviation}
+
+
 def _time_mace(model: str, structures_path: Path, repeats: int, threads: int) -> tuple[list, int]:
     script = (
         "import json,sys,time,statistics,numpy as np,torch\n"
@@ -568,13 +587,17 @@ def stage_report(args, spec, out: Path, split: dict) -> dict:
     structs = out / "speed_structures.xyz"
     write(structs, [mol, box])
     repeats = 3 if args.quick else args.repeats
-    est_t, mace_t = [], []
+    package = _export_package(est_pot, out, args) if args.export else None
+    est_t, pkg_t, mace_t = [], [], []
     for _ in range(2 if args.quick else args.rounds):
         est_t.append(_time_est(str(est_pot), [mol, box], repeats, args.threads))
+        if package:
+            pkg_t.append(_time_est(str(package["path"]), [mol, box], repeats, args.threads))
         if mace_model:
             t, mace_params = _time_mace(mace_model, structs, repeats, args.threads)
             mace_t.append(t)
     est_ms = [1000 * statistics.median(r[i] for r in est_t) for i in range(2)]
+    pkg_ms = [1000 * statistics.median(r[i] for r in pkg_t) for i in range(2)] if pkg_t else None
     mace_ms = [1000 * statistics.median(r[i] for r in mace_t) for i in range(2)] if mace_t else None
 
     from est_calc.potential import load_potential
@@ -586,6 +609,11 @@ def stage_report(args, spec, out: Path, split: dict) -> dict:
                 "training_minutes": meta.get("wall_time_s", float("nan")) / 60,
                 "steps": meta.get("steps"), "ms_molecule": est_ms[0], "ms_box": est_ms[1]},
     }
+    if package:
+        # The same potential as the EST row (its errors are EST's, to the export check's
+        # round-off), as one AOTInductor graph: `est export`, then ESTCalculator(model=".pt2").
+        report["models"]["EST .pt2"] = {**report["models"]["EST"], "ms_molecule": pkg_ms[0],
+                                        "ms_box": pkg_ms[1], "export": package}
     if mace_model:
         report["models"]["MACE"] = {"params": mace_params,
                                     "training_minutes": mace_info.get("training_minutes"),
@@ -628,10 +656,11 @@ def format_report(r: dict) -> str:
     for n, m in r["models"].items():
         mrows.append([n, f"{m['params']:,}", f"{m['training_minutes']:.1f}" if m.get("training_minutes") else "-",
                       f"{m['ms_molecule']:.2f}", f"{m['ms_box']:.1f}"])
-    if "MACE" in r["models"]:
-        e, m = r["models"]["EST"], r["models"]["MACE"]
-        mrows.append(["MACE / EST", "", "", f"{m['ms_molecule'] / e['ms_molecule']:.2f}x",
-                      f"{m['ms_box'] / e['ms_box']:.2f}x"])
+    for name in ("EST", "EST .pt2"):
+        if "MACE" in r["models"] and name in r["models"]:
+            e, m = r["models"][name], r["models"]["MACE"]
+            mrows.append([f"MACE / {name}", "", "", f"{m['ms_molecule'] / e['ms_molecule']:.2f}x",
+                          f"{m['ms_box'] / e['ms_box']:.2f}x"])
     lines += [markdown_table(["model", "parameters", "training (min)",
                               f"MD step, molecule ({r['molecule_atoms']} atoms, ms)",
                               f"MD step, box ({r['box_atoms']} atoms, ms)"], mrows), ""]
@@ -656,6 +685,9 @@ def main(argv=None) -> int:
     p.add_argument("--mace-hidden", default="64x0e + 64x1o")
     p.add_argument("--mace-epoch-s", type=float, default=None,
                    help="MACE's epoch time on these cores (skips the calibration run)")
+    p.add_argument("--export", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the trained EST potential exported to a .pt2 package (about "
+                        "a minute to compile; default: on, off with --quick)")
     p.add_argument("--est-preset", default="molecule")
     p.add_argument("--est-overrides", default=None, help="JSON of ModelConfig overrides")
     p.add_argument("--est-lr", type=float, default=0.01)
@@ -667,6 +699,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.budget_min = min(args.budget_min, 0.15)
+    if args.export is None:
+        args.export = not args.quick
     spec = DATASETS[args.dataset]
     out = Path(args.out or REPO / "runs" / "accuracy" / args.dataset)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ needs_data = pytest.mark.skipif(not (accuracy.DEFAULT_DATA / "ethanol").is_dir()
 def test_accuracy_quick_ethanol(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(accuracy, "have_mace", lambda: False)
     out = tmp_path / "acc"
-    assert accuracy.main(["--quick", "--dataset", "ethanol", "--out", str(out)]) == 0
+    assert accuracy.main(["--quick", "--dataset", "ethanol", "--out", str(out), "--export"]) == 0
     text = capsys.readouterr().out
     assert "MACE peer env unavailable" in text
     split = json.loads((out / "split.json").read_text())
@@ -51,6 +51,29 @@ def test_accuracy_quick_ethanol(tmp_path, monkeypatch, capsys):
     assert (out / "scans.png").stat().st_size > 0
     assert report["curves"]["EST"] and report["models"]["EST"]["ms_box"] > 0
     assert "| EST |" in (out / "report.md").read_text()
+    # The exported package is timed beside the eager potential and computes the same thing.
+    pkg = report["models"]["EST .pt2"]
+    assert pkg["ms_molecule"] > 0 and pkg["ms_box"] > 0 and pkg["params"] == \
+        report["models"]["EST"]["params"]
+    assert pkg["export"]["max_deviation"] < 1e-4
+    direct = accuracy._est_predict(pkg["export"]["path"],
+                                   str(out / split["evals"]["50 held out"]["file"]), "float32")
+    for (_, _, e1, f1, _), (_, _, e2, f2, _) in zip(rows, direct):
+        assert e2 == pytest.approx(e1, abs=1e-4) and np.abs(f2 - f1).max() < 1e-4
+    assert "| EST .pt2 |" in (out / "report.md").read_text()
+
+
+def test_report_table_has_both_ratios_to_mace():
+    models = {"EST": {"params": 10, "training_minutes": 1.0, "ms_molecule": 10.0, "ms_box": 100.0},
+              "EST .pt2": {"params": 10, "training_minutes": 1.0, "ms_molecule": 4.0,
+                           "ms_box": 150.0},
+              "MACE": {"params": 20, "training_minutes": 1.0, "ms_molecule": 30.0,
+                       "ms_box": 900.0}}
+    text = accuracy.format_report({"dataset": "x", "budget_min": 1, "cores": None, "share": 1,
+                                   "threads": 1, "dtype": "float32", "sets": {},
+                                   "models": models, "molecule_atoms": 9, "box_atoms": 999})
+    assert "| MACE / EST |  |  | 3.00x | 9.00x |" in text
+    assert "| MACE / EST .pt2 |  |  | 7.50x | 6.00x |" in text
 
 
 def test_molecule_box_has_no_close_contacts():
