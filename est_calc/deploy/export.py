@@ -20,9 +20,10 @@ Export in four steps (:func:`export_potential`):
    count n and the edge count E symbolic (no data-dependent branch: a chunk loop or an ``if`` on
    a size would have made a constant of it);
 3. ``torch.export`` of that graph with n and E declared dynamic;
-4. ``torch._inductor.aoti_compile_and_package`` compiles it (C++ on the CPU) into a ``.pt2`` with
-   the metadata of :mod:`.package`, written to a temporary file, checked against the eager
-   function on a second, larger sample, then renamed into place.
+4. ``torch._inductor.aoti_compile_and_package`` compiles it (C++ on the CPU; weights frozen
+   into the graph, ``_INDUCTOR``) into a ``.pt2`` with the metadata of :mod:`.package`, written
+   to a temporary file, checked against the eager function on a second, larger sample, then
+   renamed into place.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ __all__ = ["EdgeEnergyModel", "ExportError", "ExportResult", "export_potential",
            "sample_inputs", "trace"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Inductor settings of every package. ``freezing``: the frozen weights are constants of the
+#: graph, so the products with them are folded and pre-packed for the CPU's matrix kernels
+#: (1.1-1.2x per call on 1,000 Cu atoms, float32, one core; benchmarks/RESULTS.md).
+_INDUCTOR = {"freezing": True}
 #: Largest |exported - eager| / (1 + |eager|) accepted by the check after compiling.
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -357,7 +362,7 @@ def export_potential(potential, path: str | os.PathLike, *,
         try:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(tmp),
-                inductor_configs={"aot_inductor.metadata": dict(metadata)})
+                inductor_configs={"aot_inductor.metadata": dict(metadata), **_INDUCTOR})
         except Exception as err:  # Inductor and the C++ compiler fail in many ways
             raise ExportError(f"compiling the package with AOTInductor failed (a C++ compiler "
                               f"is needed: g++ or clang++): {_first_line(err)}") from err
