@@ -16,6 +16,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -112,9 +113,29 @@ void PairEST::allocate()
     for (int j = 0; j < n; ++j) setflag[i][j] = 0;
 }
 
-void PairEST::settings(int narg, char **)
+// pair_style est [chunk_atoms N]: N bounds the local atoms given to the model at once (memory:
+// a rank's atoms are evaluated in groups of at most N, each with its own halo of n_layers + 1
+// hops; the results are those of one evaluation to round-off). Default: all at once.
+void PairEST::settings(int narg, char **arg)
 {
-  if (narg != 0) error->all(FLERR, "pair_style est takes no arguments: pair_style est");
+  chunk_atoms = 0;
+  for (int k = 0; k < narg; ++k) {
+    if (strcmp(arg[k], "chunk_atoms") == 0) {
+      if (k + 1 >= narg)
+        error->all(FLERR, "pair_style est: chunk_atoms needs a number of atoms: pair_style est "
+                          "chunk_atoms N");
+      char *end = nullptr;
+      const long value = std::strtol(arg[k + 1], &end, 10);
+      if (end == arg[k + 1] || *end != '\0' || value < 1 || value > 2147483647L)
+        error->all(FLERR, "pair_style est: chunk_atoms needs a positive integer, got '{}'",
+                   arg[k + 1]);
+      chunk_atoms = static_cast<int>(value);
+      ++k;
+    } else {
+      error->all(FLERR, "pair_style est: unknown option '{}' (pair_style est [chunk_atoms N])",
+                 arg[k]);
+    }
+  }
 }
 
 // Opens the package after checking, in this order, that the file exists, is an est_calc
@@ -312,15 +333,9 @@ void PairEST::compute(int eflag, int vflag)
   for (int k = 0; k < nextra; ++k) pvector[k] = 0.0;
   if (nlocal == 0) return;    // no energy on this rank, so no force on anything from it
 
-  double **x = atom->x;
-  double **f = atom->f;
-  const int *type = atom->type;
-
-  // node[j]: the model's index of LAMMPS atom j, or -1 while not (yet) in the graph. Local atoms
-  // are nodes 0..nlocal-1; images of local atoms take their owner's node; other ghosts get
-  // nodes as the walk below reaches them.
-  std::vector<int64_t> node(nall, -1);
-  std::vector<int> owner(nall, -1);    // local index of the atom a ghost is an image of
+  // owner[j]: the local index of the atom that LAMMPS atom j is (itself for a local atom, the
+  // owner for a periodic image of a local atom), or -1 for an atom of another rank.
+  std::vector<int> owner(nall, -1);
   for (int i = 0; i < nlocal; ++i) owner[i] = i;
   if (fold_images && nall > nlocal) {
     const tagint *tag = atom->tag;
@@ -332,20 +347,65 @@ void PairEST::compute(int eflag, int vflag)
       if (it != local_of.end()) owner[j] = it->second;
     }
   }
-  for (int j = 0; j < nall; ++j) node[j] = owner[j];
 
-  // The graph the local energies need, by hops along edges r < r_c from the local atoms (hop
-  // 0): an atom's energy depends on its initial features (its own edges: one hop) carried over
-  // n_layers layers, so the local energies need every atom up to n_layers + 1 hops and all the
-  // edges of every atom up to n_layers hops, and nothing else. Images of local atoms are hop 0
-  // (they are their owners) and are never walked from: their owners' lists hold their edges.
-  // The other ghosts are reached only along real edges from real positions, so one at hop h is
-  // within h x r_c of the sub-domain and, for h <= n_layers, its list is complete under the
-  // ghost cutoff (n_layers + 1) x r_c + skin. Atoms further out are left out with their edges;
-  // the force on them is exactly zero. Nodes: locals first (unchanged), then ghosts by hop.
+  // Chunks (pair_style est chunk_atoms N): the local atoms in ceil(nlocal / N) groups of
+  // consecutive positions along the longest extent of the sub-domain's atoms, each evaluated
+  // with the atoms its energies depend on (chunk()). Without the keyword: one group, the local
+  // atoms in LAMMPS's order.
+  std::vector<int> order(nlocal);
+  for (int i = 0; i < nlocal; ++i) order[i] = i;
+  const int n_groups = chunk_atoms > 0 ? (nlocal + chunk_atoms - 1) / chunk_atoms : 1;
+  if (n_groups > 1) {
+    double **x = atom->x;
+    int axis = 0;
+    double widest = -1.0;
+    for (int d = 0; d < 3; ++d) {
+      double lo = x[0][d], hi = x[0][d];
+      for (int i = 1; i < nlocal; ++i) {
+        lo = std::min(lo, x[i][d]);
+        hi = std::max(hi, x[i][d]);
+      }
+      if (hi - lo > widest) {
+        widest = hi - lo;
+        axis = d;
+      }
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return x[a][axis] < x[b][axis]; });
+  }
+  for (int g = 0; g < n_groups; ++g) {
+    const int lo = static_cast<int>(static_cast<long long>(nlocal) * g / n_groups);
+    const int hi = static_cast<int>(static_cast<long long>(nlocal) * (g + 1) / n_groups);
+    chunk(order.data() + lo, hi - lo, owner, n_groups);
+  }
+}
+
+// One evaluation of the model: the energies of the m local atoms group[0..m-1] and their
+// derivatives. The graph the group's energies need, by hops along edges r < r_c from the group
+// (hop 0): an atom's energy depends on its initial features (its own edges: one hop) carried
+// over n_layers layers, so the group's energies need every atom up to n_layers + 1 hops and all
+// the edges of every atom up to n_layers hops, and nothing else. An atom is represented by its
+// local owner where it has one (owner[]): images of local atoms are never walked from, their
+// owners' lists hold their edges. Local atoms outside the group are walked like any other
+// (their lists are complete). The other ghosts are reached only along real edges from real
+// positions, so one at hop h is within h x r_c of the sub-domain and, for h <= n_layers, its
+// list is complete under the ghost cutoff (n_layers + 1) x r_c + skin. Atoms further out are
+// left out with their edges; the force on them is exactly zero. Nodes: the group first (in
+// its order), then the others by hop; local_mask = the group.
+void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int n_groups)
+{
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  // node[r]: the model's index of the atom represented by LAMMPS index r (a local atom or an
+  // atom of another rank), or -1 while not (yet) in the graph.
+  std::vector<int64_t> node(nall, -1);
+  std::vector<int> kept(group, group + m);    // node -> LAMMPS index
+  for (int k = 0; k < m; ++k) node[group[k]] = k;
   const double rc2 = cutoff * cutoff;
-  std::vector<int> kept(nlocal);    // node -> LAMMPS index
-  for (int i = 0; i < nlocal; ++i) kept[i] = i;
   std::vector<int64_t> centre, neighbour;    // nodes
   std::vector<double> shifts;                // (E, 3) Å
   size_t begin = 0;
@@ -359,16 +419,17 @@ void PairEST::compute(int eflag, int vflag)
         const int j = jlist[jj] & NEIGHMASK;
         const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
         if (dx * dx + dy * dy + dz * dz >= rc2) continue;
-        if (node[j] < 0) {
-          if (!ghost_lists)
-            error->one(FLERR, "pair_style est: ghost atom {} is not an image of a local atom "
-                              "on a single rank (atom IDs not unique?)", atom->tag[j]);
-          node[j] = static_cast<int64_t>(kept.size());
-          kept.push_back(j);
+        const int o = owner[j];
+        if (o < 0 && !ghost_lists)
+          error->one(FLERR, "pair_style est: ghost atom {} is not an image of a local atom "
+                            "on a single rank (atom IDs not unique?)", atom->tag[j]);
+        const int r = o >= 0 ? o : j;
+        if (node[r] < 0) {
+          node[r] = static_cast<int64_t>(kept.size());
+          kept.push_back(r);
         }
         centre.push_back(static_cast<int64_t>(k));
-        neighbour.push_back(node[j]);
-        const int o = owner[j];
+        neighbour.push_back(node[r]);
         if (o >= 0 && o != j) {
           shifts.push_back(x[j][0] - x[o][0]);
           shifts.push_back(x[j][1] - x[o][1]);
@@ -381,8 +442,9 @@ void PairEST::compute(int eflag, int vflag)
     begin = end;
   }
 
-  // The package takes at least one edge. Without any, add one placeholder atom 2 r_c from
-  // atom 0 (not local) and an edge to it: an edge longer than r_c contributes exactly nothing.
+  // The package takes at least one edge. Without any, add one placeholder atom 2 r_c from the
+  // group's first atom (not local) and an edge to it: an edge longer than r_c contributes
+  // exactly nothing.
   const int n_kept = static_cast<int>(kept.size());
   int n = n_kept;
   std::vector<double> pos(static_cast<size_t>(3) * (n_kept + 1));
@@ -395,9 +457,9 @@ void PairEST::compute(int eflag, int vflag)
     numbers[k] = type_to_z[type[i]];
   }
   if (centre.empty()) {
-    pos[3 * n_kept + 0] = x[0][0] + 2.0 * cutoff;
-    pos[3 * n_kept + 1] = x[0][1];
-    pos[3 * n_kept + 2] = x[0][2];
+    pos[3 * n_kept + 0] = x[kept[0]][0] + 2.0 * cutoff;
+    pos[3 * n_kept + 1] = x[kept[0]][1];
+    pos[3 * n_kept + 2] = x[kept[0]][2];
     numbers[n_kept] = numbers[0];
     centre.push_back(n_kept);
     neighbour.push_back(0);
@@ -422,16 +484,18 @@ void PairEST::compute(int eflag, int vflag)
         torch::from_blob(numbers.data(), {n}, i64).to(device),
         torch::from_blob(edges.data(), {2, n_edges}, i64).to(device),
         torch::from_blob(shifts.data(), {n_edges, 3}, f64).to(device, dtype),
-        (torch::arange(n, i64) < nlocal).to(device)};
+        (torch::arange(n, i64) < m).to(device)};
     outputs = model->run(inputs);
     for (auto &t : outputs) t = t.to(torch::kCPU, torch::kFloat64).contiguous();
   } catch (const std::exception &err) {
     if (out_of_memory(err))
       error->one(FLERR,
-                 "pair_style est: out of memory on the {} evaluating {} atoms ({} local) and {} "
-                 "edges on this rank; the run stops: use more MPI ranks (or GPUs) or a smaller "
+                 "pair_style est: out of memory on the {} evaluating {} atoms ({} of {} local "
+                 "atoms in {} chunk(s)) and {} edges on this rank; the run stops: use more MPI "
+                 "ranks (or GPUs), smaller chunks (pair_style est chunk_atoms N) or a smaller "
                  "system ({})",
-                 use_cuda ? "GPU" : "CPU", n, nlocal, n_edges, first_line(err.what()));
+                 use_cuda ? "GPU" : "CPU", n, m, nlocal, n_groups, n_edges,
+                 first_line(err.what()));
     error->one(FLERR, "pair_style est: the model '{}' failed: {}", model_path,
                first_line(err.what()));
   }
@@ -453,16 +517,18 @@ void PairEST::compute(int eflag, int vflag)
     f[i][2] += fm[3 * k + 2];
   }
 
-  // What the model was given on this rank (`compute ID all pair est` sums them over ranks).
-  pvector[0] = n_kept;
-  pvector[1] = n_kept - nlocal;
-  pvector[2] = static_cast<double>(n_kept == n ? n_edges : 0);
+  // What the model was given on this rank, summed over chunks (`compute ID all pair est` sums
+  // them over ranks): atoms, those of them whose energies were not counted (ghosts, and with
+  // chunks the other chunks' atoms), edges.
+  pvector[0] += n_kept;
+  pvector[1] += n_kept - m;
+  pvector[2] += static_cast<double>(n_kept == n ? n_edges : 0);
 
   if (eflag_global) eng_vdwl += energy.item<double>();
   if (eflag_atom) {
-    // Ghost energies are not this rank's to count: the owner counts them.
+    // Only the group's energies are this evaluation's to count (ghosts': their owners').
     const double *e = outputs[1].data_ptr<double>();
-    for (int i = 0; i < nlocal; ++i) eatom[i] += e[i];
+    for (int k = 0; k < m; ++k) eatom[kept[k]] += e[k];
   }
   // LAMMPS's virial components in order xx, yy, zz, xy, xz, yz, W = -dE/d strain.
   if (vflag_global) {

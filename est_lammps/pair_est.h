@@ -37,6 +37,7 @@ class PairEST : public Pair {
  private:
   void allocate();
   void load_model(const std::string &path);
+  void chunk(const int *group, int m, const std::vector<int> &owner, int n_groups);
 
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> model;
   std::unordered_map<std::string, std::string> metadata;
@@ -50,6 +51,7 @@ class PairEST : public Pair {
   bool float64 = true;
   bool fold_images = false;           // images of local atoms become their owners (atom IDs)
   bool ghost_lists = true;            // ghosts have lists and reach (n_layers + 1) x r_c + skin
+  int chunk_atoms = 0;                // local atoms per model evaluation (0: all at once)
   std::string model_path;
 };
 

@@ -90,14 +90,14 @@ def boundary(atoms: Atoms) -> str:
     return " ".join("p" if p else "f" for p in atoms.pbc)
 
 
-def header(atoms: Atoms, package: Path, data: Path) -> str:
+def header(atoms: Atoms, package: Path, data: Path, style: str = "est") -> str:
     return f"""units metal
 atom_style atomic
 atom_modify map yes
 boundary {boundary(atoms)}
 read_data {data}
 plugin load {PLUGIN}
-pair_style est
+pair_style {style}
 pair_coeff * * {package} {' '.join(SYMBOLS)}
 neighbor 1.0 bin
 """
@@ -150,13 +150,14 @@ print "RESULT $(pe:%.17g) $(pxx:%.17g) $(pyy:%.17g) $(pzz:%.17g) $(pxy:%.17g) $(
 """
 
 
-def single_point(atoms: Atoms, package: Path, folder: Path, nprocs: int = 1) -> Result:
+def single_point(atoms: Atoms, package: Path, folder: Path, nprocs: int = 1,
+                 style: str = "est") -> Result:
     """Energy, virial, forces, per-atom energies and virials of ``atoms`` (lower-triangular
     cell) from LAMMPS with zero velocities, so that the pressure is the virial's alone, and the
-    size of the graph the model was given."""
+    size of the graph the model was given (``style``: the pair_style line's arguments)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_data(atoms, folder / "data.lmp")
-    run_lmp(header(atoms, package, folder / "data.lmp") + SINGLE_POINT, folder, nprocs)
+    run_lmp(header(atoms, package, folder / "data.lmp", style) + SINGLE_POINT, folder, nprocs)
     values = [float(v) for v in (folder / "result.txt").read_text().split()[1:]]
     energy, pressure, volume = values[0], np.array(values[1:7]), values[7]
     graph = tuple(int(v) for v in values[8:11])
