@@ -30,6 +30,9 @@ unless a row there has already run; memory is extrapolated linearly in the atom 
 the two largest measured sizes, or through zero from one). A row predicted above the budget
 (``--memory-gib``, capped at 90 % of the memory available at the start) is skipped, saying why;
 a run that grows past the budget anyway is killed by a guard, so the machine never swaps.
+``--chunk-atoms N`` runs LAMMPS with ``pair_style est chunk_atoms N``: each rank's atoms go to
+the model in groups of at most N with their halos, so LAMMPS's memory stays that of one group
+and its rows are not skipped by the extrapolation (the guard still applies).
 
 Package: exported once into ``--cache`` (named by potential file hash, dtype, device and torch
 version, so a stale one is never reused); ``--package FILE.pt2`` uses a given one.
@@ -42,6 +45,7 @@ Usage:
     python benchmarks/lammps.py                    # 1,000 / 10,000 / 100,000 atoms; 1 and 2
     python benchmarks/lammps.py --sizes 1000,10000 --ranks 1 --json out.json
     python benchmarks/lammps.py --quick            # 108 atoms, 1 and 2, a few steps
+    python benchmarks/lammps.py --sizes 100000 --ranks 1 --chunk-atoms 25000 --steps 2
 """
 
 from __future__ import annotations
@@ -431,7 +435,7 @@ LOOP = re.compile(r"Loop time of ([0-9.eE+-]+) on (\d+) procs for (\d+) steps wi
 
 
 def lammps_input(data: Path, plugin: Path, package: Path, symbols: list[str], timestep_fs: float,
-                 warmup: int, steps: int) -> str:
+                 warmup: int, steps: int, chunk_atoms: int | None = None) -> str:
     """The LAMMPS input: the warm-up run (its thermo line at step 0 gives the first frame's
     energy), then the timed run, without a second setup (``pre no``: no extra force call, so
     both paths time exactly ``steps`` force evaluations)."""
@@ -440,7 +444,7 @@ atom_style atomic
 boundary p p p
 read_data {data}
 plugin load {plugin}
-pair_style est
+pair_style est{f" chunk_atoms {chunk_atoms}" if chunk_atoms else ""}
 pair_coeff * * {package} {' '.join(symbols)}
 neighbor {SKIN_A} bin
 neigh_modify every 1 delay 0 check yes
@@ -469,7 +473,8 @@ def run_lammps(atoms_file: Path, folder: Path, args, ranks: int, warmup: int, st
     symbols = sorted(set(atoms.get_chemical_symbols()))
     write_lammps_data(atoms, folder / "data.lmp", symbols)
     (folder / "in.lmp").write_text(lammps_input(folder / "data.lmp", plugin, package, symbols,
-                                                args.timestep_fs, warmup, steps))
+                                                args.timestep_fs, warmup, steps,
+                                                args.chunk_atoms))
     lmp = [str(LMP), "-in", "in.lmp", "-log", "log.lammps", "-screen", "none"]
     cmd = lmp if ranks == 1 else [str(MPIRUN), "-np", str(ranks), *lmp]
     g = run_guarded(cmd, cwd=folder, env=_env(1), limit_bytes=limit, timeout_s=args.timeout,
@@ -593,6 +598,10 @@ def main(argv=None) -> int:
     p.add_argument("--ase-package", action="store_true",
                    help="a third path: run_md with ESTCalculator running the package (.pt2) on "
                         "ASE's graph, which separates the compiled model from LAMMPS's ghosts")
+    p.add_argument("--chunk-atoms", type=int, default=None, metavar="N",
+                   help="LAMMPS: pair_style est chunk_atoms N (a rank's atoms go to the model in "
+                        "groups of at most N, each with its halo: bounded memory); its runs are "
+                        "then not skipped by the memory extrapolation (the guard still applies)")
     p.add_argument("--largest", action="store_true",
                    help="add a row of the largest cubic cell predicted to fit (both paths)")
     p.add_argument("--energy-tol", type=float, default=None,
@@ -603,6 +612,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.ase_worker:
         return ase_worker(args.ase_worker)
+    if args.chunk_atoms is not None and args.chunk_atoms < 1:
+        raise SystemExit(f"--chunk-atoms: a positive number of atoms, got {args.chunk_atoms}")
 
     from _common import markdown_table, resolve_device
 
@@ -686,6 +697,9 @@ def main(argv=None) -> int:
 
     def fits(kind: str, n: int, par: int) -> str | None:
         """None, or why the row is skipped."""
+        if kind == "lammps" and args.chunk_atoms:
+            # Memory is that of the largest group with its halo, not linear in the atoms.
+            return None
         if n > args.probe_atoms and not memory.has(kind, par, args.probe_atoms):
             probe = one(kind, args.probe_atoms, par, 0, 1, "probe")
             if probe.error:
@@ -778,7 +792,8 @@ def main(argv=None) -> int:
     print(title)
     print(f"{date}; NVE velocity Verlet, {args.timestep_fs:g} fs, skin {SKIN_A:g} Å, "
           f"{args.warmup} warm-up steps excluded; ASE: run_md + ESTCalculator (eager "
-          f"{args.potential}), T threads; LAMMPS: {package.name} on R MPI ranks x 1 thread; "
+          f"{args.potential}), T threads; LAMMPS: {package.name} on R MPI ranks x 1 thread"
+          f"{f' (chunk_atoms {args.chunk_atoms})' if args.chunk_atoms else ''}; "
           f"{where} memory budget {budget / GIB:.1f} GiB; CPUs allowed: "
           f"{len(os.sched_getaffinity(0))}\n")
     print(markdown_table(headers, table))
@@ -790,6 +805,7 @@ def main(argv=None) -> int:
             "potential": args.potential,
             "package": str(package), "plugin": str(plugin), "timestep_fs": args.timestep_fs,
             "warmup": args.warmup, "memory_budget_bytes": budget, "energy_tol_eV_per_atom": tol,
+            "chunk_atoms": args.chunk_atoms,
             "cpus": len(os.sched_getaffinity(0)), "rows": rows, "mismatch": mismatch}, indent=1))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

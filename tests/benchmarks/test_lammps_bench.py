@@ -126,3 +126,15 @@ def test_memory_extrapolation_and_cells():
         assert len(bench.cu_bulk_atoms(n)) == n
     with pytest.raises(ValueError, match="4 atoms per cubic cell"):
         bench.cu_bulk_atoms(1001)
+
+
+def test_chunked_lammps_runs_the_same_trajectory(tiny, plugin, tmp_path):
+    """--chunk-atoms: LAMMPS evaluates 108 atoms in three groups of 36 and still follows the ASE
+    trajectory to float64 round-off."""
+    proc, data = _run(tiny, plugin, tmp_path, "--quick", "--ranks", "1", "--steps", "2",
+                      "--warmup", "1", "--chunk-atoms", "36", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data["chunk_atoms"] == 36
+    (row,) = data["rows"]
+    assert row["e_first_diff_eV_per_atom"] < 1e-10 and row["e_last_diff_eV_per_atom"] < 1e-8
+    assert "chunk_atoms 36" in (tmp_path / "work" / "lammps_108_1_r0" / "in.lmp").read_text()
