@@ -222,9 +222,13 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation of x and y (average ranks for ties)."""
+    """Spearman rank correlation of x and y (average ranks for ties); NaN where it is not
+    defined (fewer than two values, or one side constant: no ranking to compare)."""
     from scipy.stats import spearmanr
 
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
     return float(spearmanr(x, y).statistic)
 
 

@@ -84,3 +84,19 @@ def test_latent_needs_calibration_frames(config, tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["train", str(path), "--uncertainty"]) == 2
     assert "needs held-out frames to calibrate on" in capsys.readouterr().err
+
+
+def test_spearman_is_nan_where_no_ranking_exists():
+    import warnings
+
+    import numpy as np
+
+    from est_calc.training.uncertainty import spearman
+
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 9.0])) == 1.0
+    assert spearman(np.array([3.0, 2.0, 1.0]), np.array([1.0, 3.0, 9.0])) == -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConstantInputWarning
+        assert np.isnan(spearman(np.ones(4), np.arange(4.0)))
+        assert np.isnan(spearman(np.arange(4.0), np.zeros(4)))
+        assert np.isnan(spearman(np.ones(1), np.ones(1)))
