@@ -34,8 +34,9 @@ a run that grows past the budget anyway is killed by a guard, so the machine nev
 the model in groups of at most N with their halos, so LAMMPS's memory stays that of one group
 and its rows are not skipped by the extrapolation (the guard still applies).
 
-Package: exported once into ``--cache`` (named by potential file hash, dtype, device and torch
-version, so a stale one is never reused); ``--package FILE.pt2`` uses a given one.
+Package: exported once into ``--cache`` (named by potential file hash, dtype, device, torch
+version and a hash of est_calc's sources, so a stale one is never reused); ``--package
+FILE.pt2`` uses a given one.
 
 ``--device cuda``: the ASE calculator and the package run on the GPU (its memory is sampled with
 nvidia-smi); the plugin is then built against that machine's CUDA libtorch (into ``--build``).
@@ -178,6 +179,19 @@ def ensure_plugin(plugin: str | None, build: Path) -> Path:
     return build / "est_plugin.so"
 
 
+def _code_digest() -> str:
+    """Hash of est_calc's Python sources: what the export traces and how it compiles it (a
+    package exported by other code is not reused, even for the same weights)."""
+    import est_calc
+
+    h = hashlib.sha256()
+    root = Path(est_calc.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def ensure_package(potential: str, dtype: str, device: str, cache: Path,
                    package: str | None) -> Path:
     """The .pt2 to run: ``package`` as given, else the cached export of ``potential`` in
@@ -197,7 +211,8 @@ def ensure_package(potential: str, dtype: str, device: str, cache: Path,
     source = _resolve(potential)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
-    path = cache / f"{source.stem}-{digest}-{dtype}-{device}-torch{torch_tag}.pt2"
+    path = cache / (f"{source.stem}-{digest}-{dtype}-{device}-torch{torch_tag}-"
+                    f"code{_code_digest()}.pt2")
     if path.is_file():
         try:
             read_metadata(path)
