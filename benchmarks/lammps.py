@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -179,27 +178,13 @@ def ensure_plugin(plugin: str | None, build: Path) -> Path:
     return build / "est_plugin.so"
 
 
-def _code_digest() -> str:
-    """Hash of est_calc's Python sources: what the export traces and how it compiles it (a
-    package exported by other code is not reused, even for the same weights)."""
-    import est_calc
-
-    h = hashlib.sha256()
-    root = Path(est_calc.__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:8]
-
-
 def ensure_package(potential: str, dtype: str, device: str, cache: Path,
                    package: str | None) -> Path:
     """The .pt2 to run: ``package`` as given, else the cached export of ``potential`` in
-    ``dtype`` for ``device``, exported (minutes) when missing."""
-    import torch
-
-    from est_calc.deploy import export_potential, read_metadata
-    from est_calc.potential import _resolve
+    ``dtype`` for ``device`` (:func:`est_calc.deploy.cache.cached_package`, the cache of
+    ``ESTCalculator(compile="package")``, here in ``cache``), exported (minutes) when missing."""
+    from est_calc.deploy import read_metadata
+    from est_calc.deploy.cache import cached_package
 
     if package:
         path = Path(package).resolve()
@@ -208,24 +193,7 @@ def ensure_package(potential: str, dtype: str, device: str, cache: Path,
             raise ValueError(f"--package {package} is {meta['dtype']} on {meta['device']}, not "
                              f"{dtype} on {device} (give --dtype / --device accordingly)")
         return path
-    source = _resolve(potential)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
-    path = cache / (f"{source.stem}-{digest}-{dtype}-{device}-torch{torch_tag}-"
-                    f"code{_code_digest()}.pt2")
-    if path.is_file():
-        try:
-            read_metadata(path)
-            return path
-        except ValueError as err:
-            print(f"# cached package unusable ({err}); exporting again", file=sys.stderr)
-    cache.mkdir(parents=True, exist_ok=True)
-    print(f"# exporting {potential} ({dtype}, {device}) to {path}: AOTInductor compile, minutes",
-          file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    export_potential(str(source), path, dtype=dtype, device=device, overwrite=True)
-    print(f"# exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return path
+    return cached_package(potential, dtype, device, cache=cache)
 
 
 # ------------------------------------------------------------------------------ memory guard

@@ -170,6 +170,23 @@ def _check_cuda_graph(cuda_graph, device: torch.device, low_memory, dispersion) 
                          "list is not captured); leave one of them out")
 
 
+def _cached_package(model, device, dtype) -> str:
+    """``compile="package"``: the path of the cached package of ``model`` for this dtype and
+    device (:func:`est_calc.deploy.cache.cached_package`; exported on first use)."""
+    if isinstance(model, (list, tuple)):
+        raise ValueError("compile='package' runs one potential; a committee runs eagerly (or "
+                         "export each member and pass the .pt2 files)")
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".pt2"):
+        return str(model)  # already a package
+    from est_calc.deploy.cache import cached_package
+
+    dtype_name = str(resolve_dtype(dtype)).removeprefix("torch.")
+    try:
+        return str(cached_package(model, dtype_name, resolve_device(device).type))
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+
+
 def _load_package(model, device, dtype, *, compile: bool, low_memory: bool,
                   attention_precision: str, cuda_graph: bool = False):
     """The :class:`est_calc.deploy.DeployedPotential` of a ``.pt2`` path (the deployment package is
@@ -303,11 +320,16 @@ class ESTCalculator(Calculator):
             keeps up to 256 MiB of freed memory). Never overrides ``MALLOC_*`` variables or a
             preloaded allocator; ``EST_CALC_TUNE_MALLOC=0`` turns it off everywhere
             (:mod:`est_calc.allocator`).
-        compile: run the network through ``torch.compile`` (one graph, dynamic atom and edge
-            counts; see :meth:`est_calc.model.ESTModel.enable_compile`). Energies, forces and
-            stress agree with the eager model to rounding (tested in float64). The first call
-            compiles (minutes); meant for GPUs, where small systems are launch-bound.
-            With ``low_memory=True`` the eager path runs.
+        compile: True: run the network through ``torch.compile`` (one graph, dynamic atom and
+            edge counts; see :meth:`est_calc.model.ESTModel.enable_compile`). Energies, forces
+            and stress agree with the eager model to rounding (tested in float64). The first
+            call compiles (minutes); meant for GPUs, where small systems are launch-bound.
+            With ``low_memory=True`` the eager path runs. "package": run the potential (a
+            registry name or a ``.pt`` file) as its AOTInductor package (``est export``),
+            compiled once per potential, dtype, device, torch and est_calc version into a
+            cache folder (:mod:`est_calc.deploy.cache`; about a minute the first time): for a
+            small molecule a step costs about a third of the eager one, from a few hundred
+            atoms on the eager model is faster (benchmarks/RESULTS.md).
         cuda_graph: run ``calculate`` (one structure: MD, relaxations) as a replayed CUDA graph
             of the whole step, forward and force (and stress) backward, at padded atom and edge
             counts (:class:`est_calc.accel.graphs.CapturedStep`): for a small or mid-sized
@@ -414,6 +436,12 @@ class ESTCalculator(Calculator):
         from est_calc.neighbors import resolve_backend
 
         resolve_backend(neighbor_backend)  # ValueError for unknown names, before any work
+        if compile == "package":
+            model = _cached_package(model, device, dtype)
+            compile = False
+        elif not isinstance(compile, bool):
+            raise ValueError(f"compile must be False, True (torch.compile) or 'package' (a "
+                             f"cached AOTInductor package), got {compile!r}")
         package = _load_package(model, device, dtype, compile=compile, low_memory=low_memory,
                                 attention_precision=attention_precision, cuda_graph=cuda_graph)
         if package is not None:

@@ -5,6 +5,7 @@
     from est_calc.deploy import export_potential, load_package
     export_potential("est-emt-small", "model.pt2", dtype="float64")   # est export ... -o model.pt2
     calc = ESTCalculator(model="model.pt2", dtype="float64")           # runs the package
+    calc = ESTCalculator("est-3bpa", compile="package")   # exported once into a cache (.cache)
 
 A package holds one function with dynamic atom and edge counts (``export.EdgeEnergyModel``):
 
@@ -49,6 +50,7 @@ Deployment depends on the core (model, forces, potential), never the reverse: th
 imports this package only when it is given a ``.pt2`` file.
 """
 
+from est_calc.deploy.cache import cached_package
 from est_calc.deploy.export import EdgeEnergyModel, ExportError, export_potential
 from est_calc.deploy.package import (
     FORMAT,
@@ -69,6 +71,7 @@ __all__ = [
     "DeployedPotential",
     "EdgeEnergyModel",
     "ExportError",
+    "cached_package",
     "export_potential",
     "is_package_path",
     "load_package",
