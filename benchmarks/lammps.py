@@ -30,9 +30,10 @@ unless a row there has already run; memory is extrapolated linearly in the atom 
 the two largest measured sizes, or through zero from one). A row predicted above the budget
 (``--memory-gib``, capped at 90 % of the memory available at the start) is skipped, saying why;
 a run that grows past the budget anyway is killed by a guard, so the machine never swaps.
-``--chunk-atoms N`` runs LAMMPS with ``pair_style est chunk_atoms N``: each rank's atoms go to
-the model in groups of at most N with their halos, so LAMMPS's memory stays that of one group
-and its rows are not skipped by the extrapolation (the guard still applies).
+``--chunk-atoms N`` evaluates both paths in groups of at most N atoms with their halos: LAMMPS
+with ``pair_style est chunk_atoms N``, ASE with ``ESTCalculator(max_atoms=N)``; their memory
+stays that of one group, so their rows are not skipped by the extrapolation (the guard still
+applies).
 
 Package: exported once into ``--cache`` (named by potential file hash, dtype, device, torch
 version and a hash of est_calc's sources, so a stale one is never reused); ``--package
@@ -354,6 +355,7 @@ def run_ase(atoms_file: Path, folder: Path, args, threads: int, warmup: int, ste
     spec = {"atoms": str(atoms_file), "potential": model or args.potential,
             "device": args.device, "dtype": args.dtype, "warmup": warmup, "steps": steps,
             "timestep_fs": args.timestep_fs, "threads": threads,
+            "max_atoms": args.chunk_atoms if kind == "ase" else None,
             "result": str(folder / "result.json")}
     (folder / "spec.json").write_text(json.dumps(spec))
     g = run_guarded([sys.executable, str(Path(__file__).resolve()), "--ase-worker",
@@ -392,7 +394,7 @@ def ase_worker(spec_path: str) -> int:
     atoms = Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"],
                   pbc=True, momenta=data["momenta"])
     calc = ESTCalculator(model=spec["potential"], device=spec["device"], dtype=spec["dtype"],
-                         skin=SKIN_A)
+                         skin=SKIN_A, max_atoms=spec.get("max_atoms"))
     common = {"ensemble": "nve", "timestep_fs": spec["timestep_fs"], "progress": False}
     warm = run_md(atoms, calc, n_steps=spec["warmup"], log_every=max(spec["warmup"], 1),
                   **common)
@@ -582,9 +584,10 @@ def main(argv=None) -> int:
                    help="a third path: run_md with ESTCalculator running the package (.pt2) on "
                         "ASE's graph, which separates the compiled model from LAMMPS's ghosts")
     p.add_argument("--chunk-atoms", type=int, default=None, metavar="N",
-                   help="LAMMPS: pair_style est chunk_atoms N (a rank's atoms go to the model in "
-                        "groups of at most N, each with its halo: bounded memory); its runs are "
-                        "then not skipped by the memory extrapolation (the guard still applies)")
+                   help="both paths evaluate in groups of at most N atoms, each with its halo "
+                        "(LAMMPS: pair_style est chunk_atoms N; ASE: ESTCalculator(max_atoms=N)):"
+                        " bounded memory; their runs are then not skipped by the memory "
+                        "extrapolation (the guard still applies)")
     p.add_argument("--largest", action="store_true",
                    help="add a row of the largest cubic cell predicted to fit (both paths)")
     p.add_argument("--energy-tol", type=float, default=None,
@@ -680,7 +683,7 @@ def main(argv=None) -> int:
 
     def fits(kind: str, n: int, par: int) -> str | None:
         """None, or why the row is skipped."""
-        if kind == "lammps" and args.chunk_atoms:
+        if kind in ("lammps", "ase") and args.chunk_atoms:
             # Memory is that of the largest group with its halo, not linear in the atoms.
             return None
         if n > args.probe_atoms and not memory.has(kind, par, args.probe_atoms):
@@ -775,7 +778,8 @@ def main(argv=None) -> int:
     print(title)
     print(f"{date}; NVE velocity Verlet, {args.timestep_fs:g} fs, skin {SKIN_A:g} Å, "
           f"{args.warmup} warm-up steps excluded; ASE: run_md + ESTCalculator (eager "
-          f"{args.potential}), T threads; LAMMPS: {package.name} on R MPI ranks x 1 thread"
+          f"{args.potential}{f', max_atoms={args.chunk_atoms}' if args.chunk_atoms else ''}), "
+          f"T threads; LAMMPS: {package.name} on R MPI ranks x 1 thread"
           f"{f' (chunk_atoms {args.chunk_atoms})' if args.chunk_atoms else ''}; "
           f"{where} memory budget {budget / GIB:.1f} GiB; CPUs allowed: "
           f"{len(os.sched_getaffinity(0))}\n")

@@ -170,6 +170,24 @@ def _check_cuda_graph(cuda_graph, device: torch.device, low_memory, dispersion) 
                          "list is not captured); leave one of them out")
 
 
+def _check_max_atoms(max_atoms, potential, committee, uncertainty, cuda_graph, dispersion):
+    """``max_atoms`` checked: None, or a positive int for one eager potential."""
+    if max_atoms is None:
+        return None
+    if isinstance(max_atoms, bool) or not isinstance(max_atoms, int) or max_atoms < 1:
+        raise ValueError(f"max_atoms must be a positive number of atoms or None, got "
+                         f"{max_atoms!r}")
+    refused = [name for name, on in (
+        ("a compiled package (LAMMPS: pair_style est chunk_atoms)",
+         getattr(potential, "differentiates_itself", False)),
+        ("a committee", committee is not None), ("uncertainty=True", uncertainty),
+        ("cuda_graph=True", cuda_graph), ("dispersion", dispersion is not None)) if on]
+    if refused:
+        raise ValueError(f"max_atoms (evaluation in groups of atoms) does not combine with "
+                         f"{', '.join(refused)}")
+    return max_atoms
+
+
 def _cached_package(model, device, dtype) -> str:
     """``compile="package"``: the path of the cached package of ``model`` for this dtype and
     device (:func:`est_calc.deploy.cache.cached_package`; exported on first use)."""
@@ -362,6 +380,13 @@ class ESTCalculator(Calculator):
         uncertainty: also return ``energy_std`` (eV) and per-atom ``forces_std`` (eV/Å) from
             the same pass (:mod:`est_calc.uncertainty`): a committee's spread, or a single
             potential's uncertainty part (its ``.uncertainty`` sidecar; no extra backward).
+        max_atoms: None (default), or the most atoms the model sees at once in ``calculate``:
+            a larger structure is evaluated in groups of at most ``max_atoms`` atoms, each with
+            the atoms its energies depend on (:mod:`est_calc.chunks`), which bounds the peak
+            memory of a large cell at the cost of the groups' halos; the results equal one
+            evaluation's to round-off. For one eager potential (not with a committee,
+            ``uncertainty``, ``cuda_graph`` or ``dispersion``; ``calculate_batch`` of several
+            structures evaluates them at once).
         **kwargs: ASE's own :class:`ase.calculators.calculator.Calculator` arguments
             (``label``, ``directory``, ``atoms``, ``restart``, ``ignore_bad_restart_file``),
             passed on; any other name is refused.
@@ -429,6 +454,7 @@ class ESTCalculator(Calculator):
         functional: str | None = None,
         cuda_graph: bool = False,
         uncertainty: bool = False,
+        max_atoms: int | None = None,
         **kwargs,
     ):
         _check_keywords(kwargs)
@@ -519,6 +545,8 @@ class ESTCalculator(Calculator):
         self.neighbor_list = verlet_list()
         self.batch_neighbor_list = verlet_list()
         self.dispersion = dispersion
+        self.max_atoms = _check_max_atoms(max_atoms, potential, committee, uncertainty,
+                                          cuda_graph, dispersion)
         self._dispersion_pairs = self._batch_dispersion_pairs = None
         if dispersion is not None:
             dispersion.check_species(potential.species)
@@ -633,6 +661,13 @@ class ESTCalculator(Calculator):
                         self.committee, work, graph, compute_stress=want_stress,
                         extra_energy=extra_energy)
                     return pred, estimate if self.uncertainty else None
+                if (self.max_atoms is not None and work.n_systems == 1
+                        and work.n_atoms > self.max_atoms):
+                    from est_calc.chunks import chunked_energy_forces_stress
+
+                    return chunked_energy_forces_stress(
+                        self.potential, work, graph, n_layers=self.potential.config.n_layers,
+                        max_atoms=self.max_atoms, compute_stress=want_stress), None
                 if self.uncertainty:
                     return latent_forces_stress(self.potential, work, graph,
                                                 compute_stress=want_stress,

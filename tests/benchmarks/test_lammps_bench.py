@@ -129,7 +129,7 @@ def test_memory_extrapolation_and_cells():
 
 
 def test_chunked_lammps_runs_the_same_trajectory(tiny, plugin, tmp_path):
-    """--chunk-atoms: LAMMPS evaluates 108 atoms in three groups of 36 and still follows the ASE
+    """--chunk-atoms: LAMMPS and ASE evaluate 108 atoms in three groups of 36 and follow the same
     trajectory to float64 round-off."""
     proc, data = _run(tiny, plugin, tmp_path, "--quick", "--ranks", "1", "--steps", "2",
                       "--warmup", "1", "--chunk-atoms", "36", timeout=300)
@@ -138,3 +138,5 @@ def test_chunked_lammps_runs_the_same_trajectory(tiny, plugin, tmp_path):
     (row,) = data["rows"]
     assert row["e_first_diff_eV_per_atom"] < 1e-10 and row["e_last_diff_eV_per_atom"] < 1e-8
     assert "chunk_atoms 36" in (tmp_path / "work" / "lammps_108_1_r0" / "in.lmp").read_text()
+    spec = json.loads((tmp_path / "work" / "ase_108_1_r0" / "spec.json").read_text())
+    assert spec["max_atoms"] == 36
