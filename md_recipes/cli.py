@@ -60,13 +60,16 @@ def check_dispersion(dispersion: str | None, functional: str | None,
 
 
 def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
-                    compile: bool = False, dispersion: str | None = None,
-                    functional: str | None = None, uncertainty: bool = False):
+                    compile: bool | str = False, dispersion: str | None = None,
+                    functional: str | None = None, uncertainty: bool = False,
+                    max_atoms: int | None = None):
     """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
 
     ``dispersion`` ("d3bj") and ``functional`` (e.g. "rpbe") add DFT-D3(BJ) to an EST potential
     (``ESTCalculator(..., dispersion=, functional=)``); ``uncertainty`` makes it return
-    ``forces_std`` (EMT has none: refused).
+    ``forces_std`` (EMT has none: refused); ``compile="package"`` runs the potential as its
+    cached compiled package and ``max_atoms`` evaluates large structures in groups (EST only:
+    refused for EMT).
 
     Raises:
         ValueError: for a spec that is neither a known name nor an existing file, (EST) a
@@ -78,6 +81,9 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
         if uncertainty:
             raise ValueError("--uncertainty-threshold needs an EST potential with an uncertainty "
                              "part; --calc emt has none")
+        if compile == "package" or max_atoms is not None:
+            raise ValueError("--package and --max-atoms apply to EST potentials; --calc emt has "
+                             "neither")
         from ase.calculators.emt import EMT
 
         return EMT()
@@ -88,7 +94,7 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
 
     return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
                          compile=compile, dispersion=dispersion, functional=functional,
-                         uncertainty=uncertainty)
+                         uncertainty=uncertainty, max_atoms=max_atoms)
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
@@ -101,11 +107,25 @@ def _add_calc_args(p: argparse.ArgumentParser) -> None:
                         "moved by more than skin/2 (pairs stay exact); 0 rebuilds every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the EST network (GPU runs; the first step compiles)")
+    p.add_argument("--package", action="store_true",
+                   help="run the EST potential as its compiled package (est export), made once "
+                        "into a cache (~1 min): faster for small molecules")
+    p.add_argument("--max-atoms", type=int, default=None, metavar="N",
+                   help="evaluate structures of more than N atoms in groups of at most N (each "
+                        "with its halo): bounded memory for large cells, same results")
     p.add_argument("--dispersion", default=None, type=str.lower, choices=["d3bj"],
                    help="add DFT-D3(BJ) dispersion to the EST potential (needs --functional)")
     p.add_argument("--functional", default=None,
                    help="DFT functional of the potential's training data, which selects the "
                         "D3(BJ) parameters (e.g. pbe, rpbe)")
+
+
+def _compile_of(args) -> bool | str:
+    """ESTCalculator's ``compile`` from --compile / --package (one of them)."""
+    if args.compile and args.package:
+        raise ValueError("--compile and --package: choose one (torch.compile, or the compiled "
+                         "package)")
+    return "package" if args.package else bool(args.compile)
 
 
 def _add_uncertainty_args(p: argparse.ArgumentParser) -> None:
@@ -230,8 +250,9 @@ def _run_relax(args) -> int:
     _check_structure_output("-o/--output", args.output)
     check_output_path("--log", args.log)
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
-                           args.functional, uncertainty=unc["uncertainty_threshold"] is not None)
+    calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
+                           args.functional, uncertainty=unc["uncertainty_threshold"] is not None,
+                           max_atoms=args.max_atoms)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
                 max_force_eV_per_A=args.max_force, **unc)
@@ -302,9 +323,10 @@ def _run_md(args) -> int:
 
         read_checkpoint(args.restart)  # a damaged restart file is named before any work
     atoms = _read(args.input)
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
+    calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
                            args.functional,
-                           uncertainty=kwargs["uncertainty_threshold"] is not None)
+                           uncertainty=kwargs["uncertainty_threshold"] is not None,
+                           max_atoms=args.max_atoms)
     res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
     if args.restart is not None and res.start_step == res.n_steps > 0:
         print(f"{'restart':<22}{args.restart} is already at step {res.n_steps}: "
@@ -349,8 +371,8 @@ def _run_adsorb(args) -> int:
     _check_structure_output("-o/--output", args.output)
     slab = _read(args.slab) if os.path.exists(args.slab) else args.slab
     sites = "all" if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s]
-    calc = make_calculator(args.calc, args.device, args.skin, args.compile, args.dispersion,
-                           args.functional)
+    calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
+                           args.functional, max_atoms=args.max_atoms)
     res = adsorption_energy(slab, args.adsorbate, calc, sites=sites, fmax_eV_per_A=args.fmax,
                             height_A=args.height, max_steps=args.steps)
     print(f"{args.adsorbate} on {args.slab} ({args.calc})")

@@ -184,3 +184,33 @@ def test_every_command_reports_an_unstable_run_in_one_line(capsys):
 
     assert run_command(argparse.Namespace(command="demo", func=unstable)) == 2
     assert _error(capsys) == "est demo: error: MD stopped at step 7: temperature 1e6 K"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calc", "emt", "--max-atoms", "10"], "--calc emt has neither"),
+    (["--calc", "emt", "--package"], "--calc emt has neither"),
+    (["--compile", "--package"], "choose one"),
+    (["--max-atoms", "0"], "max_atoms must be a positive number"),
+])
+def test_bad_calculator_options(cu, tmp_path, capsys, extra, message):
+    assert main(["relax", str(cu), "--steps", "1", *extra]) != 0
+    assert message in _error(capsys)
+
+
+def test_relax_in_groups_of_atoms_equals_one_evaluation(cu, tmp_path, capsys):
+    """--max-atoms 8 on 32 rattled atoms: the relaxation follows the same path (float32
+    round-off)."""
+    start = read(cu)
+    start.rattle(0.1, seed=4)
+    write(tmp_path / "rattled.xyz", start)
+    out, codes = {}, set()
+    for tag, extra in (("whole", []), ("groups", ["--max-atoms", "8"])):
+        path = tmp_path / f"{tag}.xyz"
+        # exit 1: not converged in 3 steps (the same for both)
+        codes.add(main(["relax", str(tmp_path / "rattled.xyz"), "--steps", "3", "--device",
+                        "cpu", "-o", str(path), *extra]))
+        out[tag] = read(path)
+    assert len(codes) == 1
+    moved = np.abs(out["whole"].positions - start.positions).max()
+    assert moved > 1e-3  # it relaxed
+    assert np.abs(out["groups"].positions - out["whole"].positions).max() < 1e-4 * moved / 1e-2
