@@ -636,7 +636,9 @@ def stage_report(args, spec, out: Path, split: dict) -> dict:
 
 
 def format_report(r: dict) -> str:
-    names = list(r["models"])
+    # Error columns for the models evaluated on the sets (the exported package is the EST
+    # potential: its errors are EST's, so it has a speed row only).
+    names = [n for n in r["models"] if any(n in errs for errs in r["sets"].values())]
     head = ["evaluation set", "frames"]
     for n in names:
         head += [f"{n} E RMSE / MAE (meV)", f"{n} F RMSE / MAE (meV/Å)"]

@@ -50,7 +50,8 @@ __all__ = ["EdgeEnergyModel", "ExportError", "ExportResult", "export_potential",
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Inductor settings of every package. ``freezing``: the frozen weights are constants of the
 #: graph, so the products with them are folded and pre-packed for the CPU's matrix kernels
-#: (1.1-1.2x per call on 1,000 Cu atoms, float32, one core; benchmarks/RESULTS.md).
+#: (the package alone 1.1-1.2x faster on 1,000 Cu atoms, float32, one core, in one comparison;
+#: LAMMPS steps/s within run-to-run spread; benchmarks/RESULTS.md).
 _INDUCTOR = {"freezing": True}
 #: Largest |exported - eager| / (1 + |eager|) accepted by the check after compiling.
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}

@@ -69,9 +69,16 @@ def test_report_table_has_both_ratios_to_mace():
                            "ms_box": 150.0},
               "MACE": {"params": 20, "training_minutes": 1.0, "ms_molecule": 30.0,
                        "ms_box": 900.0}}
+    sets = {"held out": {"EST": {"n": 5, "energy_rmse_meV": 1.0, "energy_mae_meV": 0.5,
+                                 "forces_rmse_meV_A": 10.0, "forces_mae_meV_A": 8.0},
+                         "MACE": {"n": 5, "energy_rmse_meV": 2.0, "energy_mae_meV": 1.5,
+                                  "forces_rmse_meV_A": 20.0, "forces_mae_meV_A": 18.0}}}
     text = accuracy.format_report({"dataset": "x", "budget_min": 1, "cores": None, "share": 1,
-                                   "threads": 1, "dtype": "float32", "sets": {},
+                                   "threads": 1, "dtype": "float32", "sets": sets,
                                    "models": models, "molecule_atoms": 9, "box_atoms": 999})
+    # the package has no error columns (its errors are EST's), only its speed row
+    assert "| held out | 5 | 1.0 / 0.5 | 10.0 / 8.0 | 2.0 / 1.5 | 20.0 / 18.0 |" in text
+    assert "EST .pt2 E RMSE" not in text
     assert "| MACE / EST |  |  | 3.00x | 9.00x |" in text
     assert "| MACE / EST .pt2 |  |  | 7.50x | 6.00x |" in text
 
