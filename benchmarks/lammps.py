@@ -57,6 +57,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -257,6 +258,8 @@ class Guarded:
     peak_bytes: int          # host: resident memory (sampled sum, or the largest process)
     peak_gpu_bytes: int | None
     killed: str | None       # why the guard stopped it
+    user_s: float = 0.0      # CPU time of the whole process tree: user
+    sys_s: float = 0.0       # and system (page faults of fresh memory are a large share)
 
 
 def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeout_s: float,
@@ -265,6 +268,7 @@ def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeo
     it and its descendants every 0.2 s and kill them all when it passes ``limit_bytes`` (GPU:
     ``gpu_limit_bytes``, device-wide use above the level at the start) or ``timeout_s``."""
     gpu_base = _gpu_used_bytes() if gpu else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = [0, 0]
     killed: list[str] = []
     with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
@@ -306,8 +310,11 @@ def run_guarded(cmd: list[str], *, cwd: Path, env: dict, limit_bytes: int, timeo
         thread.join()
         wall = time.perf_counter() - t0
     biggest = usage.ru_maxrss * 1024  # Linux: KiB; the largest process of the tree
+    # RUSAGE_CHILDREN holds every reaped descendant (mpirun reaps its ranks): the tree's times.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return Guarded(proc.returncode, wall, max(peak[0], biggest),
-                   peak[1] if gpu_base is not None else None, killed[0] if killed else None)
+                   peak[1] if gpu_base is not None else None, killed[0] if killed else None,
+                   after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
 
 
 # ------------------------------------------------------------------------------ one run
@@ -484,9 +491,14 @@ def run_lammps(atoms_file: Path, folder: Path, args, ranks: int, warmup: int, st
     run.e_first_eV, run.e_last_eV = float(first[0]), float(last[-1])
     use = re.findall(r"^([0-9.]+)% CPU use with", log, re.MULTILINE)
     if use:
-        run.cpu_s = float(loop_s) * float(use[-1]) / 100 * ranks
+        # LAMMPS's "% CPU use" is user time over the loop's wall time; the system time (page
+        # faults of freshly allocated memory: half of a 100,000-atom step) is added in the
+        # proportion the whole lmp run had (ASE's CPU time, process_time, has both).
+        user = float(loop_s) * float(use[-1]) / 100 * ranks
+        run.cpu_s = user * (g.user_s + g.sys_s) / g.user_s if g.user_s > 0 else user
     ghosts = re.findall(r"^Nghost: +([0-9.eE+-]+) ave", log, re.MULTILINE)
     run.extra = {"loop_s": float(loop_s), "cpu_use_percent": float(use[-1]) if use else None,
+                 "process_user_s": g.user_s, "process_sys_s": g.sys_s,
                  "ghosts_per_rank": float(ghosts[-1]) if ghosts else None}
     return run
 
