@@ -454,7 +454,7 @@ def _time_est(potential: str, structures, repeats: int, threads: int) -> list[fl
     return out
 
 
-def _export_package(potential: Path, out: Path, args) -> dict:
+def _export_package(potential: Path, out: Path) -> dict:
     """The trained EST potential as an AOTInductor package (``est export``, float32, CPU) in
     ``out``, for the speed table; reused while it is newer than the potential. Its deviation
     from the eager potential is checked by the export itself (refused above round-off)."""
@@ -587,7 +587,7 @@ def stage_report(args, spec, out: Path, split: dict) -> dict:
     structs = out / "speed_structures.xyz"
     write(structs, [mol, box])
     repeats = 3 if args.quick else args.repeats
-    package = _export_package(est_pot, out, args) if args.export else None
+    package = _export_package(est_pot, out) if args.export else None
     est_t, pkg_t, mace_t = [], [], []
     for _ in range(2 if args.quick else args.rounds):
         est_t.append(_time_est(str(est_pot), [mol, box], repeats, args.threads))

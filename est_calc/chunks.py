@@ -62,10 +62,10 @@ def neighbourhood(edge_index: Tensor, n_atoms: int, group: Tensor, n_layers: int
     inside[group] = True
     for _ in range(n_layers):
         inside[j[inside[i]]] = True
-    edges = inside[i] | inside[j]
+    centred = inside[i]
     nodes = inside.clone()
-    nodes[j[inside[i]]] = True
-    return nodes, edges
+    nodes[j[centred]] = True
+    return nodes, centred | inside[j]
 
 
 class GroupEnergy(torch.nn.Module):

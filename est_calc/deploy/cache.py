@@ -52,21 +52,15 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def package_key(potential_file: Path, dtype: str, device: str) -> str:
     """File name of the package of ``potential_file`` in ``dtype`` on ``device`` (a device
     type: "cpu" or "cuda")."""
     import torch
 
+    from est_calc.uncertainty import file_sha256
+
     torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
-    return (f"{potential_file.stem}-{_file_digest(potential_file)}-{dtype}-{device}-"
+    return (f"{potential_file.stem}-{file_sha256(potential_file)[:16]}-{dtype}-{device}-"
             f"torch{torch_tag}-est{source_digest()}.pt2")
 
 

@@ -128,6 +128,14 @@ def run_lmp(script: str, folder: Path, nprocs: int = 1, check: bool = True,
     return result
 
 
+def single_error(result: subprocess.CompletedProcess) -> str:
+    """The one ERROR line of a LAMMPS run that must have stopped with exactly one."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stdout[-2000:]
+    return errors[0]
+
+
 @dataclass
 class Result:
     energy: float             # eV

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.build import bulk
-from lammps_cases import PLUGIN, SYMBOLS, lower_triangular, run_lmp, single_point, structures, \
-    write_data
+from lammps_cases import header, lower_triangular, run_lmp, single_error, single_point, \
+    structures, write_data
 
 pytestmark = pytest.mark.lammps
 
@@ -73,15 +73,6 @@ def test_one_atom_per_chunk(package, tmp_path):
 def test_bad_options(options, message, package, tmp_path):
     atoms = CASES["triclinic"]
     write_data(atoms, tmp_path / "data.lmp")
-    script = f"""units metal
-atom_style atomic
-read_data data.lmp
-plugin load {PLUGIN}
-pair_style est {options}
-pair_coeff * * {package} {' '.join(SYMBOLS)}
-run 0
-"""
+    script = header(atoms, package, tmp_path / "data.lmp", f"est {options}") + "run 0\n"
     result = run_lmp(script, tmp_path, check=False, timeout=120)
-    assert result.returncode != 0
-    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 1 and message in errors[0], result.stdout[-2000:]
+    assert message in single_error(result), result.stdout[-2000:]
