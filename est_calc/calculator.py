@@ -345,9 +345,11 @@ class ESTCalculator(Calculator):
             With ``low_memory=True`` the eager path runs. "package": run the potential (a
             registry name or a ``.pt`` file) as its AOTInductor package (``est export``),
             compiled once per potential, dtype, device, torch and est_calc version into a
-            cache folder (:mod:`est_calc.deploy.cache`; about a minute the first time): for a
-            small molecule a step costs about a third of the eager one, from a few hundred
-            atoms on the eager model is faster (benchmarks/RESULTS.md).
+            cache folder (:mod:`est_calc.deploy.cache`; about a minute the first time), with
+            serial kernels (one thread, whatever ``threads`` says; for OpenMP kernels export
+            with ``est export --openmp`` and pass the file): for a small molecule a step costs
+            about a third of the eager one; for large systems the eager model, which uses
+            every thread, is faster (benchmarks/RESULTS.md).
         cuda_graph: run ``calculate`` (one structure: MD, relaxations) as a replayed CUDA graph
             of the whole step, forward and force (and stress) backward, at padded atom and edge
             counts (:class:`est_calc.accel.graphs.CapturedStep`): for a small or mid-sized

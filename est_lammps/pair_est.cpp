@@ -17,11 +17,16 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 #include <unordered_map>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 using namespace LAMMPS_NS;
 
@@ -77,10 +82,42 @@ bool out_of_memory(const std::exception &err)
   return false;
 }
 
+// Keep glibc from handing each step's freed temporaries back to the kernel, as est_calc does
+// in Python (est_calc/allocator.py, the same thresholds and the same exceptions): libtorch's CPU
+// tensors come straight from malloc, and blocks above glibc's mmap threshold (or memory above
+// its trim threshold) would otherwise be mapped, faulted in and zeroed afresh every step. Not
+// done where the user chose (MALLOC_* / GLIBC_TUNABLES, EST_CALC_TUNE_MALLOC=0, a preloaded
+// allocator). Returns whether the thresholds were set. Process-wide, so once per process.
+bool tune_malloc()
+{
+#ifdef __GLIBC__
+  static const bool applied = [] {
+    const char *off = std::getenv("EST_CALC_TUNE_MALLOC");
+    if (off != nullptr) {
+      std::string v(off);
+      for (char &ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      if (v == "0" || v == "false" || v == "no" || v == "off") return false;
+    }
+    for (const char *name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                             "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"})
+      if (std::getenv(name) != nullptr) return false;
+    const char *preload = std::getenv("LD_PRELOAD");
+    if (preload != nullptr)
+      for (const char *lib : {"jemalloc", "tcmalloc", "mimalloc"})
+        if (std::strstr(preload, lib) != nullptr) return false;
+    return mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1;
+  }();
+  return applied;
+#else
+  return false;
+#endif
+}
+
 }    // namespace
 
 PairEST::PairEST(LAMMPS *lmp) : Pair(lmp)
 {
+  tune_malloc();
   single_enable = 0;
   restartinfo = 0;
   one_coeff = 1;
@@ -224,6 +261,16 @@ void PairEST::load_model(const std::string &path)
                first_line(err.what()));
   }
   model_path = path;
+  if (comm->me == 0 && !use_cuda) {
+    // Serial kernels run on one thread whatever OMP_NUM_THREADS says (the usual layout: one
+    // thread per MPI rank); OpenMP kernels (`est export --openmp`) on OMP_NUM_THREADS threads.
+    const std::string threads = get("threads").empty() ? "openmp" : get("threads");
+    utils::logmesg(lmp, "pair_style est: {} ({}, {} kernels{}); glibc malloc thresholds {}\n",
+                   path, dtype, threads,
+                   threads == "serial" ? ": one thread per MPI rank" : ": OMP_NUM_THREADS threads",
+                   tune_malloc() ? "raised (EST_CALC_TUNE_MALLOC=0 turns this off)"
+                                 : "left as they are");
+  }
 }
 
 // pair_coeff * * model.pt2 El_1 ... El_ntypes: the model file, then the element of each LAMMPS

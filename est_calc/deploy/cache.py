@@ -52,20 +52,22 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def package_key(potential_file: Path, dtype: str, device: str) -> str:
+def package_key(potential_file: Path, dtype: str, device: str, openmp: bool = False) -> str:
     """File name of the package of ``potential_file`` in ``dtype`` on ``device`` (a device
-    type: "cpu" or "cuda")."""
+    type: "cpu" or "cuda"), with serial or OpenMP kernels."""
     import torch
 
     from est_calc.uncertainty import file_sha256
 
     torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
+    kernels = "openmp" if openmp else "serial"
     return (f"{potential_file.stem}-{file_sha256(potential_file)[:16]}-{dtype}-{device}-"
-            f"torch{torch_tag}-est{source_digest()}.pt2")
+            f"{kernels}-torch{torch_tag}-est{source_digest()}.pt2")
 
 
 def cached_package(potential, dtype: str = "float32", device: str = "cpu",
-                   cache: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+                   cache: str | os.PathLike | None = None, quiet: bool = False,
+                   openmp: bool = False) -> Path:
     """The package of ``potential`` for ``dtype`` and ``device``, exported into the cache first
     if it is not there (about a minute on a CPU; a line on stderr says so).
 
@@ -76,6 +78,7 @@ def cached_package(potential, dtype: str = "float32", device: str = "cpu",
         device: "cpu" or "cuda" (or a torch device whose type is one of them).
         cache: the folder (default :func:`cache_dir`).
         quiet: no line on stderr when exporting.
+        openmp: OpenMP kernels instead of serial ones (``export_potential``'s ``openmp``).
 
     Raises:
         TypeError: ``potential`` is not a name or a path.
@@ -97,7 +100,7 @@ def cached_package(potential, dtype: str = "float32", device: str = "cpu",
     device = torch.device(device).type
     source = _resolve(potential)
     folder = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = folder / package_key(source, dtype, device)
+    path = folder / package_key(source, dtype, device, openmp)
     if path.is_file():
         try:
             read_metadata(path)
@@ -112,7 +115,7 @@ def cached_package(potential, dtype: str = "float32", device: str = "cpu",
               f"{path} (once; about a minute on a CPU)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     export_potential(str(source), path, dtype=dtype, device=device, overwrite=True,
-                     source=str(potential))
+                     source=str(potential), openmp=openmp)
     if not quiet:
         print(f"est_calc: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path

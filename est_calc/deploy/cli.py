@@ -1,4 +1,5 @@
-"""``est export POTENTIAL -o model.pt2 [--dtype float64] [--device cpu|cuda] [--overwrite]``."""
+"""``est export POTENTIAL -o model.pt2 [--dtype float64] [--device cpu|cuda] [--overwrite]
+[--openmp]``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def add_export_parser(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="device the package is compiled for (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.pt2")
+    p.add_argument("--openmp", action="store_true",
+                   help="CPU: OpenMP-parallel kernels, run on OMP_NUM_THREADS threads (default: "
+                        "serial kernels, about 1.3x faster on one thread: one thread per MPI "
+                        "rank, LAMMPS's usual layout)")
     p.set_defaults(func=_export)
 
 
@@ -24,11 +29,11 @@ def _export(args) -> int:
     from est_calc.deploy.export import export_potential
 
     result = export_potential(args.potential, args.output, dtype=args.dtype, device=args.device,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, openmp=args.openmp)
     meta = result.metadata
     print(f"wrote {result.path}: {meta['symbols']}, cutoff {meta['cutoff_A']} Å, "
           f"{meta['n_layers']} layers (ghost atoms to {meta['interaction_range_A']} Å), "
-          f"{meta['dtype']} on {meta['device']}; traced in {result.trace_s:.0f} s, compiled in "
+          f"{meta['dtype']} on {meta['device']} ({meta['threads']} kernels); traced in {result.trace_s:.0f} s, compiled in "
           f"{result.compile_s:.0f} s, max deviation from the eager potential "
           f"{result.max_deviation:.1e}")
     return 0

@@ -24,6 +24,15 @@ Export in four steps (:func:`export_potential`):
    into the graph, ``_INDUCTOR``) into a ``.pt2`` with the metadata of :mod:`.package`, written
    to a temporary file, checked against the eager function on a second, larger sample, then
    renamed into place.
+
+Serial or OpenMP kernels (CPU packages). Inductor decides when it generates the C++ code: with
+one thread it writes plain loops in which a scatter (``index_add``, the backward of every edge
+gather) is an ordinary ``+=``; with more than one it writes OpenMP loops in which every scattered
+element is an atomic compare-and-swap, whatever the number of threads at run time. On one thread
+the atomics make the whole package about 1.3x slower (1,000 Cu atoms, float32;
+benchmarks/RESULTS.md). One thread per MPI rank is how LAMMPS is usually run, and the small
+molecules a package is used for from ASE run on one thread, so a package has serial kernels
+unless ``openmp=True`` asks for OpenMP ones (these use ``OMP_NUM_THREADS`` threads at run time).
 """
 
 from __future__ import annotations
@@ -206,6 +215,18 @@ class ExportResult(NamedTuple):
     max_deviation: float
 
 
+@contextlib.contextmanager
+def _codegen_threads(n: int):
+    """Inductor generates serial C++ kernels when torch's thread count is 1 while it compiles,
+    OpenMP ones otherwise (module docstring); the caller's count is restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
@@ -298,7 +319,7 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
 def export_potential(potential, path: str | os.PathLike, *,
                      dtype: str | torch.dtype = "float32", device="cpu",
                      overwrite: bool = False, check: bool = True,
-                     source: str | None = None) -> ExportResult:
+                     source: str | None = None, openmp: bool = False) -> ExportResult:
     """Export ``potential`` to an AOTInductor package at ``path`` (module docstring).
 
     Args:
@@ -312,6 +333,9 @@ def export_potential(potential, path: str | os.PathLike, *,
             refuse (ExportError, no file written) a deviation above round-off.
         source: how the potential is named in the metadata (default: its name or path, or
             "Potential object").
+        openmp: CPU packages only: OpenMP-parallel kernels, which run on ``OMP_NUM_THREADS``
+            threads; the default, serial kernels, is faster on one thread (one thread per MPI
+            rank; module docstring). Recorded as the metadata key ``threads``.
 
     Returns:
         ExportResult(path, metadata, trace_s, compile_s, max_deviation).
@@ -345,6 +369,7 @@ def export_potential(potential, path: str | os.PathLike, *,
         source = source or str(potential)
         potential = load_potential(potential, dtype=dtype)
     function, metadata = prepare(potential, dtype, device, source or "Potential object")
+    metadata["threads"] = "openmp" if openmp else "serial"
     inputs = sample_inputs(function.species, function.cutoff_A, dtype=dtype, device=device)
 
     start = time.perf_counter()
@@ -361,9 +386,10 @@ def export_potential(potential, path: str | os.PathLike, *,
     try:
         start = time.perf_counter()
         try:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp),
-                inductor_configs={"aot_inductor.metadata": dict(metadata), **_INDUCTOR})
+            with _codegen_threads(1 if not openmp else max(2, torch.get_num_threads())):
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(tmp),
+                    inductor_configs={"aot_inductor.metadata": dict(metadata), **_INDUCTOR})
         except Exception as err:  # Inductor and the C++ compiler fail in many ways
             raise ExportError(f"compiling the package with AOTInductor failed (a C++ compiler "
                               f"is needed: g++ or clang++): {_first_line(err)}") from err

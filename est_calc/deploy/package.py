@@ -19,6 +19,8 @@ key                      value
                          edge-degree embedding adds one hop to the n_layers layers)
 ``dtype``                "float32" or "float64": every float input and output
 ``device``               "cpu" or "cuda"
+``threads``              "serial" or "openmp": the CPU kernels' loops (the export
+                         docstring; absent in packages before it, which are OpenMP)
 ``inputs``, ``outputs``  the argument and result names, in order
 ``units``                "eV Angstrom"
 ``source``               the potential's name or path

