@@ -33,7 +33,8 @@ def _export(args) -> int:
     meta = result.metadata
     print(f"wrote {result.path}: {meta['symbols']}, cutoff {meta['cutoff_A']} Å, "
           f"{meta['n_layers']} layers (ghost atoms to {meta['interaction_range_A']} Å), "
-          f"{meta['dtype']} on {meta['device']} ({meta['threads']} kernels); traced in {result.trace_s:.0f} s, compiled in "
+          f"{meta['dtype']} on {meta['device']} ({meta['threads']} kernels); traced in "
+          f"{result.trace_s:.0f} s, compiled in "
           f"{result.compile_s:.0f} s, max deviation from the eager potential "
           f"{result.max_deviation:.1e}")
     return 0

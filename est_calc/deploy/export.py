@@ -21,9 +21,9 @@ Export in four steps (:func:`export_potential`):
    a size would have made a constant of it);
 3. ``torch.export`` of that graph with n and E declared dynamic;
 4. ``torch._inductor.aoti_compile_and_package`` compiles it (C++ on the CPU; weights frozen
-   into the graph, ``_INDUCTOR``) into a ``.pt2`` with the metadata of :mod:`.package`, written
-   to a temporary file, checked against the eager function on a second, larger sample, then
-   renamed into place.
+   into the graph, ``_INDUCTOR``; tiny batched products unrolled, :class:`UnrollSmallBmm`)
+   into a ``.pt2`` with the metadata of :mod:`.package`, written to a temporary file, checked
+   against the eager function on a second, larger sample, then renamed into place.
 
 Serial or OpenMP kernels (CPU packages). Inductor decides when it generates the C++ code: with
 one thread it writes plain loops in which a scatter (``index_add``, the backward of every edge
@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 import torch._inductor  # AOTInductor; `import torch` alone does not load it
 from torch import Tensor, nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 import est_calc
 from est_calc.forces import edge_forces_virial
@@ -203,6 +204,59 @@ def trace(function: EdgeEnergyModel, inputs: tuple[Tensor, ...]) -> torch.export
     e = Dim("n_edges", min=1)
     dynamic = ({0: n}, {0: n}, {1: e}, {0: e}, {0: n})
     return torch.export.export(graph, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+
+
+#: Largest M K N of a batched product that :class:`UnrollSmallBmm` unrolls (8,192 measured the
+#: same on 1,000 Cu atoms; a lone 32 x 32 times 32 x 6 product is faster in the BLAS).
+UNROLL_MAX_WORK = 4096
+
+
+class UnrollSmallBmm(CustomGraphPass):
+    """Inductor pass (after autograd): batched products of tiny matrices as fused loops.
+
+    ``bmm(a, b)`` with a (B, M, K), b (B, K, N) equals ``(a[..., None] * b[:, None]).sum(2)``.
+    The model's per-edge products are many tiny ones (the Wigner rotation of every edge, 7 x 9
+    times 9 x 48, forward and backward): the BLAS's batched product spends most of its time per
+    batch element, while Inductor fuses the broadcast product into its reduction (nothing of
+    size B M K N is stored) and vectorises the inner loop. Rewritten: a symbolic batch
+    dimension (edges or atoms) and concrete M, K, N with M K N at most
+    :data:`UNROLL_MAX_WORK`. The inputs are materialised first, so that Inductor does not
+    recompute their producers (a gather, a normalisation) inside the reduction for every row.
+    The same numbers up to the order of summation (the export's check compares with the eager
+    function). On 1,000 Cu atoms (float32, one thread) the package is 1.07x faster with it
+    (benchmarks/RESULTS.md).
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not aten.bmm.default:
+                continue
+            a, b = node.args
+            va, vb = (getattr(x, "meta", {}).get("val") for x in (a, b))
+            if va is None or vb is None:
+                continue
+            (batch, m, k), n = va.shape, vb.shape[2]
+            if isinstance(batch, int) or not all(isinstance(d, int) for d in (m, k, n)) \
+                    or m * k * n > UNROLL_MAX_WORK:
+                continue
+            for x in (a, b):
+                x.meta["inductor_realize_to_strides"] = True
+            with graph.inserting_before(node):
+                left = graph.call_function(aten.unsqueeze.default, (a, -1))
+                right = graph.call_function(aten.unsqueeze.default, (b, 1))
+                product = graph.call_function(aten.mul.Tensor, (left, right))
+                total = graph.call_function(aten.sum.dim_IntList, (product, [2]))
+            with va.fake_mode:
+                left.meta["val"] = va.unsqueeze(-1)
+                right.meta["val"] = vb.unsqueeze(1)
+                product.meta["val"] = left.meta["val"] * right.meta["val"]
+                total.meta["val"] = product.meta["val"].sum(2)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
 
 
 class ExportResult(NamedTuple):
@@ -389,7 +443,8 @@ def export_potential(potential, path: str | os.PathLike, *,
             with _codegen_threads(1 if not openmp else max(2, torch.get_num_threads())):
                 torch._inductor.aoti_compile_and_package(
                     program, package_path=str(tmp),
-                    inductor_configs={"aot_inductor.metadata": dict(metadata), **_INDUCTOR})
+                    inductor_configs={"aot_inductor.metadata": dict(metadata), **_INDUCTOR,
+                                      "post_grad_custom_post_pass": UnrollSmallBmm()})
         except Exception as err:  # Inductor and the C++ compiler fail in many ways
             raise ExportError(f"compiling the package with AOTInductor failed (a C++ compiler "
                               f"is needed: g++ or clang++): {_first_line(err)}") from err
