@@ -11,6 +11,10 @@ the same Maxwell-Boltzmann velocities), in the same run and one after the other 
 * with ``--ase-package``, also ``run_md`` with ``ESTCalculator(model=package.pt2)``: the compiled
   model on ASE's periodic graph, which tells the package's cost from that of LAMMPS's ghosts.
 
+Both processes keep their freed memory for the next step (``est_calc.allocator``, retain: what
+``est md`` and the plugin do by default); ``EST_CALC_TUNE_MALLOC`` in the environment reaches
+both.
+
 Each path first runs ``--warmup`` steps, then the timed ``--steps`` continue the same trajectory:
 ASE times its second ``run_md`` call, LAMMPS reports the "Loop time" of its second ``run`` (with
 ``pre no``: no second setup), so both time the same number of force calls. A row is "atoms,
@@ -394,9 +398,13 @@ def ase_worker(spec_path: str) -> int:
     torch.set_num_threads(int(spec["threads"]))
     from ase import Atoms
 
+    from est_calc.allocator import tune_malloc
     from est_calc.calculator import ESTCalculator
     from md_recipes.md import run_md
 
+    # As `est md` (and the LAMMPS plugin) do: a process that only simulates keeps its freed
+    # memory for the next step (est_calc.allocator, retain=True).
+    tune_malloc(retain=True)
     data = np.load(spec["atoms"])
     atoms = Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"],
                   pbc=True, momenta=data["momenta"])

@@ -11,6 +11,16 @@ of freed memory stays with the process instead of returning to the system. It is
 process-wide setting, so it is applied at most once, never over the user's own choice (the
 ``MALLOC_*`` environment variables or a preloaded allocator), and only where glibc is the
 allocator; ``EST_CALC_TUNE_MALLOC=0`` (or ``ESTCalculator(tune_malloc=False)``) turns it off.
+
+Blocks above 32 MiB (glibc's ceiling for the mmap threshold) are still mapped afresh at every
+call: at 10,000 atoms and more a step's large temporaries are such blocks, and a third of the
+step went into faulting them in (benchmarks/RESULTS.md). ``retain=True`` goes further: no block
+is ever mapped on its own (``M_MMAP_MAX`` = 0) and the heap is never trimmed, so after the first
+step every later one reuses the same memory (the process keeps its largest step's memory until
+it exits, as a caching allocator does). That suits a process that only simulates: ``est md``,
+``est relax`` and ``est adsorb`` use it, and so does the LAMMPS plugin; a library call in a
+user's process keeps the milder default. ``EST_CALC_TUNE_MALLOC=retain`` asks for it anywhere,
+``=moderate`` for the default anywhere.
 """
 
 from __future__ import annotations
@@ -30,15 +40,18 @@ MMAP_THRESHOLD = 64 << 20
 #: Free memory at the top of the heap is returned to the kernel only above this many bytes.
 TRIM_THRESHOLD = 256 << 20
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "GLIBC_TUNABLES")
-_applied: bool | None = None
+                  "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
+#: What this process got: None (not asked yet), False, "moderate" or "retain".
+_applied: bool | str | None = None
 
 
-def malloc_env() -> dict[str, str]:
+def malloc_env(retain: bool = False) -> dict[str, str]:
     """The environment variables that give a new process the same setting (glibc reads them at
     start-up); the benchmarks hand them to the peer's process so both sides run alike."""
+    if retain:  # never trim: the largest value glibc reads
+        return {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**63 - 1)}
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
@@ -48,8 +61,18 @@ def is_tuned() -> bool:
     return bool(_applied)
 
 
+def mode() -> str | None:
+    """"moderate" or "retain" (module docstring) when :func:`tune_malloc` changed the settings
+    of this process, else None."""
+    return _applied or None
+
+
+def _choice() -> str:
+    return os.environ.get("EST_CALC_TUNE_MALLOC", "").strip().lower()
+
+
 def _reason_to_skip() -> str | None:
-    if os.environ.get("EST_CALC_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _choice() in ("0", "false", "no", "off"):
         return "EST_CALC_TUNE_MALLOC is off"
     user = [name for name in _USER_SETTINGS if name in os.environ]
     if user:
@@ -61,28 +84,39 @@ def _reason_to_skip() -> str | None:
     return None
 
 
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process (once); True if they are set.
+def tune_malloc(retain: bool = False) -> bool:
+    """Raise glibc's mmap and trim thresholds for this process, or with ``retain`` keep every
+    freed block for reuse (module docstring); True if the settings are made.
 
-    Returns False, changing nothing, when the user chose otherwise or glibc is not the
-    allocator (see the module docstring); later calls return the first call's answer.
+    ``EST_CALC_TUNE_MALLOC=retain`` / ``=moderate`` override ``retain``. Returns False, changing
+    nothing, when the user chose otherwise or glibc is not the allocator. Applied once per
+    process; a later call may still turn the moderate setting into ``retain``.
     """
     global _applied
-    if _applied is not None:
-        return _applied
+    choice = _choice()
+    want = "retain" if choice == "retain" or (retain and choice != "moderate") else "moderate"
+    if _applied is not None and not (_applied == "moderate" and want == "retain"):
+        return bool(_applied)
     reason = _reason_to_skip()
     if reason is None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            ok = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-                  and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+            if want == "retain":  # -1: never trim (mallopt(3))
+                ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1
+                      and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
+            else:
+                ok = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                      and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
             reason = None if ok else "mallopt refused the values"
         except (OSError, AttributeError) as err:
             reason = f"mallopt is unavailable ({err})"
-    _applied = reason is None
-    if _applied:
-        log.info("est_calc: glibc mmap threshold %d MiB, trim threshold %d MiB (EST_CALC_TUNE_MALLOC=0 "
-                 "turns this off)", MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20)
-    else:
+    if reason is None:
+        _applied = want
+        log.info("est_calc: glibc malloc %s (EST_CALC_TUNE_MALLOC=0 turns this off)",
+                 "keeps freed memory for reuse" if want == "retain" else
+                 f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+                 f"{TRIM_THRESHOLD >> 20} MiB")
+    elif _applied is None:
+        _applied = False
         log.debug("est_calc: malloc thresholds left as they are: %s", reason)
-    return _applied
+    return bool(_applied)

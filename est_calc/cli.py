@@ -107,12 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands whose process does nothing but simulate: glibc keeps their freed memory for reuse.
+SIMULATION_COMMANDS = ("md", "relax", "adsorb")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if args.command in SIMULATION_COMMANDS:
+        # A process that only simulates keeps its largest step's memory for the next steps
+        # (est_calc.allocator, retain=True; EST_CALC_TUNE_MALLOC=0 or =moderate says otherwise).
+        from est_calc.allocator import tune_malloc
+
+        tune_malloc(retain=True)
     return run_command(args)
 
 

@@ -82,35 +82,39 @@ bool out_of_memory(const std::exception &err)
   return false;
 }
 
-// Keep glibc from handing each step's freed temporaries back to the kernel, as est_calc does
-// in Python (est_calc/allocator.py, the same thresholds and the same exceptions): libtorch's CPU
-// tensors come straight from malloc, and blocks above glibc's mmap threshold (or memory above
-// its trim threshold) would otherwise be mapped, faulted in and zeroed afresh every step. Not
-// done where the user chose (MALLOC_* / GLIBC_TUNABLES, EST_CALC_TUNE_MALLOC=0, a preloaded
-// allocator). Returns whether the thresholds were set. Process-wide, so once per process.
-bool tune_malloc()
+// Keep glibc from handing each step's freed temporaries back to the kernel (est_calc/allocator.py
+// says why, with the measurements): libtorch's CPU tensors come straight from malloc, and a
+// block that glibc maps on its own (every block above 32 MiB at least) or memory it trims off
+// the heap is faulted in and zeroed afresh at the next step. An MD process keeps its largest
+// step's memory instead: no block is mapped on its own and the heap is never trimmed, as est_calc
+// does for `est md` (retain); EST_CALC_TUNE_MALLOC=moderate raises the thresholds only, as
+// est_calc does for a library call. Not done where the user chose (MALLOC_* / GLIBC_TUNABLES,
+// EST_CALC_TUNE_MALLOC=0, a preloaded allocator). Returns what was done: "retain", "moderate" or
+// "" (nothing). Process-wide, so once per process.
+const std::string &tune_malloc()
 {
+  static const std::string applied = []() -> std::string {
 #ifdef __GLIBC__
-  static const bool applied = [] {
-    const char *off = std::getenv("EST_CALC_TUNE_MALLOC");
-    if (off != nullptr) {
-      std::string v(off);
-      for (char &ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-      if (v == "0" || v == "false" || v == "no" || v == "off") return false;
-    }
+    std::string choice;
+    if (const char *env = std::getenv("EST_CALC_TUNE_MALLOC")) choice = env;
+    for (char &ch : choice) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (choice == "0" || choice == "false" || choice == "no" || choice == "off") return "";
     for (const char *name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                             "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"})
-      if (std::getenv(name) != nullptr) return false;
+                             "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES"})
+      if (std::getenv(name) != nullptr) return "";
     const char *preload = std::getenv("LD_PRELOAD");
     if (preload != nullptr)
       for (const char *lib : {"jemalloc", "tcmalloc", "mimalloc"})
-        if (std::strstr(preload, lib) != nullptr) return false;
-    return mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1;
+        if (std::strstr(preload, lib) != nullptr) return "";
+    if (choice == "moderate")
+      return mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1
+          ? "moderate" : "";
+    return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1 ? "retain" : "";
+#else
+    return "";
+#endif
   }();
   return applied;
-#else
-  return false;
-#endif
 }
 
 }    // namespace
@@ -265,11 +269,15 @@ void PairEST::load_model(const std::string &path)
     // Serial kernels run on one thread whatever OMP_NUM_THREADS says (the usual layout: one
     // thread per MPI rank); OpenMP kernels (`est export --openmp`) on OMP_NUM_THREADS threads.
     const std::string threads = get("threads").empty() ? "openmp" : get("threads");
-    utils::logmesg(lmp, "pair_style est: {} ({}, {} kernels{}); glibc malloc thresholds {}\n",
+    utils::logmesg(lmp, "pair_style est: {} ({}, {} kernels{}); glibc malloc: {}\n",
                    path, dtype, threads,
                    threads == "serial" ? ": one thread per MPI rank" : ": OMP_NUM_THREADS threads",
-                   tune_malloc() ? "raised (EST_CALC_TUNE_MALLOC=0 turns this off)"
-                                 : "left as they are");
+                   tune_malloc() == "retain"
+                       ? "freed memory kept for the next step (EST_CALC_TUNE_MALLOC=0 turns "
+                         "this off)"
+                       : tune_malloc() == "moderate"
+                       ? "thresholds raised (EST_CALC_TUNE_MALLOC=moderate)"
+                       : "left as it is");
   }
 }
 

@@ -91,12 +91,49 @@ def test_user_choices_win():
     assert not _probe("direct", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")["tuned"]
 
 
+# Blocks of 100 MiB: above glibc's largest mmap threshold (32 MiB), so even the raised
+# thresholds map each one afresh; with retain=True the heap keeps and reuses it.
+_LARGE = _BLOCKS.replace("10 << 20", "25 << 20").replace(
+    "_set_madvise_hugepage(False)", """_set_madvise_hugepage(False)
+from est_calc import allocator
+if sys.argv[1] != "none":
+    allocator.tune_malloc(retain=sys.argv[1] == "retain")
+""")
+
+
+def test_retain_keeps_blocks_above_any_threshold():
+    moderate = _probe("moderate", _LARGE)
+    retained = _probe("retain", _LARGE)
+    by_env = _probe("moderate", _LARGE, EST_CALC_TUNE_MALLOC="retain")
+    assert moderate["faults"] > 10_000  # 10 x 25,600 pages, each faulted in again
+    assert retained["faults"] < 100 and by_env["faults"] < 100
+    # the user's choice wins over retain=True
+    assert _probe("retain", _LARGE, EST_CALC_TUNE_MALLOC="moderate")["faults"] > 10_000
+    assert _probe("retain", _LARGE, EST_CALC_TUNE_MALLOC="0")["faults"] > 10_000
+
+
+def test_simulation_commands_ask_for_retain(monkeypatch, tmp_path):
+    from est_calc import allocator, cli
+
+    asked = []
+    monkeypatch.setattr(allocator, "tune_malloc", lambda retain=False: asked.append(retain))
+    missing = str(tmp_path / "missing.xyz")
+    for command in (["md", missing, "--steps", "1"], ["relax", missing]):
+        assert cli.main(command) == 2  # the missing file is reported after the setting
+    assert asked == [True, True]
+    cli.main(["list"])
+    assert asked == [True, True]
+
+
 def test_malloc_env_names_the_same_thresholds():
     from est_calc.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, malloc_env
 
     env = malloc_env()
     assert env == {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
                    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    retain = malloc_env(retain=True)
+    assert retain["MALLOC_MMAP_MAX_"] == "0"
+    assert _probe("none", _LARGE, **retain)["faults"] < 100
     # A process started with them keeps its large blocks (numpy's, allocated by glibc).
     started = _probe("none", _BLOCKS, **env)
     default = _probe("none", _BLOCKS)
