@@ -7,6 +7,8 @@ numbers; the metadata says which one a file holds.
 
 from __future__ import annotations
 
+import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -38,7 +40,36 @@ def test_default_package_has_serial_kernels(package64):
     assert "+=" in source
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("flag, threads, kind", [([], 1, "serial"), (["--openmp"], 2, "openmp")])
+def test_codegen_threads_follow_the_flag(tiny_package64, tmp_path, monkeypatch, flag, threads,
+                                          kind):
+    """Inductor's choice is made from torch's thread count while it compiles: 1 for serial
+    kernels, at least 2 for OpenMP ones, the caller's count restored after (the compile itself
+    stubbed: the session's package is copied)."""
+    import est_calc.deploy.export as export_module
+
+    seen = {}
+
+    def compile_stub(program, package_path, inductor_configs):
+        seen["threads"] = torch.get_num_threads()
+        seen["meta"] = inductor_configs["aot_inductor.metadata"]
+        shutil.copyfile(tiny_package64[1], package_path)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    monkeypatch.setattr(export_module, "_check", lambda path, function, inputs: 0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "m.pt2"
+        assert main(["export", str(tiny_package64[0]), "-o", str(out), *flag]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == threads and seen["meta"]["threads"] == kind
+
+
+@pytest.mark.skipif(os.environ.get("EST_TEST_OPENMP_EXPORT") != "1",
+                    reason="compiles a second package (about 90 s); EST_TEST_OPENMP_EXPORT=1")
 def test_openmp_package_equals_eager_on_two_threads(tiny_package64, tmp_path):
     source, _ = tiny_package64
     path = tmp_path / "tiny64_omp.pt2"

@@ -31,13 +31,9 @@ NOTHING = "glibc malloc: left as it is"
 
 @pytest.mark.parametrize("env, said", [
     ({}, RETAIN),
-    ({"EST_CALC_TUNE_MALLOC": "retain"}, RETAIN),
     ({"EST_CALC_TUNE_MALLOC": "Moderate"}, MODERATE),
-    ({"EST_CALC_TUNE_MALLOC": "0"}, NOTHING),
     ({"EST_CALC_TUNE_MALLOC": "Off"}, NOTHING),
-    ({"MALLOC_MMAP_THRESHOLD_": "131072"}, NOTHING),
     ({"MALLOC_MMAP_MAX_": "0"}, NOTHING),
-    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, NOTHING),
 ])
 def test_model_line(plugin, package, tmp_path, env, said):
     line = _log(tmp_path, package, env)
