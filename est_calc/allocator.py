@@ -31,7 +31,7 @@ import logging
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "is_tuned", "malloc_env", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "is_tuned", "malloc_env", "mode", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
