@@ -153,13 +153,13 @@ def peer_python() -> Path:
 
 def _peer_env() -> dict:
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-    # A CPU ESTCalculator raises glibc's malloc thresholds in its own process
-    # (est_calc.allocator); the peer's process then gets the same setting, so both sides run with
-    # the same allocator.
-    from est_calc.allocator import is_tuned, malloc_env
+    # A CPU ESTCalculator raises glibc's malloc thresholds in its own process, or keeps all freed
+    # memory in retain mode (est_calc.allocator); the peer's process then gets the same setting,
+    # so both sides run with the same allocator.
+    from est_calc.allocator import malloc_env, mode
 
-    if is_tuned():
-        env.update(malloc_env())
+    if mode() is not None:
+        env.update(malloc_env(retain=mode() == "retain"))
     env.pop("PYTHONPATH", None)  # keep est_calc's e3nn out of the peer's imports
     if os.environ.get("EST_BENCH_MACE_PYTHONPATH"):  # wheels installed into a target folder
         env["PYTHONPATH"] = os.environ["EST_BENCH_MACE_PYTHONPATH"]

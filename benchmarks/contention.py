@@ -227,7 +227,7 @@ def peer_user_env(*, inherit: bool = False) -> dict:
 
     env = _peer_env()
     if not inherit:
-        for name in malloc_env():
+        for name in {*malloc_env(), *malloc_env(retain=True)}:
             if name not in os.environ:   # keep a setting the user made themselves
                 env.pop(name, None)
     return user_env(env, inherit=inherit)
