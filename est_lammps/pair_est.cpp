@@ -34,7 +34,7 @@ namespace {
 
 // The package format this plugin runs: est_calc.deploy.FORMAT and FORMAT_VERSION.
 constexpr const char *EST_FORMAT = "est_calc.deploy";
-constexpr const char *EST_FORMAT_VERSION = "1";
+constexpr const char *EST_FORMAT_VERSION = "2";
 
 // Chemical symbols by atomic number (index 0 unused).
 const char *const SYMBOLS[] = {
@@ -130,7 +130,7 @@ PairEST::PairEST(LAMMPS *lmp) : Pair(lmp)
   // sum_i r_i (x) f_i over local and ghost atoms; f.r is not used.
   no_virial_fdotr_compute = 1;
   // Extra quantities for `compute pair est`: atoms given to the model, how many of them are
-  // ghosts, and edges.
+  // ghosts, and pairs (edges given, one per pair).
   nextra = 3;
   pvector = new double[nextra]();
 }
@@ -366,8 +366,8 @@ double PairEST::init_one(int i, int j)
 }
 
 // One evaluation of the model on this rank's atoms. Its inputs are the package's signature
-// (est_calc/deploy/__init__.py): positions, atomic numbers, edges i -> j closer than r_c with
-// their shifts (r_e = positions[j] - positions[i] + edge_shifts[e], Cartesian Å) of the atoms
+// (est_calc/deploy/__init__.py): positions, atomic numbers, one edge i -> j per pair closer than
+// r_c with its shift (r_e = positions[j] - positions[i] + edge_shifts[e], Cartesian Å) of the atoms
 // the local energies depend on, and local_mask = the nlocal owned atoms. It returns E_rank =
 // sum of the local atoms' energies and its derivatives with respect to all positions given.
 //
@@ -377,8 +377,12 @@ double PairEST::init_one(int i, int j)
 // round-off. The image's features are its owner's (a local atom has all its edges), the
 // derivative with respect to the edge lands on the owner directly, and the virial, which the
 // package computes from edge vectors (sum over edges of -r_e (x) dE/dr_e), is unchanged. Ghosts
-// owned by other ranks carry real positions and zero shifts; their forces, per-atom energies and
-// per-atom virials are summed onto their owners by reverse communication (newton on).
+// owned by other ranks carry real positions; the copies of one such atom (its periodic images
+// among the ghosts) fold the same way onto the copy the walk reaches first (chunk()), so that
+// the graph is the periodic one, where each pair is one edge whose reverse the package implies
+// (two unfolded copies would be two nodes, and the reverse of an edge folded onto one of them
+// would be an edge the other already has). Their forces, per-atom energies and per-atom virials
+// are summed onto their owners by reverse communication (newton on).
 void PairEST::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
@@ -440,11 +444,13 @@ void PairEST::compute(int eflag, int vflag)
 // (hop 0): an atom's energy depends on its initial features (its own edges: one hop) carried
 // over n_layers layers, so the group's energies need every atom up to n_layers + 1 hops and all
 // the edges of every atom up to n_layers hops, and nothing else. An atom is represented by its
-// local owner where it has one (owner[]): images of local atoms are never walked from, their
-// owners' lists hold their edges. Local atoms outside the group are walked like any other
-// (their lists are complete). The other ghosts are reached only along real edges from real
-// positions, so one at hop h is within h x r_c of the sub-domain and, for h <= n_layers, its
-// list is complete under the ghost cutoff (n_layers + 1) x r_c + skin. Atoms further out are
+// local owner where it has one (owner[]), another rank's atom by the first of its copies the
+// walk reaches (ghost_rep): the other copies are never walked from, the representatives' lists
+// hold their edges. Local atoms outside the group are walked like any other (their lists are
+// complete). The other ghosts are reached only along real edges from real positions, so one at
+// hop h is within h x r_c of the sub-domain and, for h <= n_layers, its list is complete under
+// the ghost cutoff (n_layers + 1) x r_c + skin (a representative has the fewest hops of its
+// copies). Atoms further out are
 // left out with their edges; the force on them is exactly zero. Nodes: the group first (in
 // its order), then the others by hop; local_mask = the group.
 void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int n_groups)
@@ -461,6 +467,7 @@ void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int 
   std::vector<int> kept(group, group + m);    // node -> LAMMPS index
   for (int k = 0; k < m; ++k) node[group[k]] = k;
   const double rc2 = cutoff * cutoff;
+  std::unordered_map<tagint, int> ghost_rep;    // atom ID -> the ghost that stands for it
   std::vector<int64_t> centre, neighbour;    // nodes
   std::vector<double> shifts;                // (E, 3) Å
   size_t begin = 0;
@@ -474,24 +481,36 @@ void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int 
         const int j = jlist[jj] & NEIGHMASK;
         const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
         if (dx * dx + dy * dy + dz * dz >= rc2) continue;
-        const int o = owner[j];
+        int o = owner[j];
         if (o < 0 && !ghost_lists)
           error->one(FLERR, "pair_style est: ghost atom {} is not an image of a local atom "
                             "on a single rank (atom IDs not unique?)", atom->tag[j]);
+        if (o < 0 && fold_images) {
+          // Another rank's atom: its copies (periodic images among the ghosts) fold onto the
+          // first one reached, which has the fewest hops and so a complete list.
+          const auto found = ghost_rep.emplace(atom->tag[j], j);
+          o = found.first->second;
+        }
         const int r = o >= 0 ? o : j;
         if (node[r] < 0) {
           node[r] = static_cast<int64_t>(kept.size());
           kept.push_back(r);
         }
+        // One edge per pair (package format 2): the pair of nodes k and node[r] is given from
+        // the smaller node. A smaller neighbour has been walked already and gave it; a larger
+        // one is walked later (and skips it) or, one hop beyond the last layer, never. An image
+        // of k itself (a small cell) comes twice, with shifts s and -s: the one whose first
+        // non-zero component is positive is given.
+        const double sx = x[j][0] - x[r][0], sy = x[j][1] - x[r][1], sz = x[j][2] - x[r][2];
+        if (node[r] < static_cast<int64_t>(k)) continue;
+        if (node[r] == static_cast<int64_t>(k) &&
+            !(sx > 0.0 || (sx == 0.0 && (sy > 0.0 || (sy == 0.0 && sz > 0.0)))))
+          continue;
         centre.push_back(static_cast<int64_t>(k));
         neighbour.push_back(node[r]);
-        if (o >= 0 && o != j) {
-          shifts.push_back(x[j][0] - x[o][0]);
-          shifts.push_back(x[j][1] - x[o][1]);
-          shifts.push_back(x[j][2] - x[o][2]);
-        } else {
-          shifts.insert(shifts.end(), 3, 0.0);
-        }
+        shifts.push_back(sx);    // x_image - x_owner for an image, zero for any other atom
+        shifts.push_back(sy);
+        shifts.push_back(sz);
       }
     }
     begin = end;
@@ -546,7 +565,7 @@ void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int 
     if (out_of_memory(err))
       error->one(FLERR,
                  "pair_style est: out of memory on the {} evaluating {} atoms ({} of {} local "
-                 "atoms in {} chunk(s)) and {} edges on this rank; the run stops: use more MPI "
+                 "atoms in {} chunk(s)) and {} pairs on this rank; the run stops: use more MPI "
                  "ranks (or GPUs), smaller chunks (pair_style est chunk_atoms N) or a smaller "
                  "system ({})",
                  use_cuda ? "GPU" : "CPU", n, m, nlocal, n_groups, n_edges,

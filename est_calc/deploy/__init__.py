@@ -7,15 +7,19 @@
     calc = ESTCalculator(model="model.pt2", dtype="float64")           # runs the package
     calc = ESTCalculator("est-3bpa", compile="package")   # exported once into a cache (.cache)
 
-A package holds one function with dynamic atom and edge counts (``export.EdgeEnergyModel``):
+A package holds one function with dynamic atom and pair counts (``export.EdgeEnergyModel``). It
+takes every pair of neighbours once, as one edge i -> j; the reverse j -> i (vector -r_e) is
+implied (format version 2; version 1 packages took both directions and are refused):
 
 ====================  ===============  ==================================================
 input                 shape            meaning
 ====================  ===============  ==================================================
 ``positions``         (n, 3) float     Å
 ``atomic_numbers``    (n,) int64       Z of every atom (local and ghost)
-``edge_index``        (2, E) int64     rows (i = centre, j = neighbour)
-``edge_shifts``       (E, 3) float     Å: r_e = positions[j] - positions[i] + edge_shifts[e]
+``edge_index``        (2, P) int64     one edge i -> j per pair (which of the two does
+                                       not matter; a periodic image of an atom itself
+                                       once, with one of its two shifts)
+``edge_shifts``       (P, 3) float     Å: r_e = positions[j] - positions[i] + edge_shifts[e]
                                        (ASE: unit shifts @ cell; LAMMPS: an image of a
                                        local atom folded onto it, x_image - x_owner;
                                        ghosts of other ranks: zeros)
@@ -37,7 +41,7 @@ atoms with lattice-vector shifts, and other ranks' atoms as ghosts with real pos
 shifts (est_lammps/README.md). The energy of atom i depends on the atoms within n_layers + 1 hops
 (the edge-degree embedding is one hop, each layer one more): every atom within (n_layers + 1) x
 cutoff of a local atom must be present (itself, or as the owner of a shifted edge), and every atom
-within n_layers x cutoff must have all its edges, for the local energies, and so the forces
+within n_layers x cutoff must have all its pairs, for the local energies, and so the forces
 summed onto the owners of the ghosts, to be exact. Edges longer than the cutoff (a neighbour list
 with a skin) contribute exactly nothing.
 

@@ -1,7 +1,9 @@
 """Export a potential: the energy with its derivatives traced into one graph, then AOTInductor.
 
 The exported function is :class:`EdgeEnergyModel` (inputs and outputs: the package docstring).
-For atoms Z_i and edge vectors r_e = r_j - r_i + s_e it computes what ``ESTModel.forward`` does,
+It takes each pair of neighbours once, as an edge i -> j with vector r_e = r_j - r_i + s_e; the
+reverse edge j -> i, with vector -r_e, is implied. For atoms Z_i and the edges of both
+directions it computes what ``ESTModel.forward`` does,
 
     e_i        = head(network(Z, r)_i) - head_isolated(Z_i)     (0 without an edge inside r_c)
     energies_i = e_i * energy_scale / avg_atoms + energy_shift + element_reference[Z_i]
@@ -9,12 +11,24 @@ For atoms Z_i and edge vectors r_e = r_j - r_i + s_e it computes what ``ESTModel
     energy     = sum_{i local} energies_i
 
 with head_isolated(Z) evaluated once at export time (an atom without edges gives a constant), and
-then forces and virials from g_e = d energy / d r_e (``est_calc.forces.edge_forces_virial``).
+then forces and virials from g_e = d energy / d r_e over the given edges
+(``est_calc.forces.edge_forces_virial``). Since the reverse edge's vector is -r_e,
+g_e = dE/dr_(i->j) - dE/dr_(j->i): the forces and the per-atom virials (half of each edge's
+-r (x) g to each end) are those of the directed list, term for term.
+
+Why pairs. With SO(2) message blocks the network runs on the directed list in reversed-pair
+order (the accelerated model, :mod:`est_calc.accel.model`): the Wigner rotations, with their
+backward, are evaluated for one direction of each pair, the other's follow by fixed signs. That
+makes the package about 1.08x faster on 1,000 Cu atoms (float32, one thread;
+benchmarks/RESULTS.md), the eager model's speed; and a neighbour list of pairs is what LAMMPS
+gives anyway, at half the size.
 
 Export in four steps (:func:`export_potential`):
 
-1. a plain copy of the model (``est_calc.nn``; the accelerated blocks' custom autograd Functions
-   and paired-edge tricks are not traced) in the requested dtype, parameters frozen;
+1. a plain copy of the model in the requested dtype, parameters frozen, and (SO(2) message
+   blocks) its accelerated view (``est_calc.accel``, inference mode: paired edges; under tracing
+   its blocks take their compile-friendly branches, plain autograd instead of the blocked
+   custom Functions);
 2. ``make_fx`` with symbolic shapes runs the function once on a small sample cluster and records
    every ATen operation of the forward and of the autograd backward in one graph, with the atom
    count n and the edge count E symbolic (no data-dependent branch: a chunk loop or an ``if`` on
@@ -73,17 +87,22 @@ class ExportError(RuntimeError, ValueError):
 
 
 class _Edges(NamedTuple):
-    """What ``ESTModel.network`` reads of a graph: its edge list."""
+    """What ``ESTModel.network`` reads of a graph: its edge list, and whether it is in
+    reversed-pair order (``Graph.paired``: the second half reverses the first, edge for edge)."""
 
     edge_index: Tensor
+    paired: bool = False
 
 
 class EdgeEnergyModel(nn.Module):
-    """The function a package holds (module and package docstrings): energies of atoms and edge
-    vectors, forces and virials by autograd inside.
+    """The function a package holds (module and package docstrings): energies of atoms and of
+    the pairs of neighbours, forces and virials by autograd inside.
 
     Args:
-        model: a plain ``ESTModel`` (not accelerated), in eval mode, in the dtype to export.
+        model: a plain ``ESTModel`` (not accelerated), in eval mode, in the dtype and on the
+            device to export, with its parameters frozen; with SO(2) message blocks the network
+            runs on its accelerated view (``fast``, sharing its parameters), which rotates one
+            direction of each pair.
         species: atomic numbers the package accepts.
 
     Buffers: ``isolated_head`` (119,), the head output of an atom without neighbours per atomic
@@ -92,7 +111,7 @@ class EdgeEnergyModel(nn.Module):
 
     def __init__(self, model: nn.Module, species):
         super().__init__()
-        from est_calc.accel import is_accelerated
+        from est_calc.accel import accelerate, is_accelerated
 
         if is_accelerated(model):
             raise ValueError("EdgeEnergyModel needs the plain ESTModel; export the Potential, "
@@ -101,6 +120,12 @@ class EdgeEnergyModel(nn.Module):
         self.species = tuple(sorted(int(z) for z in species))
         self.cutoff_A = float(model.config.cutoff_A)
         self.register_buffer("isolated_head", self._isolated_head())
+        # The network's module: the accelerated view where it has paired rotations to gain
+        # (SO(2) message blocks), the plain model otherwise (the "est" message block's
+        # accelerated form does not survive Inductor's re-trace: a view of a transposed
+        # gradient). Not a submodule: the same parameters once in the module tree.
+        fast = accelerate(model, inference=True) if model.edge_rotation is not None else model
+        self.__dict__["fast"] = fast
 
     @torch.no_grad()
     def _isolated_head(self) -> Tensor:
@@ -120,12 +145,15 @@ class EdgeEnergyModel(nn.Module):
         return table
 
     def atom_energies(self, atomic_numbers: Tensor, edge_index: Tensor, vectors: Tensor) -> Tensor:
-        """energies_i (n,) eV of the module docstring, from edge vectors (E, 3) Å."""
-        m = self.model
+        """energies_i (n,) eV of the module docstring, from the pairs' edges (2, P) and vectors
+        (P, 3) Å (each pair once)."""
+        m = self.fast
         z = atomic_numbers
-        x = m.network(z, _Edges(edge_index), vectors)
+        both = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+        vectors = torch.cat([vectors, -vectors])
+        x = m.network(z, _Edges(both, paired=True), vectors)
         e = m.head(x).squeeze(-1) - self.isolated_head[z]
-        return m.atom_energies(z, e, edge_index, vectors.norm(dim=-1))
+        return m.atom_energies(z, e, both, vectors.norm(dim=-1))
 
     def forward(self, positions: Tensor, atomic_numbers: Tensor, edge_index: Tensor,
                 edge_shifts: Tensor, local_mask: Tensor):
@@ -144,7 +172,7 @@ class EdgeEnergyModel(nn.Module):
 def sample_inputs(species, cutoff_A: float, shape=(3, 2, 2), *, dtype=torch.float64,
                   device="cpu", seed: int = 0) -> tuple[Tensor, ...]:
     """Inputs of :class:`EdgeEnergyModel` for a jittered cluster of prod(shape) atoms on a grid of
-    spacing 0.6 r_c (the species in turn, every pair closer than r_c an edge in both directions,
+    spacing 0.6 r_c (the species in turn, every pair closer than r_c an edge i -> j with i < j,
     small random shifts on the edges, the last atom not local): a sample to trace and check."""
     gen = torch.Generator().manual_seed(seed)
     grid = torch.tensor(list(itertools.product(*(range(k) for k in shape))), dtype=torch.float64)
@@ -154,7 +182,8 @@ def sample_inputs(species, cutoff_A: float, shape=(3, 2, 2), *, dtype=torch.floa
     species = sorted(int(z) for z in species)
     z = torch.tensor([species[k % len(species)] for k in range(n)], dtype=torch.long)
     d = (positions[None, :, :] - positions[:, None, :]).norm(dim=-1)
-    i, j = torch.nonzero((d < cutoff_A) & ~torch.eye(n, dtype=torch.bool), as_tuple=True)
+    i, j = torch.nonzero((d < cutoff_A) & torch.ones(n, n, dtype=torch.bool).triu(1),
+                         as_tuple=True)
     edge_index = torch.stack([i, j])
     # Shifts that move neighbours by at most 0.02 Å keep every edge inside the cutoff's reach.
     shifts = 0.01 * torch.randn(edge_index.shape[1], 3, generator=gen, dtype=torch.float64)
@@ -201,7 +230,7 @@ def trace(function: EdgeEnergyModel, inputs: tuple[Tensor, ...]) -> torch.export
         graph = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True,
                         _error_on_data_dependent_ops=True)(*[t.clone() for t in inputs])
     n = Dim("n_atoms", min=1)
-    e = Dim("n_edges", min=1)
+    e = Dim("n_pairs", min=1)
     dynamic = ({0: n}, {0: n}, {1: e}, {0: e}, {0: n})
     return torch.export.export(graph, tuple(inputs), dynamic_shapes=dynamic, strict=False)
 

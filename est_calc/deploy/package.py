@@ -7,7 +7,8 @@ The package's AOTInductor metadata is a map of strings (``aot_inductor.metadata`
 key                      value
 =======================  ==========================================================
 ``est_format``           "est_calc.deploy" (anything else is a foreign file)
-``est_format_version``   "1": the signature of the package docstring
+``est_format_version``   "2": the signature of the package docstring (version 1
+                         took every edge in both directions; est_calc refuses it)
 ``est_calc_version``     version of the est_calc that exported it
 ``torch_version``        version of the torch that compiled it (the package runs
                          only under the same major.minor version)
@@ -54,7 +55,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "INPUTS", "OUTPUTS", "DeployedPotential",
            "PackageDerivatives", "is_package_path", "load_package", "read_metadata"]
 
 FORMAT = "est_calc.deploy"
-FORMAT_VERSION = 1
+#: 2: each pair of neighbours given once (``edge_index`` (2, P)); 1 (earlier packages): both
+#: directions. A version-1 package given one direction would count each pair
+#: once instead of twice, so versions are never mixed: readers refuse any other version.
+FORMAT_VERSION = 2
 INPUTS = ("positions", "atomic_numbers", "edge_index", "edge_shifts", "local_mask")
 OUTPUTS = ("energy", "energies", "forces", "virial", "atom_virial")
 _REQUIRED = ("est_format_version", "est_calc_version", "torch_version", "species", "cutoff_A",
@@ -223,13 +227,20 @@ class DeployedPotential(nn.Module):
     def derivatives(self, batch, graph) -> PackageDerivatives:
         """Energies, forces and virials of every structure of an ``AtomsBatch``.
 
-        The graph's unit shifts become shift vectors with each centre's cell, all atoms are
-        local, and energies and per-atom virials are summed per structure.
+        The graph (both directions of every pair, as est_calc's neighbour lists are) is given
+        to the package one direction per pair (:func:`est_calc.neighbors.pairing.one_direction`;
+        ValueError for a list that is not symmetric), its unit shifts become shift vectors with
+        each centre's cell, all atoms are local, and energies and per-atom virials are summed
+        per structure.
         """
+        from est_calc.neighbors.pairing import one_direction
+
         batch = batch.to(device=self.device, dtype=self.dtype)
-        edge_index = graph.edge_index.to(self.device)
+        edge_index, unit_shifts = one_direction(graph.edge_index.to(self.device),
+                                                graph.shifts.to(self.device),
+                                                paired=getattr(graph, "paired", False))
         i = edge_index[0]
-        shifts = torch.einsum("ea,eab->eb", graph.shifts.to(device=self.device, dtype=self.dtype),
+        shifts = torch.einsum("ea,eab->eb", unit_shifts.to(self.dtype),
                               batch.cell[batch.system_idx[i]])
         n = batch.n_atoms
         mask = torch.ones(n, dtype=torch.bool, device=self.device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["is_paired", "pair_edges"]
+__all__ = ["is_paired", "one_direction", "pair_edges"]
 
 # Keys pack (a, b, S) into one int64: a * n + b needs n^2 and each shift component its span.
 _KEY_LIMIT = 2**62
@@ -28,6 +28,38 @@ def _keys(a: Tensor, b: Tensor, s: Tensor, n: int, lo: Tensor, span: list[int]) 
     for k in range(3):
         key = key * span[k] + (s[:, k] - lo[k])
     return key
+
+
+def _forward(edge_index: Tensor, shifts: Tensor) -> Tensor:
+    """(E,) bool: the edge is the first of its pair (i < j, or i == j and a shift whose first
+    non-zero component is positive, i.e. S > 0 lexicographically)."""
+    i, j = edge_index[0], edge_index[1]
+    nz = shifts != 0
+    first = torch.where(nz.any(dim=1), nz.to(torch.int32).argmax(dim=1), torch.zeros_like(i))
+    positive = shifts.gather(1, first[:, None]).squeeze(1) > 0
+    return (i < j) | ((i == j) & positive)
+
+
+def one_direction(edge_index: Tensor, shifts: Tensor, *, paired: bool = False
+                  ) -> tuple[Tensor, Tensor]:
+    """One edge of every pair of a symmetric full list, in the order the edges had.
+
+    With ``paired`` (a list in reversed-pair order, ``Graph.paired``) the first half; otherwise
+    the edges with i < j, or i == j and a shift S > 0 lexicographically. Only the counts are
+    checked here (half the edges each way; ValueError otherwise): a list must hold every pair
+    in both directions, as est_calc's neighbour lists do by construction (both directions of a
+    pair have bitwise the same length, so a cutoff keeps both or neither).
+    """
+    n_edges = edge_index.shape[1]
+    if paired:
+        return edge_index[:, : n_edges // 2], shifts[: n_edges // 2]
+    forward = _forward(edge_index, shifts)
+    n_forward = int(forward.sum())
+    if 2 * n_forward != n_edges:
+        raise ValueError(f"the neighbour list is not symmetric ({n_forward} edges i -> j with "
+                         f"i < j, {n_edges - n_forward} the other way): a package needs every "
+                         f"pair in both directions")
+    return edge_index[:, forward], shifts[forward]
 
 
 def pair_edges(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> tuple[Tensor, Tensor] | None:
@@ -52,11 +84,7 @@ def pair_edges(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> tuple[Tensor
     span = [int(v) for v in (2 * (-lo) + 1).tolist()]
     if n_atoms * n_atoms * span[0] * span[1] * span[2] >= _KEY_LIMIT:
         return None
-    # first non-zero shift component positive <=> S > 0 lexicographically
-    nz = shifts != 0
-    first = torch.where(nz.any(dim=1), nz.to(torch.int32).argmax(dim=1), torch.zeros_like(i))
-    positive = shifts.gather(1, first[:, None]).squeeze(1) > 0
-    forward = (i < j) | ((i == j) & positive)
+    forward = _forward(edge_index, shifts)
     fwd = forward.nonzero().squeeze(1)
     rev = (~forward).nonzero().squeeze(1)
     if fwd.numel() != rev.numel():

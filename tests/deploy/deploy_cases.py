@@ -45,8 +45,8 @@ def _heights(cell: np.ndarray) -> np.ndarray:
 
 def ghost_inputs(atoms: Atoms, reach_A: float, cutoff_A: float, skin_A: float = 0.0):
     """LAMMPS-style inputs: the atoms (local) and every periodic image within ``reach_A`` of one
-    of them (ghosts, with real positions), every pair closer than cutoff + skin an edge with zero
-    shift (LAMMPS's lists include the skin). Returns (positions, numbers, edge_index, owner) as
+    of them (ghosts, with real positions), every pair closer than cutoff + skin one edge i -> j
+    with i < j (a package takes each pair once) and zero shift (LAMMPS's lists include the skin). Returns (positions, numbers, edge_index, owner) as
     numpy arrays."""
     cell, n = atoms.cell.array, len(atoms)
     # An image k cells away along a plane normal lies at least (k - 1) heights from the cell.
@@ -63,5 +63,5 @@ def ghost_inputs(atoms: Atoms, reach_A: float, cutoff_A: float, skin_A: float = 
         owner.append(np.arange(n)[keep])
     pos, owner = np.concatenate(pos), np.concatenate(owner)
     d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
-    i, j = np.nonzero((d < cutoff_A + skin_A) & ~np.eye(len(pos), dtype=bool))
+    i, j = np.nonzero((d < cutoff_A + skin_A) & np.triu(np.ones(d.shape, dtype=bool), 1))
     return pos, atoms.numbers[owner], np.stack([i, j]), owner

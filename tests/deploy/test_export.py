@@ -127,7 +127,7 @@ def test_package_metadata(package64, tiny):
     import est_calc
 
     meta = read_metadata(package64)
-    assert meta["est_format"] == "est_calc.deploy" and meta["est_format_version"] == "1"
+    assert meta["est_format"] == "est_calc.deploy" and meta["est_format_version"] == "2"
     assert meta["dtype"] == "float64" and meta["device"] == "cpu"
     assert meta["est_calc_version"] == est_calc.__version__
     assert meta["torch_version"] == torch.__version__

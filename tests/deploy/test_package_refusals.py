@@ -74,8 +74,8 @@ def _with_metadata(src: Path, dst: Path, **changes) -> Path:
 @pytest.mark.parametrize("changes, match", [
     ({"est_format": None}, "not an est_calc deployment package"),
     ({"est_format": "other.format"}, "not an est_calc deployment package"),
-    ({"est_format_version": "2"}, "package format version 2"),
-    ({"est_format_version": "0"}, "package format version 0"),
+    ({"est_format_version": "1"}, "package format version 1"),  # both directions per pair
+    ({"est_format_version": "3"}, "package format version 3"),
     ({"torch_version": "2.1.0"}, "compiled by torch 2.1.0"),
     ({"species": None}, "lacks the metadata"),
 ])

@@ -11,6 +11,7 @@ from est_calc.batch import AtomsBatch
 from est_calc.deploy import EdgeEnergyModel
 from est_calc.deploy.export import _plain_model, sample_inputs, trace
 from est_calc.neighbors import build_graph
+from est_calc.neighbors.pairing import one_direction
 from est_calc.testing import predict
 
 
@@ -29,11 +30,14 @@ def test_function_equals_eager_potential(function, cu_slab_co, triclinic_bulk):
         batch = AtomsBatch.from_atoms(atoms)
         graph = build_graph(batch, pot.cutoff_A)
         want = predict(pot, batch, compute_stress=True)
-        i = graph.edge_index[0]
-        shifts = torch.einsum("ea,eab->eb", graph.shifts.double(), batch.cell[batch.system_idx[i]])
+        # One edge per pair, in the order of the unpaired list (the package adds the reverse).
+        pairs, unit = one_direction(graph.edge_index, graph.shifts)
+        assert 2 * pairs.shape[1] == graph.n_edges
+        i = pairs[0]
+        shifts = torch.einsum("ea,eab->eb", unit.double(), batch.cell[batch.system_idx[i]])
         mask = torch.ones(batch.n_atoms, dtype=torch.bool)
         energy, energies, forces, virial, atom_virial = f(batch.positions, batch.atomic_numbers,
-                                                          graph.edge_index, shifts, mask)
+                                                          pairs, shifts, mask)
         volume = abs(float(torch.linalg.det(batch.cell[0])))
         torch.testing.assert_close(energy, want.energy[0], rtol=1e-12, atol=1e-10)
         torch.testing.assert_close(energies, want.energies, rtol=1e-12, atol=1e-10)
@@ -42,7 +46,7 @@ def test_function_equals_eager_potential(function, cu_slab_co, triclinic_bulk):
         torch.testing.assert_close(atom_virial.sum(0), virial, rtol=1e-12, atol=1e-12)
         # Local atoms only: the masked energy is the sum over them.
         mask[::2] = False
-        part = f(batch.positions, batch.atomic_numbers, graph.edge_index, shifts, mask)[0]
+        part = f(batch.positions, batch.atomic_numbers, pairs, shifts, mask)[0]
         torch.testing.assert_close(part, want.energies[1::2].sum(), rtol=1e-12, atol=1e-10)
 
 

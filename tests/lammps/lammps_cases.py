@@ -145,7 +145,7 @@ class Result:
     energies: np.ndarray      # (n,) eV
     atom_virial: np.ndarray   # (n, 6) eV, xx yy zz xy xz yz
     graph: tuple[int, int, int] | None = None  # what the model was given, summed over ranks:
-                                               # atoms, of which ghosts, edges (`compute pair est`)
+                                               # atoms, of which ghosts, pairs (`compute pair est`)
 
 
 SINGLE_POINT = """compute pea all pe/atom
@@ -219,12 +219,13 @@ def structures() -> dict[str, Atoms]:
 def reference(atoms: Atoms, package: Path) -> Result:
     """The same quantities from ESTCalculator running the package on the periodic structure
     (energy, forces, stress, energies), and the per-atom virial from the package's own output
-    on ASE's periodic neighbour list (half of each edge's term to each end)."""
+    on the pairs of ASE's periodic neighbour list (half of each pair's term to each end)."""
     import torch
     from ase.neighborlist import neighbor_list
 
     from est_calc.calculator import ESTCalculator
     from est_calc.deploy import load_package
+    from est_calc.neighbors.pairing import one_direction
 
     calc = ESTCalculator(model=str(package), dtype="float64")
     atoms = atoms.copy()
@@ -240,8 +241,11 @@ def reference(atoms: Atoms, package: Path) -> Result:
 
     model = load_package(package)
     i, j, shift = neighbor_list("ijS", atoms, float(model.metadata["cutoff_A"]))
-    out = model(torch.tensor(atoms.positions), torch.tensor(atoms.numbers),
-                torch.tensor(np.stack([i, j])), torch.tensor(shift @ atoms.cell.array),
+    # The package takes each pair once (format 2).
+    pairs, shift = one_direction(torch.tensor(np.stack([i, j])), torch.tensor(shift))
+    assert 2 * pairs.shape[1] == len(i)
+    out = model(torch.tensor(atoms.positions), torch.tensor(atoms.numbers), pairs,
+                shift.double() @ torch.tensor(atoms.cell.array),
                 torch.ones(len(atoms), dtype=torch.bool))
     w = out[4].numpy()
     if virial is None:

@@ -64,9 +64,9 @@ def _edited(package, path, **changes):
 
 
 def test_version_mismatches(plugin, package, tmp_path):
-    line = _error(tmp_path / "format", _edited(package, tmp_path / "newer.pt2",
-                                               est_format_version="2"))
-    assert "model format version 2" in line and "runs version 1" in line
+    line = _error(tmp_path / "format", _edited(package, tmp_path / "older.pt2",
+                                               est_format_version="1"))
+    assert "model format version 1" in line and "runs version 2" in line
     line = _error(tmp_path / "torch", _edited(package, tmp_path / "torch.pt2",
                                               torch_version="2.99.0"))
     assert "was compiled by torch 2.99.0" in line

@@ -18,7 +18,7 @@ from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import Graph, build_graph
-from est_calc.neighbors.pairing import is_paired, pair_edges
+from est_calc.neighbors.pairing import is_paired, one_direction, pair_edges
 from est_calc.neighbors.verlet import VerletNeighborList
 from est_calc.accel import accelerate
 from est_calc.accel.model import FastESTModel
@@ -76,6 +76,29 @@ def test_pair_edges_declines_lists_that_are_not_symmetric():
     empty = torch.zeros(2, 0, dtype=torch.long)
     out = pair_edges(empty, torch.zeros(0, 3, dtype=torch.long), 0)
     assert out is not None and out[0].shape == (2, 0)
+
+
+def test_one_direction_gives_each_pair_once():
+    """What a package is given (format 2): every pair of the full list exactly once, from a
+    paired list (its first half) and from an unpaired one (i < j, or a self-image with S > 0),
+    periodic self-images of a one-atom cell included."""
+    batch = AtomsBatch.from_atoms(_structures(), dtype=F64)
+    plain = build_graph(batch, 4.2)
+    paired = build_graph(batch, 4.2, paired=True)
+    half_plain = one_direction(plain.edge_index, plain.shifts)
+    half_paired = one_direction(paired.edge_index, paired.shifts, paired=True)
+    for edge_index, shifts in (half_plain, half_paired):
+        assert 2 * edge_index.shape[1] == plain.n_edges
+        both = Graph(torch.cat([edge_index, edge_index.flip(0)], 1), torch.cat([shifts, -shifts]))
+        assert _pairs(both) == _pairs(plain)  # each pair once: mirrored, the full list
+    i, j = half_plain[0]
+    assert bool(((i < j) | (i == j)).all()) and bool((i == j).any())  # the one-atom cell
+
+
+def test_one_direction_refuses_a_list_that_is_not_symmetric():
+    ei = torch.tensor([[0, 1, 1], [1, 0, 2]])
+    with pytest.raises(ValueError, match="not symmetric"):
+        one_direction(ei, torch.zeros(3, 3, dtype=torch.long))
 
 
 def test_verlet_filter_keeps_a_paired_list_paired():
