@@ -456,13 +456,18 @@ def _time_est(potential: str, structures, repeats: int, threads: int) -> list[fl
 
 def _export_package(potential: Path, out: Path) -> dict:
     """The trained EST potential as an AOTInductor package (``est export``, float32, CPU) in
-    ``out``, for the speed table; reused while it is newer than the potential. Its deviation
+    ``out``, for the speed table; reused while it is newer than the potential and this est_calc
+    and torch read it (a package of an older format is exported again). Its deviation
     from the eager potential is checked by the export itself (refused above round-off)."""
-    from est_calc.deploy import export_potential
+    from est_calc.deploy import export_potential, read_metadata
 
     path = out / "est.pt2"
     if path.exists() and path.stat().st_mtime > potential.stat().st_mtime:
-        return {"path": str(path), "reused": True}
+        try:
+            read_metadata(path)  # another format version or torch: export again
+            return {"path": str(path), "reused": True}
+        except ValueError as err:
+            print(f"est export: {path} is not reusable ({err}); exporting again")
     t0 = time.perf_counter()
     res = export_potential(str(potential), path, dtype="float32", device="cpu", overwrite=True)
     print(f"est export: {path} in {time.perf_counter() - t0:.0f} s, max deviation from the "

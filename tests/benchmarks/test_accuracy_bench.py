@@ -5,6 +5,7 @@ with a direct evaluation, the scans and the learning curve are written."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,3 +112,28 @@ def test_molecule_example_config_trains_on_the_benchmark_split(tmp_path, monkeyp
                 "--set", f"output_dir={tmp_path / 'run'}"]) == 0
     assert (tmp_path / "run" / "potential.pt").is_file()
     assert "steps/s" in capsys.readouterr().out
+
+
+def test_stale_package_is_exported_again(tmp_path, monkeypatch):
+    """A package newer than the potential is reused only when this est_calc reads it: one of an
+    older format version (or not a package at all) is exported again, not loaded and refused
+    in the middle of the report."""
+    import est_calc.deploy as deploy
+
+    potential = tmp_path / "potential.pt"
+    potential.write_bytes(b"x")
+    stale = tmp_path / "est.pt2"
+    stale.write_bytes(b"not a package")
+    os.utime(potential, (0, 0))  # the package is the newer file
+    calls = []
+
+    class Result:
+        trace_s, compile_s, max_deviation = 1.0, 2.0, 0.0
+
+    def fake_export(source, path, **kwargs):
+        calls.append((source, Path(path)))
+        return Result()
+
+    monkeypatch.setattr(deploy, "export_potential", fake_export)
+    got = accuracy._export_package(potential, tmp_path)
+    assert calls == [(str(potential), stale)] and "reused" not in got
