@@ -13,7 +13,7 @@ Public entry points:
 
 from est_calc.threads import set_short_spin
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # OpenMP reads its spin count once, when torch loads: set it before anything imports torch
 # (unless the user chose a wait policy), so that threads waiting at a barrier sleep after a few
