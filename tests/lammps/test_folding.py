@@ -59,12 +59,15 @@ def test_one_rank_model_sees_local_atoms_only(name, package, tmp_path):
 @pytest.mark.parametrize("name", ["fcc1", "fcc4", "triclinic"])
 def test_folded_equals_ghosts_of_another_rank(name, package, tmp_path):
     """Two ranks: each rank's own images fold, the other rank's atoms are ghosts (reverse
-    communication); the same numbers as one rank to 1e-12. With one atom, one rank holds it
-    and all its images and the other rank nothing."""
+    communication), and the copies of one such atom (its images, plentiful in these cells
+    smaller than the ghost reach) fold onto one of them: each rank gives the model every atom
+    at most once. The same numbers as one rank to 1e-12. With one atom, one rank holds it and
+    all its images and the other rank nothing."""
     atoms = CASES[name]
     one = single_point(atoms, package, tmp_path / "np1")
     two = single_point(atoms, package, tmp_path / "np2", nprocs=2)
     assert (two.graph[1] > 0) == (len(atoms) > 1)
+    assert two.graph[0] <= 2 * len(atoms)  # atoms given, summed over the two ranks
     assert two.energy == pytest.approx(one.energy, rel=1e-12, abs=1e-12)
     for field in ("forces", "virial", "energies", "atom_virial"):
         _close(getattr(two, field), getattr(one, field), 1e-12)
