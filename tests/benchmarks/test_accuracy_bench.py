@@ -118,7 +118,7 @@ def test_stale_package_is_exported_again(tmp_path, monkeypatch):
     """A package newer than the potential is reused only when this est_calc reads it: one of an
     older format version (or not a package at all) is exported again, not loaded and refused
     in the middle of the report."""
-    import est_calc.deploy as deploy
+    from est_calc import deploy
 
     potential = tmp_path / "potential.pt"
     potential.write_bytes(b"x")

@@ -14,15 +14,15 @@ import torch
 from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc111, molecule
 
+from est_calc.accel import accelerate
+from est_calc.accel.model import FastESTModel
+from est_calc.accel.so2_message import _pair_expand, pair_signs
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
 from est_calc.neighbors import Graph, build_graph
 from est_calc.neighbors.pairing import is_paired, one_direction, pair_edges
 from est_calc.neighbors.verlet import VerletNeighborList
-from est_calc.accel import accelerate
-from est_calc.accel.model import FastESTModel
-from est_calc.accel.so2_message import _pair_expand, pair_signs
 from est_calc.nn.wigner import WignerD, edge_frame, so2_index
 from est_calc.potential import Potential
 
