@@ -450,9 +450,8 @@ void PairEST::compute(int eflag, int vflag)
 // complete). The other ghosts are reached only along real edges from real positions, so one at
 // hop h is within h x r_c of the sub-domain and, for h <= n_layers, its list is complete under
 // the ghost cutoff (n_layers + 1) x r_c + skin (a representative has the fewest hops of its
-// copies). Atoms further out are
-// left out with their edges; the force on them is exactly zero. Nodes: the group first (in
-// its order), then the others by hop; local_mask = the group.
+// copies). Atoms further out are left out with their edges; the force on them is exactly zero.
+// Nodes: the group first (in its order), then the others by hop; local_mask = the group.
 void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int n_groups)
 {
   const int nlocal = atom->nlocal;
@@ -500,9 +499,10 @@ void PairEST::chunk(const int *group, int m, const std::vector<int> &owner, int 
         // the smaller node. A smaller neighbour has been walked already and gave it; a larger
         // one is walked later (and skips it) or, one hop beyond the last layer, never. An image
         // of k itself (a small cell) comes twice, with shifts s and -s: the one whose first
-        // non-zero component is positive is given.
-        const double sx = x[j][0] - x[r][0], sy = x[j][1] - x[r][1], sz = x[j][2] - x[r][2];
+        // non-zero component is positive is given (the rule of est_calc's one_direction,
+        // est_calc/neighbors/pairing.py).
         if (node[r] < static_cast<int64_t>(k)) continue;
+        const double sx = x[j][0] - x[r][0], sy = x[j][1] - x[r][1], sz = x[j][2] - x[r][2];
         if (node[r] == static_cast<int64_t>(k) &&
             !(sx > 0.0 || (sx == 0.0 && (sy > 0.0 || (sy == 0.0 && sz > 0.0)))))
           continue;

@@ -31,7 +31,7 @@ Export in four steps (:func:`export_potential`):
    custom Functions);
 2. ``make_fx`` with symbolic shapes runs the function once on a small sample cluster and records
    every ATen operation of the forward and of the autograd backward in one graph, with the atom
-   count n and the edge count E symbolic (no data-dependent branch: a chunk loop or an ``if`` on
+   count n and the pair count P symbolic (no data-dependent branch: a chunk loop or an ``if`` on
    a size would have made a constant of it);
 3. ``torch.export`` of that graph with n and E declared dynamic;
 4. ``torch._inductor.aoti_compile_and_package`` compiles it (C++ on the CPU; weights frozen
