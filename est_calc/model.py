@@ -231,6 +231,25 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+#: Stack of (species, inverse) pairs set by :func:`given_species`.
+_GIVEN_SPECIES: list[tuple[Tensor, Tensor]] = []
+
+
+@contextmanager
+def given_species(species: Tensor, inverse: Tensor):
+    """Inside, :meth:`ESTModel.forward` takes the batch's species and each atom's index into them
+    from here instead of computing ``torch.unique(z, return_inverse=True)``, whose output size
+    depends on the values of z: a graph traced once for many batches
+    (:mod:`est_calc.training.compiled`) receives them as inputs. The caller guarantees that
+    they are exactly that ``torch.unique`` of the atomic numbers it passes.
+    """
+    _GIVEN_SPECIES.append((species, inverse))
+    try:
+        yield
+    finally:
+        _GIVEN_SPECIES.pop()
+
+
 class ModelOutput(NamedTuple):
     """energy (n_systems,) eV and energies (n_atoms,) eV, with energy = sum of energies per system."""
 
@@ -448,7 +467,8 @@ class ESTModel(nn.Module):
         # what a separate pass would give), which saves a second pass through every block.
         n_atoms = z.shape[0]
         check_atomic_numbers(z)
-        species, inverse = torch.unique(z, return_inverse=True)
+        species, inverse = _GIVEN_SPECIES[-1] if _GIVEN_SPECIES else torch.unique(
+            z, return_inverse=True)
         network = self.network
         if self._compiled_network is not None and not self.training and not self._checkpoint_layers:
             network = self._compiled_network

@@ -78,8 +78,11 @@ class FastESTModel(ESTModel):
         self._pair_sign = pair_signs(c.l_max, c.so2_m_max) if self.edge_rotation is not None else ()
 
     def forward(self, batch, graph) -> ModelOutput:
-        """As :meth:`ESTModel.forward`; a graph marked paired is checked before it is used so."""
-        if graph.paired and not is_paired(graph.edge_index, graph.shifts):
+        """As :meth:`ESTModel.forward`; a graph marked paired is checked before it is used so
+        (except while a graph is being traced or compiled, whose caller checks it: the check reads
+        values)."""
+        if (graph.paired and not torch.compiler.is_compiling()
+                and not is_paired(graph.edge_index, graph.shifts)):
             graph = Graph(graph.edge_index, graph.shifts)
         if not self.inference:
             return super().forward(batch, graph)

@@ -131,6 +131,12 @@ class TrainSection:
     ``num_workers``: ``torch.utils.data.DataLoader`` worker processes that read and collate the
     next steps' frames while a step runs (0, the default: read in the training process). The
     batches, their order and so the results are the same for any number.
+
+    ``compile``: run each step's loss and parameter gradients (forward, forces and the second
+    derivative) as one traced and compiled graph (:mod:`est_calc.training.compiled`): the same
+    results to round-off (its first steps are checked against the eager step), faster per step,
+    at the price of tracing and compiling when the run starts (minutes the first time, cached on
+    disk after). Threads stay fixed at ``threads`` (or torch's setting) for the whole run.
     """
 
     max_steps: int = 1000
@@ -155,6 +161,7 @@ class TrainSection:
     num_workers: int = 0
     optimizer: str = "adamw"
     amsgrad: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -295,6 +302,7 @@ class TrainConfig:
         _check_bool("train.progress", t.progress)
         _check_choice("train.optimizer", t.optimizer, ("adamw", "adam"))
         _check_bool("train.amsgrad", t.amsgrad)
+        _check_bool("train.compile", t.compile)
         if t.init is not None:
             _check_text("train.init", t.init,
                         "a path or registry name of a potential, or a checkpoint path")

@@ -43,7 +43,7 @@ from est_calc.atomic_io import temp_files_of
 from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
-from est_calc.neighbors import build_graph
+from est_calc.neighbors import Graph, build_graph
 from est_calc.threads import choose_threads, intra_op_threads
 from est_calc.potential import Potential, load_potential, save_potential
 from est_calc.training import distributed as dist_utils
@@ -328,6 +328,7 @@ class Trainer:
         # What the steps run: every speed-up, made once, sharing the parameters of
         # self.potential (which the optimizer, the EMA and the checkpoints hold).
         self.fast = accelerate(self.potential)
+        self._compiled = None  # train.compile's CompiledStep, made at the first step
         if self.rank == 0:
             _prepare_output_dir(self.out, overwrite=overwrite)
 
@@ -451,6 +452,8 @@ class Trainer:
                             paired=True)
         want_stress = cfg.loss.stress_weight > 0 and bool(tgt.has_stress.any())
         force_mask = (tgt.fixed == 0) if cfg.loss.forces_on_free_atoms else torch.ones_like(tgt.fixed, dtype=torch.bool)
+        if t.compile and tgt.forces is not None:
+            return self._compiled_train_step(batch, graph, tgt, force_mask, want_stress)
         # The lattice rotation is done on the data above (deterministic per step), so the model
         # runs with its fixed lattice: eval-mode semantics for the grid, training for the rest.
         self.fast.train()
@@ -475,6 +478,47 @@ class Trainer:
         _ema_update(self.ema, self.potential, t.ema_decay)
         self.step += 1
         total = dist_utils.all_reduce_sum([float(loss.detach())])[0]
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
+
+    def _compiled_train_step(self, batch, graph, tgt, force_mask, want_stress) -> dict:
+        """``train_step`` with the loss and its gradients from :class:`CompiledStep` (the same
+        loss, counts, clipping, optimiser and EMA)."""
+        from est_calc.neighbors.pairing import pair_edges
+        from est_calc.training.compiled import CompiledStep
+
+        cfg, t = self.cfg, self.cfg.train
+        if not graph.paired:  # below PAIR_MIN_EDGES build_graph leaves the list unpaired
+            ordered = pair_edges(graph.edge_index, graph.shifts, batch.n_atoms)
+            if ordered is None:
+                raise RuntimeError("train.compile needs symmetric neighbour lists; this batch's "
+                                   "list is not (train without train.compile)")
+            graph = Graph(*ordered, paired=True)
+        if self._compiled is None:
+            self._compiled = CompiledStep(self.fast)
+        counts = dist_utils.all_reduce_sum([
+            float(tgt.energy.shape[0]), 3.0 * float(force_mask.sum()),
+            9.0 * float(tgt.has_stress.sum()) if want_stress else 0.0])
+        w_e, w_f = self.loss_weights()
+        threads = t.threads or torch.get_num_threads()  # fixed: compiled kernels keep theirs
+        self.fast.train()
+        with intra_op_threads(threads), self.fast.model.fixed_grid():
+            loss, grads = self._compiled(
+                batch, graph, energy=tgt.energy, forces=tgt.forces,
+                stress=tgt.stress if want_stress else None, has_stress=tgt.has_stress,
+                n_atoms=tgt.n_atoms, force_mask=force_mask,
+                weights=(w_e, w_f, cfg.loss.stress_weight), counts=counts,
+                kind=cfg.loss.kind, delta=cfg.loss.huber_delta, with_stress=want_stress)
+        lr = self.scheduler.get_last_lr()[0]  # this step's
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.fast.parameters(), grads):
+            p.grad = g
+        dist_utils.all_reduce_gradients(self.potential)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        _ema_update(self.ema, self.potential, t.ema_decay)
+        self.step += 1
+        total = dist_utils.all_reduce_sum([float(loss)])[0]
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
 
     # ---------------------------------------------------------------- loop
