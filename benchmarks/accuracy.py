@@ -295,7 +295,7 @@ def est_config(args, out: Path, split: dict) -> dict:
                   "lr": args.est_lr, "optimizer": "adam", "amsgrad": True,
                   "warmup_steps": 20, "ema_decay": args.est_ema, "eval_every": args.est_eval_every,
                   "checkpoint_every": 2000, "dtype": args.dtype, "threads": args.threads,
-                  "device": args.device, "progress": False},
+                  "device": args.device, "progress": False, "compile": bool(args.est_compile)},
     }
     if args.quick:
         cfg["model"]["overrides"]["cutoff_A"] = 5.0
@@ -700,6 +700,9 @@ def main(argv=None) -> int:
     p.add_argument("--est-lr", type=float, default=0.01)
     p.add_argument("--est-ema", type=float, default=0.99)
     p.add_argument("--est-eval-every", type=int, default=200)
+    p.add_argument("--est-compile", action="store_true",
+                   help="train EST with train.compile (one compiled graph per step; minutes of "
+                        "compiling at the start count against the budget)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="toy size: a few frames, tiny models")

@@ -106,7 +106,7 @@ def _check_volumes(cell: Tensor) -> Tensor:
     (:func:`est_calc.neighbors.degenerate_cells` of all three lattice vectors).
 
     While a CUDA graph is being captured (:mod:`est_calc.accel.graphs`, whose caller checks the
-    cell before every replay) or a graph traced (:mod:`est_calc.training.compiled`, whose caller
+    cell before every replay) or a graph traced (the compiled training step, training/compiled.py, whose caller
     checks every batch's cells) the volume is the triple product |a . (b x c)| and nothing is
     checked: neither can read a value back to the host.
     """

@@ -239,9 +239,9 @@ _GIVEN_SPECIES: list[tuple[Tensor, Tensor]] = []
 def given_species(species: Tensor, inverse: Tensor):
     """Inside, :meth:`ESTModel.forward` takes the batch's species and each atom's index into them
     from here instead of computing ``torch.unique(z, return_inverse=True)``, whose output size
-    depends on the values of z: a graph traced once for many batches
-    (:mod:`est_calc.training.compiled`) receives them as inputs. The caller guarantees that
-    they are exactly that ``torch.unique`` of the atomic numbers it passes.
+    depends on the values of z: a graph traced once for many batches (the compiled training
+    step, training/compiled.py) receives them as inputs. The caller guarantees that they are
+    exactly that ``torch.unique`` of the atomic numbers it passes.
     """
     _GIVEN_SPECIES.append((species, inverse))
     try:

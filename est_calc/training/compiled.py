@@ -55,6 +55,9 @@ __all__ = ["CompiledStep", "StepLoss"]
 
 logger = logging.getLogger(__name__)
 
+#: torch.compile backend of a :class:`CompiledStep` made without one (the trainer's).
+DEFAULT_BACKEND = "inductor"
+
 
 class StepLoss:
     """The loss of one batch as the trainer defines it (est_calc.training.loss), written with 0/1
@@ -87,16 +90,16 @@ class CompiledStep:
         model: the module the step differentiates (the trainer's accelerated view), called as
             ``model(batch, graph)``; its parameters are those whose gradients are returned, in
             ``model.parameters()`` order.
-        backend: torch.compile backend ("inductor"; "eager" runs the traced graph as it is,
-            which tests use to check the trace without compiling).
+        backend: torch.compile backend (None: :data:`DEFAULT_BACKEND`; "eager" runs the traced
+            graph as it is, which tests use to check the trace without compiling).
         verify_steps: calls per graph checked against the eager step (module docstring).
         rtol: largest |g_compiled - g_eager| / |g_eager| (norms over all parameters) accepted.
     """
 
-    def __init__(self, model: nn.Module, *, backend: str = "inductor", verify_steps: int = 2,
+    def __init__(self, model: nn.Module, *, backend: str | None = None, verify_steps: int = 2,
                  rtol: float | None = None):
         self.model = model
-        self.backend = backend
+        self.backend = backend or DEFAULT_BACKEND
         self.verify_steps = int(verify_steps)
         self.rtol = rtol
         self._names = [n for n, _ in model.named_parameters()]

@@ -303,12 +303,15 @@ class Trainer:
         self.ema = copy.deepcopy(self.potential)
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        # foreach: one multi-tensor kernel per update term instead of a loop over the ~140
+        # parameters (torch's CPU default is the loop; ~5 ms of a 90 ms molecule step).
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.potential.parameters(), lr=t.lr,
-                                               weight_decay=t.weight_decay, amsgrad=t.amsgrad)
+                                               weight_decay=t.weight_decay, amsgrad=t.amsgrad,
+                                               foreach=True)
         else:
             self.optimizer = torch.optim.Adam(self.potential.parameters(), lr=t.lr,
-                                              amsgrad=t.amsgrad)
+                                              amsgrad=t.amsgrad, foreach=True)
         self.step = 0
         self.history: list[dict] = []
         self.elapsed_s = 0.0

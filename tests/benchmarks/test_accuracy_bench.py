@@ -109,6 +109,8 @@ def test_molecule_example_config_trains_on_the_benchmark_split(tmp_path, monkeyp
     assert est(["train", str(ROOT / "examples" / "train_molecule.yaml"),
                 "--set", "train.max_steps=2", "--set", "train.eval_every=1",
                 "--set", "model.preset=tiny", "--set", f"data.isolated_atoms={iso}",
+                # compiling takes minutes (tests/training/test_compiled_step.py checks it)
+                "--set", "train.compile=false",
                 "--set", f"output_dir={tmp_path / 'run'}"]) == 0
     assert (tmp_path / "run" / "potential.pt").is_file()
     assert "steps/s" in capsys.readouterr().out

@@ -83,8 +83,7 @@ def test_traced_step_trains_as_the_eager_step(data_dir, tmp_path, monkeypatch, l
     atom, edge and structure counts, with and without stress, fixed atoms masked) give the eager
     trainer's losses and weights to float64 round-off; the graph is traced once per loss
     combination and its first two steps are checked against the eager step."""
-    monkeypatch.setattr(compiled.CompiledStep.__init__, "__kwdefaults__",
-                        {"backend": "eager", "verify_steps": 2, "rtol": None})
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
     eager = _trainer(data_dir, tmp_path / "eager", compile_=False, loss=loss)
     traced = _trainer(data_dir, tmp_path / "traced", compile_=True, loss=loss)
     l_eager, l_traced = _run(eager, 4), _run(traced, 4)
@@ -100,8 +99,7 @@ def test_one_structure_and_one_species_batches_get_graphs_of_their_own(data_dir,
                                                                       monkeypatch):
     """Batches of one structure, some of one element (Cu bulk), some of several: a tracer fixes
     sizes of 1, so these are traced apart, and every step still equals the eager one."""
-    monkeypatch.setattr(compiled.CompiledStep.__init__, "__kwdefaults__",
-                        {"backend": "eager", "verify_steps": 2, "rtol": None})
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
     eager = _trainer(data_dir, tmp_path / "eager", compile_=False, batch_size=1, max_steps=6)
     traced = _trainer(data_dir, tmp_path / "traced", compile_=True, batch_size=1, max_steps=6)
     np.testing.assert_allclose(_run(traced, 6), _run(eager, 6), rtol=1e-10)
@@ -124,8 +122,7 @@ def test_a_graph_that_disagrees_with_the_eager_step_stops_the_run(data_dir, tmp_
 
         return off
 
-    monkeypatch.setattr(compiled.CompiledStep.__init__, "__kwdefaults__",
-                        {"backend": "eager", "verify_steps": 2, "rtol": None})
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
     monkeypatch.setattr(compiled.CompiledStep, "_trace", wrong)
     trainer = _trainer(data_dir, tmp_path / "run", compile_=True)
     with pytest.raises(RuntimeError, match="differs from the eager one.*train.compile: false"):

@@ -202,6 +202,7 @@ BAD_VALUES = [
     ("train.device", "gpu0", "cpu"),
     ("train.neighbor_backend", "fast", "torch"),
     ("train.progress", "maybe", "true or false"),
+    ("train.compile", "fast", "true or false"),
     ("train.init", "3", "path"),
     ("train.time_budget_s", "-5", "positive"),
     ("train.time_budget_s", ".inf", "positive"),
