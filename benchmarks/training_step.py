@@ -56,8 +56,6 @@ def _steps(trainer, n: int) -> list[float]:
 
 
 def run(args) -> str:
-    from ase.io import read, write
-
     from est_calc.training import compiled
 
     torch.set_num_threads(args.threads)
@@ -97,9 +95,9 @@ def _run(args) -> str:
     e, c = (1e3 * statistics.median(times[k]) for k in ("eager", "compiled"))
     n_atoms = len(frames[0])
     lines = [
-        f"Training step, 5 molecules of {n_atoms} atoms ({args.data.name}), preset {preset}, "
-        f"{args.dtype}, {args.threads} thread(s), {args.rounds} alternating rounds of "
-        f"{args.steps} steps",
+        (f"Training step, 5 molecules of {n_atoms} atoms ({args.data.name}), preset {preset}, "
+         f"{args.dtype}, {args.threads} thread(s), {args.rounds} alternating rounds of "
+         f"{args.steps} steps"),
         "",
         "| step | median ms | q25-q75 ms |",
         "|---|---|---|",
@@ -108,8 +106,8 @@ def _run(args) -> str:
         q = statistics.quantiles([1e3 * t for t in times[key]], n=4)
         lines.append(f"| {label} | {1e3 * statistics.median(times[key]):.1f} | "
                      f"{q[0]:.1f}-{q[2]:.1f} |")
-    lines += ["", f"compiled / eager speed: **{e / c:.2f}x**; first compiled step (trace, "
-                  f"compile, checks against the eager step): {first:.1f} s"]
+    lines += ["", (f"compiled / eager speed: **{e / c:.2f}x**; first compiled step (trace, "
+                   f"compile, checks against the eager step): {first:.1f} s")]
     return "\n".join(lines)
 
 

@@ -145,11 +145,10 @@ class CompiledStep:
                 has_stress.to(dtype), n_atoms, force_mask.to(dtype), weights, counts)
 
     def _trace(self, loss: StepLoss, inputs: tuple) -> Callable:
+        from torch._subclasses.fake_tensor import FakeTensor
         from torch.fx.experimental.proxy_tensor import make_fx
 
         from est_calc.deploy.export import _compiling, _no_duck_shapes
-
-        from torch._subclasses.fake_tensor import FakeTensor
 
         params = [p.detach().requires_grad_(True) for p in self.model.parameters()]
         with _no_duck_shapes(), _compiling():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import training_step  # noqa: E402
+import training_step
 
 needs_data = pytest.mark.skipif(not training_step.DEFAULT_DATA.is_file(),
                                 reason="needs ../shared/data/real_dft/3bpa")
