@@ -106,11 +106,12 @@ def _check_volumes(cell: Tensor) -> Tensor:
     (:func:`est_calc.neighbors.degenerate_cells` of all three lattice vectors).
 
     While a CUDA graph is being captured (:mod:`est_calc.accel.graphs`, whose caller checks the
-    cell before every replay) or a graph traced (the compiled training step, training/compiled.py, whose caller
-    checks every batch's cells) the volume is the triple product |a . (b x c)| and nothing is
-    checked: neither can read a value back to the host.
+    cell before every replay) or a graph traced (the compiled training step,
+    training/compiled.py, whose caller checks every batch's cells) the volume is the triple
+    product |a . (b x c)| and nothing is checked: neither can read a value back to the host.
     """
-    if torch.compiler.is_compiling() or (cell.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = cell.is_cuda and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
         a, b, c = cell.detach().unbind(-2)
         return (a * torch.linalg.cross(b, c, dim=-1)).sum(-1).abs()
     from est_calc.neighbors import degenerate_cells

@@ -153,7 +153,8 @@ def neighbor_list(positions, cell, pbc, cutoff_A, *, system_idx=None, backend="a
     return _IMPLS[name](prep)
 
 
-def build_graph(batch, cutoff_A: float, *, backend: str = "auto", paired: bool = False) -> Graph:
+def build_graph(batch, cutoff_A: float, *, backend: str = "auto", paired: bool = False,
+                pair_min_edges: int | None = None) -> Graph:
     """Neighbour graph of an :class:`est_calc.batch.AtomsBatch`.
 
     Args:
@@ -162,8 +163,10 @@ def build_graph(batch, cutoff_A: float, *, backend: str = "auto", paired: bool =
         backend: see :func:`neighbor_list`.
         paired: order the edges in reversed pairs (``Graph.paired``) when possible: always
             when the backend's list already is (the torch cell list mirrors a half list),
-            otherwise by a sort when there are at least :data:`PAIR_MIN_EDGES` edges (below,
-            the sort costs about what the pairing saves the SO(2) blocks).
+            otherwise by a sort when there are at least ``pair_min_edges`` edges (None:
+            :data:`PAIR_MIN_EDGES`, below which the sort costs about what the pairing saves the
+            SO(2) blocks; 0 pairs every symmetric list, as a graph traced for paired lists
+            needs).
 
     Returns:
         The :class:`Graph` on the batch's device.
@@ -177,7 +180,7 @@ def build_graph(batch, cutoff_A: float, *, backend: str = "auto", paired: bool =
 
         if is_paired(edge_index, shifts):  # the torch cell list builds half and mirrors it
             return Graph(edge_index, shifts, paired=True)
-        if edge_index.shape[1] >= PAIR_MIN_EDGES:
+        if edge_index.shape[1] >= (PAIR_MIN_EDGES if pair_min_edges is None else pair_min_edges):
             ordered = pair_edges(edge_index, shifts, batch.n_atoms)
             if ordered is not None:
                 return Graph(*ordered, paired=True)

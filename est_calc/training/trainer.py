@@ -43,7 +43,7 @@ from est_calc.atomic_io import temp_files_of
 from est_calc.devices import resolve_device
 from est_calc.forces import energy_forces_stress
 from est_calc.model import ModelConfig
-from est_calc.neighbors import Graph, build_graph
+from est_calc.neighbors import build_graph
 from est_calc.threads import choose_threads, intra_op_threads
 from est_calc.potential import Potential, load_potential, save_potential
 from est_calc.training import distributed as dist_utils
@@ -450,30 +450,39 @@ class Trainer:
         if self.potential.model.config.rotate_grid_in_training:
             batch, tgt = rotate_batch(batch, tgt, rot)
         # Reversed-pair edge order: the SO(2) blocks rotate half the edges (same gradients to
-        # round-off).
+        # round-off). A compiled step's graph is traced for paired lists: every list is paired.
+        compiled = t.compile and tgt.forces is not None
         graph = build_graph(batch, self.potential.cutoff_A, backend=t.neighbor_backend,
-                            paired=True)
+                            paired=True, pair_min_edges=0 if compiled else None)
         want_stress = cfg.loss.stress_weight > 0 and bool(tgt.has_stress.any())
         force_mask = (tgt.fixed == 0) if cfg.loss.forces_on_free_atoms else torch.ones_like(tgt.fixed, dtype=torch.bool)
-        if t.compile and tgt.forces is not None:
-            return self._compiled_train_step(batch, graph, tgt, force_mask, want_stress)
-        # The lattice rotation is done on the data above (deterministic per step), so the model
-        # runs with its fixed lattice: eval-mode semantics for the grid, training for the rest.
-        self.fast.train()
-        with intra_op_threads(choose_threads(graph.n_edges, t.threads)), \
-                self.fast.model.fixed_grid():
-            pred = energy_forces_stress(self.fast, batch, graph,
-                                        compute_stress=want_stress, create_graph=True)
-        terms = loss_terms(pred, tgt.energy, tgt.forces, tgt.stress if want_stress else None,
-                           tgt.has_stress, tgt.n_atoms, force_mask, cfg.loss.kind, cfg.loss.huber_delta)
-        counts = dist_utils.all_reduce_sum(
-            [terms.energy_count, terms.force_count, terms.stress_count])
         w_e, w_f = self.loss_weights()
-        loss = terms.total(w_e, w_f, cfg.loss.stress_weight, counts)
+        grads = None
+        if compiled:
+            loss, grads = self._compiled_loss(batch, graph, tgt, force_mask, want_stress, w_e, w_f)
+        else:
+            # The lattice rotation is done on the data above (deterministic per step), so the
+            # model runs with its fixed lattice: eval-mode semantics for the grid, training for
+            # the rest.
+            self.fast.train()
+            with intra_op_threads(choose_threads(graph.n_edges, t.threads)), \
+                    self.fast.model.fixed_grid():
+                pred = energy_forces_stress(self.fast, batch, graph,
+                                            compute_stress=want_stress, create_graph=True)
+            terms = loss_terms(pred, tgt.energy, tgt.forces, tgt.stress if want_stress else None,
+                               tgt.has_stress, tgt.n_atoms, force_mask, cfg.loss.kind,
+                               cfg.loss.huber_delta)
+            counts = dist_utils.all_reduce_sum(
+                [terms.energy_count, terms.force_count, terms.stress_count])
+            loss = terms.total(w_e, w_f, cfg.loss.stress_weight, counts)
         lr = self.scheduler.get_last_lr()[0]  # this step's
         self.optimizer.zero_grad(set_to_none=True)
-        with intra_op_threads(choose_threads(graph.n_edges, t.threads)):
-            loss.backward()
+        if grads is None:
+            with intra_op_threads(choose_threads(graph.n_edges, t.threads)):
+                loss.backward()
+        else:
+            for p, g in zip(self.fast.parameters(), grads):
+                p.grad = g
         dist_utils.all_reduce_gradients(self.potential)  # zeros where the loss did not reach
         gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -483,46 +492,29 @@ class Trainer:
         total = dist_utils.all_reduce_sum([float(loss.detach())])[0]
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
 
-    def _compiled_train_step(self, batch, graph, tgt, force_mask, want_stress) -> dict:
-        """``train_step`` with the loss and its gradients from :class:`CompiledStep` (the same
-        loss, counts, clipping, optimiser and EMA)."""
-        from est_calc.neighbors.pairing import pair_edges
+    def _compiled_loss(self, batch, graph, tgt, force_mask, want_stress, w_e, w_f):
+        """(loss, gradients) of ``train_step``'s loss from :class:`CompiledStep` (the same loss
+        and global counts as the eager step's ``loss_terms``)."""
         from est_calc.training.compiled import CompiledStep
 
         cfg, t = self.cfg, self.cfg.train
-        if not graph.paired:  # below PAIR_MIN_EDGES build_graph leaves the list unpaired
-            ordered = pair_edges(graph.edge_index, graph.shifts, batch.n_atoms)
-            if ordered is None:
-                raise RuntimeError("train.compile needs symmetric neighbour lists; this batch's "
-                                   "list is not (train without train.compile)")
-            graph = Graph(*ordered, paired=True)
+        if not graph.paired:
+            raise RuntimeError("train.compile needs symmetric neighbour lists; this batch's "
+                               "list is not (train without train.compile)")
         if self._compiled is None:
             self._compiled = CompiledStep(self.fast)
         counts = dist_utils.all_reduce_sum([
             float(tgt.energy.shape[0]), 3.0 * float(force_mask.sum()),
             9.0 * float(tgt.has_stress.sum()) if want_stress else 0.0])
-        w_e, w_f = self.loss_weights()
         threads = t.threads or torch.get_num_threads()  # fixed: compiled kernels keep theirs
         self.fast.train()
         with intra_op_threads(threads), self.fast.model.fixed_grid():
-            loss, grads = self._compiled(
+            return self._compiled(
                 batch, graph, energy=tgt.energy, forces=tgt.forces,
                 stress=tgt.stress if want_stress else None, has_stress=tgt.has_stress,
                 n_atoms=tgt.n_atoms, force_mask=force_mask,
                 weights=(w_e, w_f, cfg.loss.stress_weight), counts=counts,
                 kind=cfg.loss.kind, delta=cfg.loss.huber_delta, with_stress=want_stress)
-        lr = self.scheduler.get_last_lr()[0]  # this step's
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(self.fast.parameters(), grads):
-            p.grad = g
-        dist_utils.all_reduce_gradients(self.potential)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        _ema_update(self.ema, self.potential, t.ema_decay)
-        self.step += 1
-        total = dist_utils.all_reduce_sum([float(loss)])[0]
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(gnorm)}
 
     # ---------------------------------------------------------------- loop
     def fit(self, stop_at_step: int | None = None) -> Path | None:
