@@ -32,7 +32,7 @@ def _export(args) -> int:
                               overwrite=args.overwrite, openmp=args.openmp)
     meta = result.metadata
     print(f"wrote {result.path}: {meta['symbols']}, cutoff {meta['cutoff_A']} Å, "
-          f"{meta['n_layers']} layers (ghost atoms to {meta['interaction_range_A']} Å), "
+          f"{meta['n_layers']} layers (ghost atoms to {float(meta['interaction_range_A']):g} Å), "
           f"{meta['dtype']} on {meta['device']} ({meta['threads']} kernels); traced in "
           f"{result.trace_s:.0f} s, compiled in "
           f"{result.compile_s:.0f} s, max deviation from the eager potential "
