@@ -37,7 +37,7 @@ Export in four steps (:func:`export_potential`):
 4. ``torch._inductor.aoti_compile_and_package`` compiles it (C++ on the CPU; weights frozen
    into the graph, ``_INDUCTOR``; tiny batched products unrolled, :class:`UnrollSmallBmm`;
    biases added by the next elementwise kernel, :class:`UnfuseAddmmBias`; AVX2-wide vectors
-   for 24-channel models, :func:`_inductor_settings`)
+   for 24-channel models, :func:`vector_settings`)
    into a ``.pt2`` with the metadata of :mod:`.package`, written to a temporary file, checked
    against the eager function on a second, larger sample, then renamed into place.
 
@@ -81,24 +81,29 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _INDUCTOR = {"freezing": True}
 
 
-def _inductor_settings(device: str, channels: int) -> dict:
-    """Inductor settings of a package: :data:`_INDUCTOR`, and the vector width of CPU kernels.
+def vector_settings(device, channels: int) -> dict:
+    """Inductor's vector width for a model of ``channels`` feature channels on ``device``.
 
     Inductor vectorises its C++ loops with the widest instruction set of the compiling CPU
     (16 float32 lanes with AVX-512). The model's feature rows are ``channels`` wide (24 in the
-    "small" presets): with 16 lanes every such row ends in a masked tail, and a row split into
-    two halves (the reversed-pair swap, a gathered pair [x_i || x_j]) straddles vectors, which
-    Inductor then loads element by element. With 8 lanes (AVX2) 24 is three whole vectors. So
-    when ``channels`` is not a multiple of 16 and the CPU has AVX2, kernels are written for
-    256-bit vectors: the package 1.07x faster on 1,000 Cu atoms (float32, one thread;
-    benchmarks/RESULTS.md), and it also loads on CPUs without AVX-512.
+    "small" and "molecule" presets): with 16 lanes every such row ends in a masked tail, and a
+    row split into two halves (the reversed-pair swap, a gathered pair [x_i || x_j]) straddles
+    vectors, which Inductor then loads element by element. With 8 lanes (AVX2) 24 is three
+    whole vectors. So when ``channels`` is not a multiple of 16 and the CPU has AVX2, kernels
+    are written for 256-bit vectors (``{"cpp.simdlen": 256}``; measured in
+    benchmarks/RESULTS.md, "LAMMPS vs the ASE path"); such a package also loads on CPUs
+    without AVX-512. Otherwise (and for GPUs) Inductor's own choice: ``{}``.
     """
-    settings = dict(_INDUCTOR)
     if torch.device(device).type == "cpu" and channels % 16:
         from torch._inductor.cpu_vec_isa import valid_vec_isa_list
         if any(isa.bit_width() == 256 for isa in valid_vec_isa_list()):
-            settings["cpp.simdlen"] = 256
-    return settings
+            return {"cpp.simdlen": 256}
+    return {}
+
+
+def _inductor_settings(device, channels: int) -> dict:
+    """Inductor settings of a package: :data:`_INDUCTOR` and :func:`vector_settings`."""
+    return {**_INDUCTOR, **vector_settings(device, channels)}
 #: Largest |exported - eager| / (1 + |eager|) accepted by the check after compiling.
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -314,8 +319,8 @@ class UnfuseAddmmBias(CustomGraphPass):
     """Inductor pass (after autograd): ``addmm(bias, a, b)`` as ``mm(a, b) + bias``.
 
     On the CPU, ``addmm`` first copies the bias, broadcast over the rows, into its output and
-    then accumulates the product onto it: a whole extra write of every linear layer's output
-    (5 % of the package's time on 1,000 Cu atoms). Written as a product and an addition, the
+    then accumulates the product onto it: a whole extra write of every linear layer's output.
+    Written as a product and an addition, the
     addition is elementwise and Inductor fuses it into the kernel that reads the output next
     (a normalisation, an activation, a gather); Inductor itself does this for GPUs only. Only
     the plain form is rewritten: a 1-D bias, ``beta`` and ``alpha`` at their default of 1. The
@@ -436,7 +441,9 @@ def _metadata(potential, function: EdgeEnergyModel, dtype: torch.dtype, device: 
 
 def _check(package_path: Path, function: EdgeEnergyModel, inputs) -> float:
     """Largest relative deviation of the compiled package from ``function`` on ``inputs``."""
-    runner = torch._inductor.aoti_load_package(str(package_path))
+    from est_calc.deploy.package import aoti_load
+
+    runner = aoti_load(package_path)
     got = runner(*inputs)
     want = function(*inputs)
     worst = 0.0

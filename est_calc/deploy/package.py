@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -252,6 +253,41 @@ class DeployedPotential(nn.Module):
         return PackageDerivatives(energy, energies, forces, virial)
 
 
+class _NarrowerIsaIsFine(logging.Filter):
+    """Drops torch's load-time warning that a CPU package was compiled for another instruction
+    set than the widest of this CPU when the package's is one this CPU has (AVX2 kernels,
+    :func:`est_calc.deploy.export.vector_settings`, on an AVX-512 machine): such a package runs
+    here. Any other mismatch is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Device information mismatch") or len(record.args) < 3:
+            return True
+        key, package = record.args[0], record.args[2]
+        if key != "AOTI_CPU_ISA":
+            return True
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        return str(package).strip().lower() not in {str(isa).lower() for isa in valid_vec_isa_list()}
+
+
+@contextlib.contextmanager
+def _quiet_compatible_isa():
+    log = logging.getLogger("torch.export.pt2_archive._package")
+    quiet = _NarrowerIsaIsFine()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+def aoti_load(path: str | os.PathLike):
+    """``torch._inductor.aoti_load_package`` without the warning :class:`_NarrowerIsaIsFine`
+    drops."""
+    with _quiet_compatible_isa():
+        return torch._inductor.aoti_load_package(str(path))
+
+
 def load_package(path: str | os.PathLike, *, device=None, dtype=None) -> DeployedPotential:
     """Load a package after checking its metadata (:func:`read_metadata`).
 
@@ -282,7 +318,7 @@ def load_package(path: str | os.PathLike, *, device=None, dtype=None) -> Deploye
     if meta["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{where} was compiled for CUDA and this machine has no CUDA device")
     try:
-        runner = torch._inductor.aoti_load_package(str(path))
+        runner = aoti_load(path)
     except Exception as err:  # noqa: BLE001 - the C++ loader raises RuntimeError of many kinds
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{where}: the compiled package does not load here: {first}") from None

@@ -119,3 +119,25 @@ def test_cpu_vector_width_follows_the_channels(channels, monkeypatch):
     assert "cpp.simdlen" not in _inductor_settings("cuda", channels)
     monkeypatch.setattr(isa, "valid_vec_isa_list", lambda: [_Isa(512)])
     assert "cpp.simdlen" not in _inductor_settings("cpu", channels)
+
+
+def test_load_warning_only_for_an_instruction_set_this_cpu_lacks(monkeypatch):
+    import logging
+
+    import torch._inductor.cpu_vec_isa as isa
+
+    from est_calc.deploy.package import _NarrowerIsaIsFine
+
+    monkeypatch.setattr(isa, "valid_vec_isa_list", lambda: ["avx512 avx512_vnni", "avx512",
+                                                            "avx2"])
+
+    def record(key, here, package):
+        return logging.LogRecord("torch.export.pt2_archive._package", logging.WARNING, __file__,
+                                 1, "Device information mismatch for %s: %s vs %s. This could "
+                                 "cause some issues", (key, here, package), None)
+
+    keep = _NarrowerIsaIsFine().filter
+    assert not keep(record("AOTI_CPU_ISA", "AVX512 AVX512_VNNI", "AVX2"))
+    assert not keep(record("AOTI_CPU_ISA", "AVX512 AVX512_VNNI", "AVX512"))
+    assert keep(record("AOTI_CPU_ISA", "AVX512 AVX512_VNNI", "AVX512 AVX512_BF16"))  # lacks it
+    assert keep(record("AOTI_DEVICE_KEY", "cpu", "cuda"))
