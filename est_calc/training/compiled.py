@@ -160,19 +160,7 @@ class CompiledStep:
         _require_symbolic_sizes(gm, n_params=len(params))
         if self.backend == "eager":
             return gm
-        if self.backend != "inductor":
-            return torch.compile(gm, backend=self.backend, dynamic=True)
-        return torch.compile(gm, backend="inductor", dynamic=True, options=self._inductor_options())
-
-    def _inductor_options(self) -> dict:
-        """The package's Inductor passes and vector width (est_calc.deploy.export:
-        :class:`~est_calc.deploy.export.PostGradPasses`, :func:`~est_calc.deploy.export.
-        vector_settings`), which serve a training step's graph as they serve a package's."""
-        from est_calc.deploy.export import PostGradPasses, vector_settings
-
-        device = next(self.model.parameters()).device
-        return {**vector_settings(device, self.model.config.channels),
-                "post_grad_custom_post_pass": PostGradPasses()}
+        return torch.compile(gm, backend=self.backend, dynamic=True)
 
     # ------------------------------------------------------------------ the step
     def __call__(self, batch: AtomsBatch, graph: Graph, *, energy: Tensor, forces: Tensor,
