@@ -104,6 +104,8 @@ def vector_settings(device, channels: int) -> dict:
 def _inductor_settings(device, channels: int) -> dict:
     """Inductor settings of a package: :data:`_INDUCTOR` and :func:`vector_settings`."""
     return {**_INDUCTOR, **vector_settings(device, channels)}
+
+
 #: Largest |exported - eager| / (1 + |eager|) accepted by the check after compiling.
 _CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -320,11 +322,11 @@ class UnfuseAddmmBias(CustomGraphPass):
 
     On the CPU, ``addmm`` first copies the bias, broadcast over the rows, into its output and
     then accumulates the product onto it: a whole extra write of every linear layer's output.
-    Written as a product and an addition, the
-    addition is elementwise and Inductor fuses it into the kernel that reads the output next
-    (a normalisation, an activation, a gather); Inductor itself does this for GPUs only. Only
-    the plain form is rewritten: a 1-D bias, ``beta`` and ``alpha`` at their default of 1. The
-    same numbers up to rounding (the export's check compares with the eager function).
+    Written as a product and an addition, the addition is elementwise and Inductor fuses it
+    into the kernel that reads the output next (a normalisation, an activation, a gather);
+    Inductor itself does this for GPUs only. Only the plain form is rewritten: a 1-D bias,
+    ``beta`` and ``alpha`` at their default of 1. The same numbers up to rounding (the export's
+    check compares with the eager function).
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:

@@ -5,10 +5,9 @@ the product, so that the next elementwise kernel absorbs it) and the CPU vector 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-
-import pytest
 
 from est_calc.deploy.export import (
     UNROLL_MAX_WORK,
