@@ -59,6 +59,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -247,6 +248,16 @@ def _compiling():
     the package's caller checks its atomic numbers against the metadata's species instead."""
     context = getattr(torch.compiler, "_compile_session_context", None)
     return context() if context is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_torch_deprecation_notes():
+    """Silences a FutureWarning that torch's own export code raises about its internal pytree
+    classes (``isinstance(treespec, LeafSpec)``): nothing a user of ``est export`` can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                category=FutureWarning)
+        yield
 
 
 def trace(function: EdgeEnergyModel, inputs: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
@@ -535,7 +546,8 @@ def export_potential(potential, path: str | os.PathLike, *,
 
     start = time.perf_counter()
     try:
-        program = trace(function, inputs)
+        with _without_torch_deprecation_notes():
+            program = trace(function, inputs)
     except Exception as err:  # tracing fails in many ways: name the step
         raise ExportError(f"tracing the potential for export failed: {_first_line(err)}") from err
     trace_s = time.perf_counter() - start
@@ -547,7 +559,8 @@ def export_potential(potential, path: str | os.PathLike, *,
     try:
         start = time.perf_counter()
         try:
-            with _codegen_threads(1 if not openmp else max(2, torch.get_num_threads())):
+            with _codegen_threads(1 if not openmp else max(2, torch.get_num_threads())), \
+                    _without_torch_deprecation_notes():
                 torch._inductor.aoti_compile_and_package(
                     program, package_path=str(tmp),
                     inductor_configs={"aot_inductor.metadata": dict(metadata),
