@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LossTerms", "elementwise", "loss_terms"]
+__all__ = ["LossTerms", "elementwise", "loss_counts", "loss_terms"]
 
 
 def elementwise(diff: Tensor, kind: str, delta: float) -> Tensor:
@@ -43,6 +43,15 @@ class LossTerms:
         return w_e * self.energy_sum / ce + w_f * self.force_sum / cf + w_s * self.stress_sum / cs
 
 
+def loss_counts(n_systems: int, force_mask: Tensor | None, has_stress: Tensor | None
+                ) -> tuple[float, float, float]:
+    """The items each term's sum runs over: (structures, 3 x atoms in ``force_mask``, 9 x
+    structures in ``has_stress``); a mask of None means the term is not in the loss (count 0)."""
+    return (float(n_systems),
+            3.0 * float(force_mask.sum()) if force_mask is not None else 0.0,
+            9.0 * float(has_stress.sum()) if has_stress is not None else 0.0)
+
+
 def loss_terms(
     pred,
     energy: Tensor,
@@ -68,14 +77,14 @@ def loss_terms(
     de = (pred.energy - energy) / n_atoms.to(energy.dtype)
     e_sum = elementwise(de, kind, delta).sum()
     zero = e_sum.new_zeros(())
-    f_sum, f_count = zero, 0.0
-    if forces is not None and pred.forces is not None:
-        df = (pred.forces - forces)[force_mask]
-        f_sum = elementwise(df, kind, delta).sum()
-        f_count = float(df.numel())
-    s_sum, s_count = zero, 0.0
-    if stress is not None and pred.stress is not None and has_stress is not None and has_stress.any():
-        ds = (pred.stress - stress)[has_stress]
-        s_sum = elementwise(ds, kind, delta).sum()
-        s_count = float(ds.numel())
-    return LossTerms(e_sum, float(energy.shape[0]), f_sum, f_count, s_sum, s_count)
+    f_sum = s_sum = zero
+    with_forces = forces is not None and pred.forces is not None
+    if with_forces:
+        f_sum = elementwise((pred.forces - forces)[force_mask], kind, delta).sum()
+    with_stress = (stress is not None and pred.stress is not None and has_stress is not None
+                   and bool(has_stress.any()))
+    if with_stress:
+        s_sum = elementwise((pred.stress - stress)[has_stress], kind, delta).sum()
+    counts = loss_counts(energy.shape[0], force_mask if with_forces else None,
+                         has_stress if with_stress else None)
+    return LossTerms(e_sum, counts[0], f_sum, counts[1], s_sum, counts[2])

@@ -52,7 +52,7 @@ from est_calc.training.batching import (StepBatches, collate, fit_element_refere
 from est_calc.training.checkpoint import load_checkpoint, save_checkpoint
 from est_calc.training.config import TrainConfig, isolated_atom_energies
 from est_calc.training.datasets import FrameSubset, check_species, species_error
-from est_calc.training.loss import loss_terms
+from est_calc.training.loss import loss_counts, loss_terms
 from est_calc.training.metrics import S2EFMetrics, format_metrics
 
 __all__ = ["Trainer", "train", "evaluate", "cosine_lr_factor"]
@@ -494,7 +494,7 @@ class Trainer:
 
     def _compiled_loss(self, batch, graph, tgt, force_mask, want_stress, w_e, w_f):
         """(loss, gradients) of ``train_step``'s loss from :class:`CompiledStep` (the same loss
-        and global counts as the eager step's ``loss_terms``)."""
+        as the eager step's ``loss_terms``, divided by the same global ``loss_counts``)."""
         from est_calc.training.compiled import CompiledStep
 
         cfg, t = self.cfg, self.cfg.train
@@ -503,9 +503,8 @@ class Trainer:
                                "list is not (train without train.compile)")
         if self._compiled is None:
             self._compiled = CompiledStep(self.fast)
-        counts = dist_utils.all_reduce_sum([
-            float(tgt.energy.shape[0]), 3.0 * float(force_mask.sum()),
-            9.0 * float(tgt.has_stress.sum()) if want_stress else 0.0])
+        counts = dist_utils.all_reduce_sum(list(loss_counts(
+            tgt.energy.shape[0], force_mask, tgt.has_stress if want_stress else None)))
         threads = t.threads or torch.get_num_threads()  # fixed: compiled kernels keep theirs
         self.fast.train()
         with intra_op_threads(threads), self.fast.model.fixed_grid():
