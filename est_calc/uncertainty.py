@@ -23,8 +23,15 @@ W_Z W_Z^T = (S_Z + 1e-3 I)^-1, and a random sample of the whitened reference ato
 centres c_{Z,m}:
 
     d_i          = min_m |W_Z^T (h_i - mu_Z) - c_{Z_i, m}|                 (whitened units)
-    forces_std_i = a * d_i ** b                                           (eV/Å)
+    D_i          = sqrt((w0 d_i^2 + sum_j c_ij d_j^2) / (w0 + sum_j c_ij))    (pooled, below)
+    forces_std_i = a * D_i ** b                                           (eV/Å)
     energy_std   = kappa * sqrt(sum_{i in structure} forces_std_i ** 2)   (eV; kappa in Å)
+
+The pooling follows from F_i = -sum_j dE_j/dr_i: the force on atom i is made of the energies of
+every atom near it, so its error inherits their novelty, not only its own. The sum runs over the
+neighbours j within the pooling radius R (the potential's cutoff) with the cosine weight
+c_ij = (1 + cos(pi r_ij / R)) / 2, and w0 (the self weight) keeps the atom's own distance the
+largest single term. A part without pooling (R = 0, as format-1 files) uses D_i = d_i.
 
 a, b (b >= 0, so the map is monotone) and kappa are fitted on held-out frames
 (``est_calc/training/uncertainty.py``) so that within bins of d the median force error is that of
@@ -53,13 +60,14 @@ from est_calc.geometry import apply_strain, symmetrize
 
 __all__ = ["UncertaintyEstimate", "LatentDistance", "committee_forces_stress", "committee_models",
            "check_committee", "check_uncertainty_request", "latent_forces_stress", "sidecar_path",
+           "graph_pairs",
            "STD_PROPERTIES",
            "save_uncertainty", "load_uncertainty", "file_sha256", "SIDECAR_SUFFIX"]
 
 #: The results ``uncertainty=True`` adds: eV per structure, eV/Å per atom.
 STD_PROPERTIES = ("energy_std", "forces_std")
 FORMAT = "est_calc.uncertainty"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SIDECAR_SUFFIX = ".uncertainty"
 
 
@@ -85,11 +93,14 @@ class LatentDistance(nn.Module):
         energy_kappa: energy_std = kappa * sqrt(sum forces_std^2), Å.
         unknown_distance: distance given to an atom whose species has no centres (an element
             absent from the reference frames): the largest distance met while fitting.
+        pool_radius: R of the neighbour pooling, Å (module docstring); 0 turns it off.
+        self_weight: w0 of the pooling (> 0).
     """
 
     def __init__(self, species: Tensor, centres: Tensor, n_centres: Tensor, mean: Tensor,
                  whiten: Tensor, *, force_a: float,
-                 force_b: float, energy_kappa: float, unknown_distance: float):
+                 force_b: float, energy_kappa: float, unknown_distance: float,
+                 pool_radius: float = 0.0, self_weight: float = 1.0):
         super().__init__()
         if centres.ndim != 3 or centres.shape[0] != len(species):
             raise ValueError(f"centres must be (S, M, C) with S = {len(species)} species, got "
@@ -98,6 +109,9 @@ class LatentDistance(nn.Module):
             raise ValueError(f"LatentDistance needs a > 0, b >= 0, kappa >= 0 and "
                              f"unknown_distance > 0; got a={force_a}, b={force_b}, "
                              f"kappa={energy_kappa}, unknown_distance={unknown_distance}")
+        if not (pool_radius >= 0 and self_weight > 0):
+            raise ValueError(f"LatentDistance needs pool_radius >= 0 and self_weight > 0; got "
+                             f"{pool_radius}, {self_weight}")
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.as_tensor(species, dtype=torch.long)] = torch.arange(len(species))
         self.register_buffer("species", torch.as_tensor(species, dtype=torch.long))
@@ -110,6 +124,8 @@ class LatentDistance(nn.Module):
         self.force_b = float(force_b)
         self.energy_kappa = float(energy_kappa)
         self.unknown_distance = float(unknown_distance)
+        self.pool_radius = float(pool_radius)
+        self.self_weight = float(self_weight)
 
     @property
     def n_features(self) -> int:
@@ -135,11 +151,27 @@ class LatentDistance(nn.Module):
             d[atoms] = torch.cdist(w, self.centres[s, :n]).amin(dim=1)
         return d
 
-    def forward(self, z: Tensor, features: Tensor, system_idx: Tensor,
-                n_systems: int) -> UncertaintyEstimate:
-        """The estimate of a batch: z (n,), features (n, C), system_idx (n,)."""
+    def pooled(self, d: Tensor, pairs: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        """D_i (n,) from the atoms' own distances d (n,) and ``pairs`` = (i, j, r_ij): every
+        ordered neighbour pair of the structures (both directions), any radius (pairs beyond
+        ``pool_radius`` get no weight). Without pooling, or without pairs, D = d."""
+        if self.pool_radius <= 0 or pairs is None:
+            return d
+        i, j, r = (t.to(d.device) for t in pairs)
+        r = r.to(d.dtype)
+        c = torch.where(r < self.pool_radius,
+                        0.5 * (1 + torch.cos(torch.pi * r / self.pool_radius)),
+                        torch.zeros_like(r))
+        num = (self.self_weight * d ** 2).index_add(0, i, c * d[j] ** 2)
+        den = torch.full_like(d, self.self_weight).index_add(0, i, c)
+        return (num / den).sqrt()
+
+    def forward(self, z: Tensor, features: Tensor, system_idx: Tensor, n_systems: int,
+                pairs: tuple[Tensor, Tensor, Tensor] | None = None) -> UncertaintyEstimate:
+        """The estimate of a batch: z (n,), features (n, C), system_idx (n,); ``pairs`` as in
+        :meth:`pooled` (needed when the part pools)."""
         with torch.no_grad():
-            d = self.distance(z, features)
+            d = self.pooled(self.distance(z, features), pairs)
             forces_std = self.force_a * d.clamp_min(0) ** self.force_b
             var = forces_std.new_zeros(n_systems).index_add(
                 0, system_idx.to(forces_std.device), forces_std ** 2)
@@ -152,7 +184,8 @@ class LatentDistance(nn.Module):
                             "n_centres": self.n_centres.cpu(), "mean": self.mean.float().cpu(),
                             "whiten": self.whiten.float().cpu()},
                 "force_a": self.force_a, "force_b": self.force_b,
-                "energy_kappa": self.energy_kappa, "unknown_distance": self.unknown_distance}
+                "energy_kappa": self.energy_kappa, "unknown_distance": self.unknown_distance,
+                "pool_radius": self.pool_radius, "self_weight": self.self_weight}
 
     @classmethod
     def from_state(cls, state: dict) -> "LatentDistance":
@@ -160,11 +193,14 @@ class LatentDistance(nn.Module):
         return cls(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                    force_a=state["force_a"],
                    force_b=state["force_b"], energy_kappa=state["energy_kappa"],
-                   unknown_distance=state["unknown_distance"])
+                   unknown_distance=state["unknown_distance"],
+                   pool_radius=state.get("pool_radius", 0.0),
+                   self_weight=state.get("self_weight", 1.0))
 
     def extra_repr(self) -> str:
         return (f"species={self.species.tolist()}, centres={tuple(self.centres.shape)}, "
-                f"a={self.force_a:.4g}, b={self.force_b:.4g}, kappa={self.energy_kappa:.4g}")
+                f"a={self.force_a:.4g}, b={self.force_b:.4g}, kappa={self.energy_kappa:.4g}, "
+                f"pool_radius={self.pool_radius:.4g}, self_weight={self.self_weight:.4g}")
 
 
 # ------------------------------------------------------------------------------ committee
@@ -173,15 +209,27 @@ class LatentDistance(nn.Module):
 def latent_forces_stress(potential, batch, graph, *, compute_stress: bool = False,
                          extra_energy=None) -> tuple[Prediction, UncertaintyEstimate]:
     """:func:`est_calc.forces.energy_forces_stress` of ``potential`` and, from the features of
-    that same pass, its :class:`LatentDistance` estimate (``potential.uncertainty``)."""
+    that same pass, its :class:`LatentDistance` estimate (``potential.uncertainty``), pooled over
+    the pairs of ``graph``."""
     from est_calc.forces import energy_forces_stress
 
     with potential.model.recording_features() as features:
         pred = energy_forces_stress(potential, batch, graph, compute_stress=compute_stress,
                                     create_graph=False, extra_energy=extra_energy)
     estimate = potential.uncertainty(batch.atomic_numbers, features[0], batch.system_idx,
-                                     batch.n_systems)
+                                     batch.n_systems, pairs=graph_pairs(batch, graph))
     return pred, estimate
+
+
+def graph_pairs(batch, graph) -> tuple[Tensor, Tensor, Tensor]:
+    """(i, j, r_ij) of every edge of ``graph`` (a full list: both directions of each pair), the
+    pairs :meth:`LatentDistance.pooled` takes."""
+    from est_calc.geometry import edge_vectors
+
+    with torch.no_grad():
+        r = edge_vectors(batch.positions.detach(), batch.cell.detach(), graph.edge_index,
+                         graph.shifts, batch.system_idx).norm(dim=-1)
+    return graph.edge_index[0], graph.edge_index[1], r
 
 
 def committee_models(models) -> list:

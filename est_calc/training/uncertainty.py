@@ -6,8 +6,9 @@ Two data sets, both labelled by the teacher:
   covariance give the whitening, and a random sample of ``n_reference`` whitened atoms per
   element is kept as centres;
 * calibration frames, held out from training but from the same distribution: per atom the
-  distance d_i to its element's nearest centre and the force error e_i = |F_i - F_i^ref|.
-  Atoms are put into ``n_bins`` equal-count bins of d; the map forces_std = a d^b is the
+  distance d_i to its element's nearest centre, pooled over its neighbours into D_i
+  (:meth:`est_calc.uncertainty.LatentDistance.pooled`), and the force error e_i = |F_i - F_i^ref|.
+  Atoms are put into ``n_bins`` equal-count bins of D (written d below); the map forces_std = a d^b is the
   least-squares line through (log mean d, log s) of the bins, s = median(e) / 0.888 (b clipped
   to [0, 2], so the map is monotone). For a Gaussian error of per-component sigma
   forces_std / sqrt(3), |e|^2 / sigma^2 is chi^2 with 3 degrees of freedom and
@@ -42,6 +43,9 @@ MAX_EXPONENT = 2.0
 MEDIAN_RATIO = 0.8880641651696379
 #: Median of the chi^2 distribution with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
+#: w0 of the neighbour pooling: an atom's own distance weighs as four neighbours at distance 0
+#: (benchmarks/RESULTS.md, "Uncertainty": chosen on the model card's sets).
+DEFAULT_SELF_WEIGHT = 4.0
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
            "train_with_uncertainty", "fit_run_uncertainty",
@@ -55,7 +59,9 @@ class FrameErrors:
     Attributes:
         z: (n,) atomic numbers; features: (n, C) the energy head's input; forces: (n, 3)
         predicted, eV/Å; force_error: (n,) |F - F_ref|, eV/Å; frame: (n,) frame index of each
-        atom; energy_error: (n_frames,) E - E_ref, eV; n_atoms: (n_frames,).
+        atom; energy_error: (n_frames,) E - E_ref, eV; n_atoms: (n_frames,); pairs: (i, j, r)
+        of every neighbour pair within the potential's cutoff, both directions, atom indices
+        into the arrays above (the pooling's input).
     """
 
     z: np.ndarray
@@ -65,6 +71,7 @@ class FrameErrors:
     frame: np.ndarray
     energy_error: np.ndarray
     n_atoms: np.ndarray
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _chunks(frames: Sequence, max_atoms: int):
@@ -89,8 +96,12 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
     from est_calc.accel import accelerate
 
     fast = accelerate(potential, inference=True).eval()
-    parts = {k: [] for k in ("z", "features", "forces", "force_error", "energy_error")}
+    from est_calc.uncertainty import graph_pairs
+
+    parts = {k: [] for k in ("z", "features", "forces", "force_error", "energy_error", "i", "j",
+                             "r")}
     dtype, device = potential.dtype, potential.device
+    offset = 0
     for chunk in _chunks(list(frames), max_atoms):
         batch = AtomsBatch.from_arrays([f.positions for f in chunk], [f.numbers for f in chunk],
                                        [f.cell for f in chunk], [f.pbc for f in chunk],
@@ -103,6 +114,11 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
                 with torch.no_grad():
                     pred = fast(batch, graph)
         parts["z"].append(batch.atomic_numbers.cpu().numpy())
+        i, j, r = graph_pairs(batch, graph)
+        parts["i"].append(i.cpu().numpy() + offset)
+        parts["j"].append(j.cpu().numpy() + offset)
+        parts["r"].append(r.double().cpu().numpy())
+        offset += batch.n_atoms
         parts["features"].append(sink[0].double().cpu().numpy())
         if forces:
             f = pred.forces.double().cpu().numpy()
@@ -116,8 +132,10 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
             parts["energy_error"].append(e - ref_e)
     n_atoms = np.array([f.n_atoms for f in frames])
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+    pairs = (cat["i"].astype(np.int64), cat["j"].astype(np.int64), cat["r"])
     return FrameErrors(cat["z"], cat["features"], cat["forces"], cat["force_error"],
-                       np.repeat(np.arange(len(n_atoms)), n_atoms), cat["energy_error"], n_atoms)
+                       np.repeat(np.arange(len(n_atoms)), n_atoms), cat["energy_error"], n_atoms,
+                       pairs)
 
 
 def _power_law(d: np.ndarray, err: np.ndarray, n_bins: int) -> tuple[float, float, list]:
@@ -179,7 +197,9 @@ def latent_distance_from(potential, reference: FrameErrors, *, n_reference: int 
 
 def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *,
                         n_reference: int = 2048, n_bins: int = 20, seed: int = 0,
-                        max_atoms: int = 3000, energy_mode: str = "total"
+                        max_atoms: int = 3000, energy_mode: str = "total",
+                        pool_radius: float | None = None,
+                        self_weight: float = DEFAULT_SELF_WEIGHT
                         ) -> tuple[LatentDistance, dict]:
     """Fit the latent-distance estimate of ``potential`` (module docstring).
 
@@ -190,6 +210,8 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
         n_reference: reference atoms kept per element.
         n_bins: equal-count bins of the distance for the calibration fit.
         energy_mode: "total" or "referenced" (the potential's ``data.energy``).
+        pool_radius: R of the neighbour pooling, Å; None: the potential's cutoff; 0: none.
+        self_weight: w0 of the pooling.
 
     Returns:
         (LatentDistance on the CPU in float32, report) where the report holds the fitted a, b,
@@ -200,7 +222,10 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     raw = latent_distance_from(potential, ref, n_reference=n_reference, seed=seed)
     cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms,
                           energy_mode=energy_mode)
-    d = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double().numpy()
+    radius = float(potential.cutoff_A if pool_radius is None else pool_radius)
+    raw.pool_radius, raw.self_weight = radius, float(self_weight)
+    own = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double()
+    d = raw.pooled(own, tuple(torch.as_tensor(x) for x in cal.pairs)).numpy()
     a, b, bins = _power_law(d, cal.force_error, n_bins)
     std = a * d ** b
     var_frame = np.bincount(cal.frame, weights=std ** 2, minlength=len(cal.n_atoms))
@@ -211,13 +236,15 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     t = raw.state()["tensors"]
     part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                           force_a=a, force_b=b, energy_kappa=kappa,
-                          unknown_distance=float(max(d.max(), 1e-6)) * 2.0)
+                          unknown_distance=float(max(d.max(), 1e-6)) * 2.0,
+                          pool_radius=radius, self_weight=float(self_weight))
     report = {"force_a": a, "force_b": b, "energy_kappa": kappa,
               "bins": bins, "miscalibration_area_calibration": miscalibration_area(
                   std, cal.force_error)[0],
               "n_reference_atoms": int(len(ref.z)), "n_calibration_atoms": int(len(cal.z)),
               "spearman_calibration": spearman(std, cal.force_error),
-              "n_reference": n_reference}
+              "n_reference": n_reference, "pool_radius": radius,
+              "self_weight": float(self_weight)}
     return part, report
 
 

@@ -208,3 +208,76 @@ def test_dispersion_shifts_the_committee_mean_not_its_spread(make_potential):
     assert b["energy"] < a["energy"]  # dispersion binds
     np.testing.assert_allclose(b["forces_std"], a["forces_std"], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(b["energy_std"], a["energy_std"], rtol=1e-8)
+
+
+def _pooled_part(path, radius=3.0, self_weight=4.0):
+    """The fixture's part (fitted without pooling) with neighbour pooling switched on."""
+    part, _ = load_uncertainty(path)
+    part.pool_radius, part.self_weight = radius, self_weight
+    return part
+
+
+def test_pooling_is_the_cosine_weighted_mean_of_squared_distances():
+    """D_i = sqrt((w0 d_i^2 + sum_j c_ij d_j^2) / (w0 + sum_j c_ij)), pairs beyond R ignored."""
+    from est_calc.uncertainty import LatentDistance
+
+    part = LatentDistance(torch.tensor([29]), torch.zeros(1, 1, 2), torch.tensor([1]),
+                          torch.zeros(1, 2), torch.eye(2)[None], force_a=1.0, force_b=1.0,
+                          energy_kappa=1.0, unknown_distance=1.0, pool_radius=4.0,
+                          self_weight=2.0)
+    d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    i = torch.tensor([0, 1, 0, 2, 1, 2])
+    j = torch.tensor([1, 0, 2, 0, 2, 1])
+    r = torch.tensor([2.0, 2.0, 5.0, 5.0, 1.0, 1.0], dtype=torch.float64)  # 0-2 beyond R
+    c = lambda x: 0.5 * (1 + np.cos(np.pi * x / 4.0))  # noqa: E731
+    want = [np.sqrt((2 * 1 + c(2) * 4) / (2 + c(2))),
+            np.sqrt((2 * 4 + c(2) * 1 + c(1) * 9) / (2 + c(2) + c(1))),
+            np.sqrt((2 * 9 + c(1) * 4) / (2 + c(1)))]
+    np.testing.assert_allclose(part.pooled(d, (i, j, r)).numpy(), want, rtol=1e-12)
+    part.pool_radius = 0.0
+    np.testing.assert_array_equal(part.pooled(d, (i, j, r)).numpy(), d.numpy())
+
+
+def test_pooled_std_in_the_calculator(latent_potential, tmp_path):
+    """The calculator's forces_std is a * D^b with D pooled over ASE's neighbour list; a Verlet
+    skin (pairs beyond R in the graph) and batching change nothing; the pooling is saved."""
+    from ase.neighborlist import neighbor_list
+
+    path = tmp_path / "pooled.pt"
+    path.write_bytes(latent_potential.read_bytes())
+    save_uncertainty(_pooled_part(latent_potential), path)
+    part, _ = load_uncertainty(path)
+    assert (part.pool_radius, part.self_weight) == (3.0, 4.0)
+    calc = ESTCalculator(str(path), device="cpu", dtype="float64", uncertainty=True)
+    unpooled = ESTCalculator(str(latent_potential), device="cpu", dtype="float64",
+                             uncertainty=True)
+    cells = _cells()
+    for atoms in cells:
+        got = _calc_results(calc, atoms)["forces_std"]
+        own = (_calc_results(unpooled, atoms)["forces_std"] / part.force_a) ** (1 / part.force_b)
+        i, j, r = neighbor_list("ijd", atoms, 3.0)
+        c = 0.5 * (1 + np.cos(np.pi * r / 3.0))
+        pooled = np.sqrt((4 * own ** 2 + np.bincount(i, c * own[j] ** 2, len(atoms)))
+                         / (4 + np.bincount(i, c, len(atoms))))
+        np.testing.assert_allclose(got, part.force_a * pooled ** part.force_b, rtol=1e-6)
+        assert not np.allclose(got, part.force_a * own ** part.force_b, rtol=1e-3)
+        skinned = ESTCalculator(str(path), device="cpu", dtype="float64", uncertainty=True,
+                                skin=1.0)
+        np.testing.assert_allclose(_calc_results(skinned, atoms)["forces_std"], got, rtol=1e-12)
+    batch = calc.calculate_batch(cells, ("energy", "forces", "forces_std"))
+    for atoms, res in zip(cells, batch):
+        np.testing.assert_allclose(res["forces_std"], _calc_results(calc, atoms)["forces_std"],
+                                   rtol=1e-12)
+
+
+def test_format_1_sidecar_loads_without_pooling(latent_potential, tmp_path):
+    """A sidecar written before the pooling (no pool_radius) still loads, unpooled."""
+    path = tmp_path / "old.pt"
+    path.write_bytes(latent_potential.read_bytes())
+    payload = torch.load(sidecar_path(latent_potential), weights_only=True)
+    payload.pop("pool_radius", None)
+    payload.pop("self_weight", None)
+    payload["format_version"] = 1
+    torch.save(payload, sidecar_path(path))
+    part, reason = load_uncertainty(path)
+    assert reason is None and part.pool_radius == 0.0 and part.self_weight == 1.0

@@ -62,7 +62,10 @@ def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
     assert "uncertainty: latent distance fitted" in capsys.readouterr().out
     run = tmp_path / "run"
     assert (run / "potential.uncertainty").exists()
-    std = _forces_std(ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True))
+    calc = ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True)
+    part = calc.potential.uncertainty
+    assert part.pool_radius == calc.potential.cutoff_A and part.self_weight == 4.0
+    std = _forces_std(calc)
     assert std.shape == (8,) and np.all(np.isfinite(std))
 
 
