@@ -154,9 +154,12 @@ class LatentDistance(nn.Module):
     def pooled(self, d: Tensor, pairs: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
         """D_i (n,) from the atoms' own distances d (n,) and ``pairs`` = (i, j, r_ij): every
         ordered neighbour pair of the structures (both directions), any radius (pairs beyond
-        ``pool_radius`` get no weight). Without pooling, or without pairs, D = d."""
-        if self.pool_radius <= 0 or pairs is None:
+        ``pool_radius`` get no weight). Without pooling (``pool_radius`` 0), D = d."""
+        if self.pool_radius <= 0:
             return d
+        if pairs is None:
+            raise ValueError("this uncertainty part pools over neighbours (pool_radius "
+                             f"{self.pool_radius:g} Å) and needs the pairs (graph_pairs)")
         i, j, r = (t.to(d.device) for t in pairs)
         r = r.to(d.dtype)
         c = torch.where(r < self.pool_radius,

@@ -6,11 +6,11 @@ Two data sets, both labelled by the teacher:
   covariance give the whitening, and a random sample of ``n_reference`` whitened atoms per
   element is kept as centres;
 * calibration frames, held out from training but from the same distribution: per atom the
-  distance d_i to its element's nearest centre, pooled over its neighbours into D_i
-  (:meth:`est_calc.uncertainty.LatentDistance.pooled`), and the force error e_i = |F_i - F_i^ref|.
-  Atoms are put into ``n_bins`` equal-count bins of D (written d below); the map forces_std = a d^b is the
-  least-squares line through (log mean d, log s) of the bins, s = median(e) / 0.888 (b clipped
-  to [0, 2], so the map is monotone). For a Gaussian error of per-component sigma
+  distance d_i to its element's nearest centre, pooled over its neighbours
+  (:meth:`est_calc.uncertainty.LatentDistance.pooled`; written d below), and the force error
+  e_i = |F_i - F_i^ref|. Atoms are put into ``n_bins`` equal-count bins of d; the map
+  forces_std = a d^b is the least-squares line through (log mean d, log s) of the bins,
+  s = median(e) / 0.888 (b clipped to [0, 2], so the map is monotone). For a Gaussian error of per-component sigma
   forces_std / sqrt(3), |e|^2 / sigma^2 is chi^2 with 3 degrees of freedom and
   median |e| = sqrt(2.366 / 3) forces_std = 0.888 forces_std; the median, unlike the RMS, is not
   set by the few atoms with very large errors (force errors are heavier-tailed than a Gaussian:
@@ -94,10 +94,9 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
     ``energy_mode`` "referenced": the label is energy - reference_energy (as the potential was
     trained with ``data.energy: referenced``)."""
     from est_calc.accel import accelerate
-
-    fast = accelerate(potential, inference=True).eval()
     from est_calc.uncertainty import graph_pairs
 
+    fast = accelerate(potential, inference=True).eval()
     parts = {k: [] for k in ("z", "features", "forces", "force_error", "energy_error", "i", "j",
                              "r")}
     dtype, device = potential.dtype, potential.device

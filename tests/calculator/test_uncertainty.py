@@ -229,11 +229,16 @@ def test_pooling_is_the_cosine_weighted_mean_of_squared_distances():
     i = torch.tensor([0, 1, 0, 2, 1, 2])
     j = torch.tensor([1, 0, 2, 0, 2, 1])
     r = torch.tensor([2.0, 2.0, 5.0, 5.0, 1.0, 1.0], dtype=torch.float64)  # 0-2 beyond R
-    c = lambda x: 0.5 * (1 + np.cos(np.pi * x / 4.0))  # noqa: E731
+
+    def c(x):
+        return 0.5 * (1 + np.cos(np.pi * x / 4.0))
+
     want = [np.sqrt((2 * 1 + c(2) * 4) / (2 + c(2))),
             np.sqrt((2 * 4 + c(2) * 1 + c(1) * 9) / (2 + c(2) + c(1))),
             np.sqrt((2 * 9 + c(1) * 4) / (2 + c(1)))]
     np.testing.assert_allclose(part.pooled(d, (i, j, r)).numpy(), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs the pairs"):
+        part(torch.tensor([29, 29, 29]), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 1)
     part.pool_radius = 0.0
     np.testing.assert_array_equal(part.pooled(d, (i, j, r)).numpy(), d.numpy())
 
