@@ -174,6 +174,8 @@ class UncertaintySection:
     ``data.val``; written as ``potential.uncertainty`` beside ``potential.pt``); or "committee"
     (train ``committee_size`` potentials with seeds ``train.seed + k`` into
     ``output_dir/member<k>``, for ``ESTCalculator(model=[...], uncertainty=True)``).
+    ``pool_radius`` (Å; None: the model's cutoff; 0: no pooling) and ``self_weight`` set the
+    latent distance's pooling over neighbours (:class:`est_calc.uncertainty.LatentDistance`).
     """
 
     kind: str = "none"
@@ -181,6 +183,10 @@ class UncertaintySection:
     calibration: str | list[str] | None = None
     n_reference: int = 2048
     max_reference_frames: int | None = 2000
+    pool_radius: float | None = None
+    #: An atom's own distance weighs as four neighbours at distance 0 (benchmarks/RESULTS.md,
+    #: "Uncertainty": chosen on the model card's sets).
+    self_weight: float = 4.0
 
 
 @dataclass
@@ -320,6 +326,11 @@ class TrainConfig:
             _check_int("uncertainty.max_reference_frames", u.max_reference_frames, 1)
         if u.calibration is not None:
             _check_paths_value("uncertainty.calibration", u.calibration)
+        if u.pool_radius is not None:
+            u.pool_radius = _check_number("uncertainty.pool_radius", u.pool_radius, 0.0, None,
+                                          "a finite non-negative radius in Å (0: no pooling)")
+        u.self_weight = _check_number("uncertainty.self_weight", u.self_weight, 0.0, None,
+                                      "a finite positive number", low_open=True)
         if u.kind == "latent" and u.calibration is None and d.val is None:
             raise ValueError("uncertainty.kind=latent needs held-out frames to calibrate on: set "
                              "uncertainty.calibration or data.val")

@@ -34,6 +34,7 @@ import torch
 from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
+from est_calc.training.config import UncertaintySection
 from est_calc.uncertainty import LatentDistance
 
 #: Fewest calibration atoms per distance bin, and the largest exponent b of the power law.
@@ -43,9 +44,8 @@ MAX_EXPONENT = 2.0
 MEDIAN_RATIO = 0.8880641651696379
 #: Median of the chi^2 distribution with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
-#: w0 of the neighbour pooling: an atom's own distance weighs as four neighbours at distance 0
-#: (benchmarks/RESULTS.md, "Uncertainty": chosen on the model card's sets).
-DEFAULT_SELF_WEIGHT = 4.0
+#: w0 of the neighbour pooling, the default of ``uncertainty.self_weight``.
+DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
            "train_with_uncertainty", "fit_run_uncertainty",
@@ -323,7 +323,8 @@ def fit_run_uncertainty(cfg, potential_path) -> Path:
     calibration = FrameSubset(data, good)
     part, report = fit_latent_distance(potential, reference, calibration,
                                        n_reference=u.n_reference, seed=cfg.train.seed,
-                                       energy_mode=cfg.data.energy)
+                                       energy_mode=cfg.data.energy, pool_radius=u.pool_radius,
+                                       self_weight=u.self_weight)
     meta = {"kind": "latent_distance",
             "recipe": f"reference: {cfg.data.train} (up to {u.max_reference_frames} frames); "
                       f"calibration: {source}",

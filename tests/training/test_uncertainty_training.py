@@ -65,6 +65,15 @@ def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
     calc = ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True)
     part = calc.potential.uncertainty
     assert part.pool_radius == calc.potential.cutoff_A and part.self_weight == 4.0
+
+
+def test_latent_pooling_from_the_config(config, tmp_path, capsys):
+    path = config(tmp_path)
+    assert main(["train", str(path), "--uncertainty", "--set", "uncertainty.pool_radius=2.5",
+                 "--set", "uncertainty.self_weight=2"]) == 0
+    calc = ESTCalculator(str(tmp_path / "run" / "potential.pt"), device="cpu", uncertainty=True)
+    part = calc.potential.uncertainty
+    assert (part.pool_radius, part.self_weight) == (2.5, 2.0)
     std = _forces_std(calc)
     assert std.shape == (8,) and np.all(np.isfinite(std))
 
@@ -74,6 +83,8 @@ def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
     ("uncertainty.committee_size=1", "uncertainty.committee_size"),
     ("uncertainty.n_reference=0", "uncertainty.n_reference"),
     ("uncertainty.typo=1", "unknown config keys at uncertainty"),
+    ("uncertainty.pool_radius=-1", "uncertainty.pool_radius"),
+    ("uncertainty.self_weight=0", "uncertainty.self_weight"),
 ])
 def test_bad_uncertainty_config(config, tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
