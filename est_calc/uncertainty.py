@@ -216,11 +216,18 @@ def latent_forces_stress(potential, batch, graph, *, compute_stress: bool = Fals
     the pairs of ``graph``."""
     from est_calc.forces import energy_forces_stress
 
+    part = potential.uncertainty
+    if part.pool_radius > potential.cutoff_A + 1e-9:
+        # The graph holds pairs up to the cutoff (and a Verlet skin's beyond it): a larger
+        # radius would pool over a skin-dependent subset of the pairs it names.
+        raise ValueError(f"the uncertainty part pools over {part.pool_radius:g} Å, beyond the "
+                         f"potential's cutoff of {potential.cutoff_A:g} Å; refit it with "
+                         "pool_radius <= the cutoff")
     with potential.model.recording_features() as features:
         pred = energy_forces_stress(potential, batch, graph, compute_stress=compute_stress,
                                     create_graph=False, extra_energy=extra_energy)
-    estimate = potential.uncertainty(batch.atomic_numbers, features[0], batch.system_idx,
-                                     batch.n_systems, pairs=graph_pairs(batch, graph))
+    estimate = part(batch.atomic_numbers, features[0], batch.system_idx, batch.n_systems,
+                    pairs=graph_pairs(batch, graph))
     return pred, estimate
 
 

@@ -174,8 +174,9 @@ class UncertaintySection:
     ``data.val``; written as ``potential.uncertainty`` beside ``potential.pt``); or "committee"
     (train ``committee_size`` potentials with seeds ``train.seed + k`` into
     ``output_dir/member<k>``, for ``ESTCalculator(model=[...], uncertainty=True)``).
-    ``pool_radius`` (Å; None: the model's cutoff; 0: no pooling) and ``self_weight`` set the
-    latent distance's pooling over neighbours (:class:`est_calc.uncertainty.LatentDistance`).
+    ``pool_radius`` (Å, at most the model's cutoff; None: the cutoff; 0: no pooling) and
+    ``self_weight`` set the latent distance's pooling over neighbours
+    (:class:`est_calc.uncertainty.LatentDistance`).
     """
 
     kind: str = "none"

@@ -209,7 +209,8 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
         n_reference: reference atoms kept per element.
         n_bins: equal-count bins of the distance for the calibration fit.
         energy_mode: "total" or "referenced" (the potential's ``data.energy``).
-        pool_radius: R of the neighbour pooling, Å; None: the potential's cutoff; 0: none.
+        pool_radius: R of the neighbour pooling, Å, at most the potential's cutoff; None: the
+            cutoff; 0: none.
         self_weight: w0 of the pooling.
 
     Returns:
@@ -222,6 +223,9 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms,
                           energy_mode=energy_mode)
     radius = float(potential.cutoff_A if pool_radius is None else pool_radius)
+    if radius > potential.cutoff_A + 1e-9:
+        raise ValueError(f"pool_radius {radius:g} Å is beyond the potential's cutoff of "
+                         f"{potential.cutoff_A:g} Å (the pooling reads the model's own pairs)")
     raw.pool_radius, raw.self_weight = radius, float(self_weight)
     own = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double()
     d = raw.pooled(own, tuple(torch.as_tensor(x) for x in cal.pairs)).numpy()

@@ -286,3 +286,14 @@ def test_format_1_sidecar_loads_without_pooling(latent_potential, tmp_path):
     torch.save(payload, sidecar_path(path))
     part, reason = load_uncertainty(path)
     assert reason is None and part.pool_radius == 0.0 and part.self_weight == 1.0
+
+
+def test_pooling_beyond_the_cutoff_is_refused(latent_potential, tmp_path):
+    """Pairs beyond the cutoff are not in the graph (or only a skin's share of them)."""
+    path = tmp_path / "wide.pt"
+    path.write_bytes(latent_potential.read_bytes())
+    cutoff = load_potential(str(path)).cutoff_A
+    save_uncertainty(_pooled_part(latent_potential, radius=cutoff + 1.0), path)
+    calc = ESTCalculator(str(path), device="cpu", dtype="float64", uncertainty=True)
+    with pytest.raises(ValueError, match="beyond the potential's cutoff"):
+        _calc_results(calc, _cells()[0])
