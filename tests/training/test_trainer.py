@@ -251,11 +251,13 @@ def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, caplog):
 
 def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch,
                                                                    caplog):
-    """Steps that become twice as slow after the plan (a shared machine): the run re-plans and
-    still ends with a fully decayed schedule inside its budget instead of being cut mid-decay."""
+    """Steps that become three times as slow after the plan (a shared machine): the run
+    re-plans and still ends with a fully decayed schedule inside its budget instead of being cut
+    mid-decay. (Three, not two: a plan made while the first steps were still slow has enough
+    slack to absorb a doubling of the last ones on a busy VM, and then nothing re-plans.)"""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
-    slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 10
+    slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 2
     took = []
 
     def slowing_step(self, plain_step):
@@ -263,7 +265,7 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
         row = plain_step(self)
         took.append(time.perf_counter() - t0)
         if self.step > slow_from:
-            time.sleep(sum(took[:slow_from]) / slow_from)  # as long again as a plain step
+            time.sleep(2 * sum(took[:slow_from]) / slow_from)  # twice a plain step more
         return row
 
     wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, caplog)
