@@ -289,10 +289,10 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
             time.sleep(time.perf_counter() - t0)  # as long again as a plain step
         return row
 
-    wall, out = _fit_with_step(data_dir, tmp_path / "fast", 12.0, speeding_step, monkeypatch,
+    wall, out = _fit_with_step(data_dir, tmp_path / "fast", 24.0, speeding_step, monkeypatch,
                                caplog)
     assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
-    assert 12.0 * 0.7 < wall < 12.0 * 1.5
+    assert 24.0 * 0.7 < wall < 24.0 * 1.5
 
 
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
