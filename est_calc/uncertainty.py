@@ -151,6 +151,15 @@ class LatentDistance(nn.Module):
             d[atoms] = torch.cdist(w, self.centres[s, :n]).amin(dim=1)
         return d
 
+    def check_pool_radius(self, cutoff_A: float) -> None:
+        """Raise ValueError when the pooling radius is beyond the potential's cutoff: the graph
+        holds the pairs up to the cutoff (and a Verlet skin's share beyond it), so a larger
+        radius would pool over a skin-dependent subset of the pairs it names."""
+        if self.pool_radius > cutoff_A + 1e-9:
+            raise ValueError(f"pool_radius {self.pool_radius:g} Å is beyond the potential's "
+                             f"cutoff of {cutoff_A:g} Å; the pooling reads the model's own pairs "
+                             "(refit with pool_radius <= the cutoff)")
+
     def pooled(self, d: Tensor, pairs: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
         """D_i (n,) from the atoms' own distances d (n,) and ``pairs`` = (i, j, r_ij): every
         ordered neighbour pair of the structures (both directions), any radius (pairs beyond
@@ -217,12 +226,7 @@ def latent_forces_stress(potential, batch, graph, *, compute_stress: bool = Fals
     from est_calc.forces import energy_forces_stress
 
     part = potential.uncertainty
-    if part.pool_radius > potential.cutoff_A + 1e-9:
-        # The graph holds pairs up to the cutoff (and a Verlet skin's beyond it): a larger
-        # radius would pool over a skin-dependent subset of the pairs it names.
-        raise ValueError(f"the uncertainty part pools over {part.pool_radius:g} Å, beyond the "
-                         f"potential's cutoff of {potential.cutoff_A:g} Å; refit it with "
-                         "pool_radius <= the cutoff")
+    part.check_pool_radius(potential.cutoff_A)
     with potential.model.recording_features() as features:
         pred = energy_forces_stress(potential, batch, graph, compute_stress=compute_stress,
                                     create_graph=False, extra_energy=extra_energy)

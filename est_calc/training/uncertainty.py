@@ -10,8 +10,8 @@ Two data sets, both labelled by the teacher:
   (:meth:`est_calc.uncertainty.LatentDistance.pooled`; written d below), and the force error
   e_i = |F_i - F_i^ref|. Atoms are put into ``n_bins`` equal-count bins of d; the map
   forces_std = a d^b is the least-squares line through (log mean d, log s) of the bins,
-  s = median(e) / 0.888 (b clipped to [0, 2], so the map is monotone). For a Gaussian error of per-component sigma
-  forces_std / sqrt(3), |e|^2 / sigma^2 is chi^2 with 3 degrees of freedom and
+  s = median(e) / 0.888 (b clipped to [0, 2], so the map is monotone). For a Gaussian error
+  of per-component sigma forces_std / sqrt(3), |e|^2 / sigma^2 is chi^2 with 3 degrees of freedom and
   median |e| = sqrt(2.366 / 3) forces_std = 0.888 forces_std; the median, unlike the RMS, is not
   set by the few atoms with very large errors (force errors are heavier-tailed than a Gaussian:
   an RMS fit on two calibration sets of the same recipe gave b = 0.14 and 0.32). And
@@ -223,10 +223,8 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms,
                           energy_mode=energy_mode)
     radius = float(potential.cutoff_A if pool_radius is None else pool_radius)
-    if radius > potential.cutoff_A + 1e-9:
-        raise ValueError(f"pool_radius {radius:g} Å is beyond the potential's cutoff of "
-                         f"{potential.cutoff_A:g} Å (the pooling reads the model's own pairs)")
     raw.pool_radius, raw.self_weight = radius, float(self_weight)
+    raw.check_pool_radius(potential.cutoff_A)
     own = raw.distance(torch.as_tensor(cal.z), torch.as_tensor(cal.features)).double()
     d = raw.pooled(own, tuple(torch.as_tensor(x) for x in cal.pairs)).numpy()
     a, b, bins = _power_law(d, cal.force_error, n_bins)
