@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import subprocess
 import sys
 from pathlib import Path
@@ -200,24 +199,86 @@ def test_bad_frames_are_counted_and_skipped_or_stop(tmp_path):
     assert "1" in t.data_report.summary() or "nan" in t.data_report.summary()
 
 
-def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_dir, tmp_path):
-    from est_calc.potential import load_potential
-    from est_calc.training.trainer import CALIBRATION_STEPS, Trainer
+class SimClock:
+    """Simulated seconds for the trainer's time budget (``trainer.clock``): the steps advance
+    it by what the test says they take, so the budget logic is tested the same on a fast and a
+    slow machine (evaluation, checkpoints and export take no simulated time)."""
 
-    cfg = _config(data_dir, tmp_path / "budget", max_steps=100_000, eval_every=10_000,
-                  checkpoint_every=10_000, log_every=1, time_budget_s=10.0)
-    trainer = Trainer(cfg)
-    t0 = time.perf_counter()
-    path = trainer.fit()
-    wall = time.perf_counter() - t0
-    # A plan was made after the calibration steps: far fewer steps than max_steps, a schedule
-    # that decayed completely, and a run that ended inside (a little above at most) its budget.
-    assert trainer.budget_planned and CALIBRATION_STEPS < trainer.step == trainer.max_steps < 100_000
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sim_clock(monkeypatch):
+    from est_calc.training import trainer as trainer_mod
+
+    clock = SimClock()
+    monkeypatch.setattr(trainer_mod, "clock", clock)
+    return clock
+
+
+def _schedule_only_step(trainer) -> dict:
+    """What ``Trainer.train_step`` does to the schedule and the step count, without the model:
+    the learning rate of this step, then one scheduler step."""
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.scheduler.step()
+    trainer.step += 1
+    return {"step": trainer.step, "loss": 1.0, "lr": lr}
+
+
+def _budget_trainer(data_dir, out, budget_s, **train):
+    from est_calc.training.trainer import Trainer
+
+    cfg = _config(data_dir, out, max_steps=100_000, eval_every=10_000, checkpoint_every=10_000,
+                  log_every=1, time_budget_s=budget_s, **train)
+    return cfg, Trainer(cfg)
+
+
+def _fit_with_pace(trainer, sim_clock, seconds_of_step) -> None:
+    """Fit with steps that take ``seconds_of_step(k)`` simulated seconds (k counts from 0): the
+    first is the model's real step (so the optimiser has stepped), the rest only move the
+    schedule. Checks the run ended on its schedule with the learning rate fully decayed."""
+    real_step = trainer.train_step
+
+    def step():
+        sim_clock.now += seconds_of_step(trainer.step)
+        return real_step() if trainer.step == 0 else _schedule_only_step(trainer)
+
+    trainer.train_step = step
+    assert trainer.fit() is not None
+    assert trainer.step == trainer.max_steps
     lrs = [h["lr"] for h in trainer.history if "lr" in h]
     assert lrs[-1] < 0.05 * max(lrs)
-    assert wall < 10.0 * 1.5
+
+
+def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_dir, tmp_path,
+                                                                           sim_clock):
+    """Real training steps, each taking 0.1 simulated s, and a 5 s budget."""
+    from est_calc.potential import load_potential
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+
+    cfg, trainer = _budget_trainer(data_dir, tmp_path / "budget", 5.0)
+    real_step = trainer.train_step
+
+    def step():
+        sim_clock.now += 0.1
+        return real_step()
+
+    trainer.train_step = step
+    path = trainer.fit()
+    # A plan was made after the calibration steps: 90 % of the 5 s left after the 25 calibration
+    # steps' 2.5 s at 0.1 s a step, so 25 + 22 steps; a schedule that decayed completely, and a
+    # run that ended inside its budget.
+    planned = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS
+    assert trainer.budget_planned and trainer.step == trainer.max_steps == planned + 22
+    lrs = [h["lr"] for h in trainer.history if "lr" in h]
+    assert lrs[-1] < 0.05 * max(lrs)
+    assert trainer.elapsed_s <= 5.0
     meta = load_potential(path).metadata["training"]
-    assert meta["steps"] == trainer.step and meta["time_budget_s"] == 10.0
+    assert meta["steps"] == trainer.step and meta["time_budget_s"] == 5.0
 
     # The plan is part of the checkpoint: a resumed run keeps it instead of planning anew.
     state = load_checkpoint(tmp_path / "budget" / "checkpoint.pt")
@@ -227,82 +288,55 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
-def _fit_with_step(data_dir, out, budget_s, step, monkeypatch, caplog):
-    """Train with a time budget and ``Trainer.train_step`` replaced by ``step(self, plain_step)``;
-    check the run ended on its schedule with the learning rate decayed and return (wall, what
-    the trainer logged)."""
-    from est_calc.training.trainer import Trainer
-
-    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
-
-    cfg = _config(data_dir, out, max_steps=100_000, eval_every=10_000, checkpoint_every=10_000,
-                  log_every=1, time_budget_s=budget_s)
-    trainer = Trainer(cfg)
-    plain_step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self: step(self, plain_step))
-    t0 = time.perf_counter()
-    assert trainer.fit() is not None
-    wall = time.perf_counter() - t0
-    assert trainer.step == trainer.max_steps
-    lrs = [h["lr"] for h in trainer.history if "lr" in h]
-    assert lrs[-1] < 0.05 * max(lrs)
-    return wall, caplog.text
-
-
-def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, monkeypatch,
+def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, sim_clock,
                                                                    caplog):
-    """Steps that become three times as slow after the plan (a shared machine): the run
-    re-plans and still ends with a fully decayed schedule inside its budget instead of being cut
-    mid-decay. (Three, not two: a plan made while the first steps were still slow has enough
-    slack to absorb a doubling of the last ones on a busy VM, and then nothing re-plans.)"""
+    """Steps that become three times as slow two steps after the plan (a shared machine): the
+    run plans again and still ends with a fully decayed schedule inside its budget instead of
+    being cut mid-decay."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
+    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
     slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 2
-    took = []
-
-    def slowing_step(self, plain_step):
-        t0 = time.perf_counter()
-        row = plain_step(self)
-        took.append(time.perf_counter() - t0)
-        if self.step > slow_from:
-            time.sleep(2 * sum(took[:slow_from]) / slow_from)  # twice a plain step more
-        return row
-
-    wall, out = _fit_with_step(data_dir, tmp_path / "slow", 6.0, slowing_step, monkeypatch, caplog)
-    assert "schedule shortened" in out and "used up" not in out
-    assert wall < 6.0 * 1.5
+    _, trainer = _budget_trainer(data_dir, tmp_path / "slow", 10.0)
+    _fit_with_pace(trainer, sim_clock, lambda k: 0.05 if k < slow_from else 0.15)
+    assert "schedule set" in caplog.text and "schedule shortened" in caplog.text
+    assert "used up" not in caplog.text
+    assert 0.8 * 10.0 < trainer.elapsed_s <= 10.0
 
 
-def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, monkeypatch,
+def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, sim_clock,
                                                                    caplog):
     """Steps twice as slow while the plan is made, then plain (another job on the machine that
     ended): the run plans again for the time left instead of finishing far inside its budget,
     and still ends with a fully decayed schedule."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
+    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
     slow_until = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 5
-
-    def speeding_step(self, plain_step):
-        t0 = time.perf_counter()
-        row = plain_step(self)
-        if self.step <= slow_until:
-            time.sleep(time.perf_counter() - t0)  # as long again as a plain step
-        return row
-
-    wall, out = _fit_with_step(data_dir, tmp_path / "fast", 24.0, speeding_step, monkeypatch,
-                               caplog)
-    assert "schedule set" in out and "schedule lengthened" in out and "used up" not in out
-    assert 24.0 * 0.7 < wall < 24.0 * 1.5
+    _, trainer = _budget_trainer(data_dir, tmp_path / "fast", 10.0)
+    _fit_with_pace(trainer, sim_clock, lambda k: 0.1 if k < slow_until else 0.05)
+    assert "schedule set" in caplog.text and "schedule lengthened" in caplog.text
+    assert "used up" not in caplog.text
+    assert 0.8 * 10.0 < trainer.elapsed_s <= 10.0
 
 
-def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, monkeypatch):
+def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, sim_clock):
     """A budget already spent when the run resumes: it stops at once, exports, and says so."""
     from est_calc.training import trainer as trainer_mod
 
     cfg = _config(data_dir, tmp_path / "late", max_steps=50, checkpoint_every=5)
-    assert trainer_mod.Trainer(cfg).fit(stop_at_step=5) is None
-    cfg.train.time_budget_s = 1e-3  # less than what was already spent
+    first = trainer_mod.Trainer(cfg)
+    real_step = first.train_step
+
+    def step():
+        sim_clock.now += 1.0
+        return real_step()
+
+    first.train_step = step
+    assert first.fit(stop_at_step=5) is None  # 5 simulated seconds spent
+    cfg.train.time_budget_s = 4.0  # less than what was already spent
     late = trainer_mod.Trainer(cfg, resume=True)
+    assert late.elapsed_s == 5.0
     assert late.fit() is not None
     assert late.step == 6 and late.max_steps == 6  # one step, then the budget check ends it
 
@@ -315,31 +349,17 @@ def test_time_budget_and_data_paths_are_checked(tmp_path):
     TrainConfig.from_dict({"data": {"train": ["a.h5", "b.h5"], "val": "c.h5"}}).validate()
 
 
-def test_time_budget_pace_leaves_out_the_slow_first_steps(data_dir, tmp_path):
+def test_time_budget_pace_leaves_out_the_slow_first_steps(data_dir, tmp_path, sim_clock):
     """The first steps of a process are slow (CUDA context, allocator growth): the pace that
     plans the schedule is timed after them, or a GPU run would end far inside its budget."""
-    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS, Trainer
+    from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
-    cfg = _config(data_dir, tmp_path / "warm", max_steps=100_000, eval_every=10_000,
-                  checkpoint_every=10_000, log_every=1, time_budget_s=3.0)
-    trainer = Trainer(cfg)
-    real_step = trainer.train_step
-
-    def step():  # one slow first step, then fast ones (the model's real step, skipped later)
-        if trainer.step == 0:
-            row = real_step()
-            time.sleep(1.0)
-            return row
-        time.sleep(0.01)
-        trainer.step += 1
-        return {"step": trainer.step, "loss": 1.0, "lr": 1e-3}
-
-    trainer.train_step = step
-    trainer.fit()
-    # paced at ~0.01 s a step: ~0.9 * (3 - 1.3) / 0.01 ~ 150 steps; a pace that counted the
-    # slow first step (~0.06 s a step) would have planned ~30
+    _, trainer = _budget_trainer(data_dir, tmp_path / "warm", 3.0)
+    _fit_with_pace(trainer, sim_clock, lambda k: 1.0 if k == 0 else 0.01)
+    # paced at 0.01 s a step: 25 + 0.9 * (3 - 1.24) / 0.01 = 183 steps; a pace that counted the
+    # slow first step (0.06 s a step) would have planned 25 + 26
     assert trainer.budget_planned
-    assert trainer.max_steps > 3 * (CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS)
+    assert trainer.max_steps == CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 158
 
 
 # ----------------------------------------------------------------------------- data and schedule
