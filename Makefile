@@ -24,11 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m est_calc.cli demo
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (one per core of the 2-core CI machine),
+# whole files to a worker, so that a module's fixtures (a compiled model, a trained potential)
+# are made once; TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+
 test: $(LAMMPS_STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # Each code runs with the OpenMP settings its users get: est_calc sets its short spin on import
 # (est_calc/threads.py), MACE keeps torch's defaults. benchmarks/lammps.py runs at toy size

@@ -5,6 +5,9 @@ Structures are returned as fresh ``ase.Atoms`` so tests may modify them freely.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,24 @@ def _randomize_zero_parameters(module: torch.nn.Module, generator: torch.Generat
         for p in module.parameters():
             if p.is_floating_point() and bool((p == 0).all()):
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+@contextlib.contextmanager
+def shared_folder(tmp_path_factory, name: str):
+    """A folder that every worker of one test run sees (``make test`` runs pytest-xdist
+    workers), held under an exclusive lock while the block runs: a session fixture that makes
+    something expensive makes it there once, and the other workers wait, then reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    folder.mkdir(exist_ok=True)
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 DEVICES = [
@@ -94,15 +115,16 @@ def tiny_package64(make_potential, tmp_path_factory):
     from est_calc.cli import main
     from est_calc.potential import save_potential
 
-    folder = tmp_path_factory.mktemp("tiny_package64")
-    source = save_potential(make_potential("so2", n_layers=1), folder / "tiny.pt")
-    path = folder / "tiny64.pt2"
-    assert main(["export", str(source), "-o", str(path), "--dtype", "float64"]) == 0
+    with shared_folder(tmp_path_factory, "tiny_package64") as folder:
+        source, path = folder / "tiny.pt", folder / "tiny64.pt2"
+        if not path.is_file():  # another worker's (est export writes the file atomically)
+            save_potential(make_potential("so2", n_layers=1), source)
+            assert main(["export", str(source), "-o", str(path), "--dtype", "float64"]) == 0
     return source, path
 
 
 @pytest.fixture(scope="session")
-def plugin():
+def plugin(tmp_path_factory):
     """The LAMMPS plugin (est_lammps/), built with cmake as `make lammps` builds it, or reused
     when up to date; once per session for tests/lammps and tests/benchmarks/test_lammps_bench.py.
     Skips, saying why, where a tool is missing; a failed build fails with cmake's output."""
@@ -116,7 +138,8 @@ def plugin():
     if why:
         pytest.skip(why)
     try:
-        return build_plugin()
+        with shared_folder(tmp_path_factory, "lammps-plugin"):  # one cmake build at a time
+            return build_plugin()
     except subprocess.CalledProcessError as err:
         pytest.fail(f"building the LAMMPS plugin failed:\n{err.stdout[-3000:]}\n{err.stderr[-3000:]}")
 
