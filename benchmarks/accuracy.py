@@ -294,6 +294,7 @@ def est_config(args, out: Path, split: dict) -> dict:
         "train": {"max_steps": 10_000_000, "time_budget_s": budget_s, "batch_size": 5,
                   "lr": args.est_lr, "optimizer": "adam", "amsgrad": True,
                   "warmup_steps": 20, "ema_decay": args.est_ema, "eval_every": args.est_eval_every,
+                  "seed": args.est_seed,
                   "checkpoint_every": 2000, "dtype": args.dtype, "threads": args.threads,
                   "device": args.device, "progress": False, "compile": bool(args.est_compile)},
     }
@@ -697,6 +698,8 @@ def main(argv=None) -> int:
                         "a minute to compile; default: on, off with --quick)")
     p.add_argument("--est-preset", default="molecule")
     p.add_argument("--est-overrides", default=None, help="JSON of ModelConfig overrides")
+    p.add_argument("--est-seed", type=int, default=0,
+                   help="EST's train.seed (initial weights, batch order, lattice rotations)")
     p.add_argument("--est-lr", type=float, default=0.01)
     p.add_argument("--est-ema", type=float, default=0.99)
     p.add_argument("--est-eval-every", type=int, default=200)

@@ -134,6 +134,10 @@ def _add_uncertainty_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncertainty-threshold", type=float, default=None, metavar="F",
                    help="watch the largest per-atom force std (eV/Å): steps above F are written "
                         "to --uncertain-frames (the potential needs an uncertainty part)")
+    p.add_argument("--uncertainty-rms-threshold", type=float, default=None, metavar="F",
+                   help="watch the RMS over the atoms of the per-atom force std (eV/Å; a whole "
+                        "frame a little new, e.g. a strained lattice): steps above F are "
+                        "written too")
     p.add_argument("--on-uncertain", default="record", choices=ON_UNCERTAIN,
                    help="record: write the frame and go on (default); stop: write it and stop")
     p.add_argument("--uncertain-frames", default="uncertain.extxyz", metavar="PATH",
@@ -144,19 +148,29 @@ def _uncertainty_kwargs(args) -> dict:
     """The recipes' uncertainty arguments of the command line, checked."""
     from md_recipes.uncertain import check_uncertainty_arguments
 
-    on = args.uncertainty_threshold is not None
+    on = args.uncertainty_threshold is not None or args.uncertainty_rms_threshold is not None
     kwargs = dict(uncertainty_threshold=args.uncertainty_threshold,
                   on_uncertain=args.on_uncertain,
-                  uncertain_frames=args.uncertain_frames if on else None)
+                  uncertain_frames=args.uncertain_frames if on else None,
+                  uncertainty_rms_threshold=args.uncertainty_rms_threshold)
     check_uncertainty_arguments(**kwargs)
     return kwargs
 
 
+def _watched(kwargs: dict) -> bool:
+    return (kwargs["uncertainty_threshold"] is not None
+            or kwargs["uncertainty_rms_threshold"] is not None)
+
+
 def _report_uncertain(steps: list, kwargs: dict) -> None:
-    if kwargs["uncertainty_threshold"] is not None:
+    if _watched(kwargs):
         where = f" -> {kwargs['uncertain_frames']}" if steps else ""
+        bounds = [f"max {kwargs['uncertainty_threshold']:g}"
+                  if kwargs["uncertainty_threshold"] is not None else None,
+                  f"RMS {kwargs['uncertainty_rms_threshold']:g}"
+                  if kwargs["uncertainty_rms_threshold"] is not None else None]
         print(f"{'uncertain frames':<22}{len(steps)} above "
-              f"{kwargs['uncertainty_threshold']:g} eV/Å{where}")
+              f"{' or '.join(b for b in bounds if b)} eV/Å{where}")
 
 
 def _bound(text: str) -> float | None:
@@ -251,7 +265,7 @@ def _run_relax(args) -> int:
     check_output_path("--log", args.log)
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
-                           args.functional, uncertainty=unc["uncertainty_threshold"] is not None,
+                           args.functional, uncertainty=_watched(unc),
                            max_atoms=args.max_atoms)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
@@ -325,7 +339,7 @@ def _run_md(args) -> int:
     atoms = _read(args.input)
     calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
                            args.functional,
-                           uncertainty=kwargs["uncertainty_threshold"] is not None,
+                           uncertainty=_watched(kwargs),
                            max_atoms=args.max_atoms)
     res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
     if args.restart is not None and res.start_step == res.n_steps > 0:

@@ -236,7 +236,8 @@ def _check_arguments(*, ensemble="nve", temperature_K=300.0, pressure_GPa=0.0, t
                      max_force_eV_per_A=None, max_temperature_ratio=None,
                      max_energy_drift_eV_per_atom=None, trajectory=None, logfile=None,
                      restart=None, plot=None, uncertainty_threshold=None,
-                     on_uncertain="record", uncertain_frames=None) -> None:
+                     on_uncertain="record", uncertain_frames=None,
+                     uncertainty_rms_threshold=None) -> None:
     """Raise ValueError, naming the argument, for any value :func:`run_md` cannot use (before
     any structure is read or any energy computed)."""
     if ensemble not in ENSEMBLES:
@@ -257,7 +258,8 @@ def _check_arguments(*, ensemble="nve", temperature_K=300.0, pressure_GPa=0.0, t
     for name, path in (("trajectory", trajectory), ("logfile", logfile), ("restart", restart),
                        ("plot", plot)):
         check_output_path(name, path)
-    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames)
+    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames,
+                                uncertainty_rms_threshold)
 
 
 def run_md(
@@ -285,6 +287,7 @@ def run_md(
     uncertainty_threshold: float | None = None,
     on_uncertain: str = "record",
     uncertain_frames: str | None = None,
+    uncertainty_rms_threshold: float | None = None,
 ) -> MDResult:
     """Run molecular dynamics in one of :data:`ENSEMBLES`.
 
@@ -301,13 +304,15 @@ def run_md(
       |E_tot(step) - E_tot(start)| / N, with "start" the first step of this call. 0.1 eV/atom
       would heat the system by 2 * 0.1 eV / (3 k_B) = 774 K; a sound NVE run stays far below.
 
-    With ``uncertainty_threshold`` the calculator must return ``forces_std``
-    (``ESTCalculator(uncertainty=True)``; the default calculator then has it): every step whose
-    largest per-atom force std exceeds the threshold is written to ``uncertain_frames`` (extxyz,
+    With ``uncertainty_threshold`` (or ``uncertainty_rms_threshold``) the calculator must return
+    ``forces_std`` (``ESTCalculator(uncertainty=True)``; the default calculator then has it):
+    every step whose largest per-atom force std (or RMS per-atom force std) exceeds its
+    threshold is written to ``uncertain_frames`` (extxyz,
     for relabelling; :mod:`md_recipes.uncertain`) and listed in ``MDResult.uncertain_steps``, and
     with ``on_uncertain="stop"`` the run stops there with
-    :class:`~md_recipes.uncertain.UncertainStructure` (a SimulationUnstable). The log then has a
-    column ``max_Fstd``, the largest per-atom force std (eV/Å) of each sample.
+    :class:`~md_recipes.uncertain.UncertainStructure` (a SimulationUnstable). The log then has
+    columns ``max_Fstd`` and ``rms_Fstd``, the largest and the RMS per-atom force std (eV/Å) of
+    each sample.
 
     The energy enters the checks at every step where the calculator produced it with the forces
     (ASE calculators that compute both together, EMT and EST included), else every
@@ -349,6 +354,9 @@ def run_md(
         on_uncertain: "record" (write the frame and go on) or "stop" (write it and stop).
         uncertain_frames: extxyz path of the frames beyond the threshold (appended to on
             restart); None: not written.
+        uncertainty_rms_threshold: eV/Å (> 0) bound on the RMS over the atoms of the per-atom
+            force std (a whole frame a little new, e.g. a strained lattice); None: not
+            watched. Either threshold, or both, may be given; a frame beyond either counts.
 
     Returns:
         MDResult with the samples of this call.
@@ -372,7 +380,8 @@ def run_md(
                      max_energy_drift_eV_per_atom=max_energy_drift_eV_per_atom,
                      trajectory=trajectory, logfile=logfile, restart=restart, plot=plot,
                      uncertainty_threshold=uncertainty_threshold, on_uncertain=on_uncertain,
-                     uncertain_frames=uncertain_frames)
+                     uncertain_frames=uncertain_frames,
+                     uncertainty_rms_threshold=uncertainty_rms_threshold)
     n_steps, log_every = int(n_steps), int(log_every)
     if len(atoms) == 0:
         raise ValueError("cannot run MD on an empty Atoms object")
@@ -380,9 +389,11 @@ def run_md(
     resuming = restart is not None and os.path.exists(restart)
     header, saved = (read_checkpoint(restart) if resuming else (None, None))
     work = atoms.copy()
+    watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
     watch = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
-                              label="MD", append=resuming)
-             if uncertainty_threshold is not None else None)
+                              label="MD", append=resuming,
+                              rms_threshold=uncertainty_rms_threshold)
+             if watched else None)
     work.calc = (default_calculator(uncertainty=watch is not None) if calc is None else calc)
     if ensemble == "nvt-langevin" and not work.constraints:
         work.set_constraint(FixCom())
@@ -479,7 +490,8 @@ def run_md(
         if log is not None and not resuming:
             log.write(f"# {ensemble} dt={timestep_fs} fs T={temperature_K} K seed={seed}\n"
                       "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa"
-                      + ("  max_Fstd_eV_per_A" if watch is not None else "") + "\n")
+                      + ("  max_Fstd_eV_per_A  rms_Fstd_eV_per_A" if watch is not None
+                         else "") + "\n")
 
     def sample(step: int, write: bool = True) -> None:
         epot = float(work.get_potential_energy())
@@ -493,7 +505,7 @@ def run_md(
             return
         if log is not None:
             p = "nan" if pres is None else f"{pres:.5f}"
-            u = f" {watch.last:.5f}" if watch is not None else ""
+            u = f" {watch.last:.5f} {watch.last_rms:.5f}" if watch is not None else ""
             log.write(f"{step:8d} {step * timestep_fs:12.3f} {epot:14.6f} {ekin:12.6f} "
                       f"{epot + ekin:14.6f} {temp:10.3f} {p}{u}\n")
             log.flush()

@@ -134,6 +134,7 @@ def relax(
     uncertainty_threshold: float | None = None,
     on_uncertain: str = "record",
     uncertain_frames: str | None = None,
+    uncertainty_rms_threshold: float | None = None,
 ) -> RelaxResult:
     """Relax atomic positions (and optionally the cell) until max |F| < fmax.
 
@@ -153,11 +154,14 @@ def relax(
             geometry; None: no bound.
         uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std of every
             visited geometry (the calculator must return ``forces_std``; the default one then
-            does); the log gets a line ``Uncertainty: step max_force_std`` per step. None: not
-            watched.
+            does); the log gets a line ``Uncertainty: step max_force_std ... rms_force_std ...``
+            per step. None: not watched.
         on_uncertain: "record" (write the geometry to ``uncertain_frames`` and go on) or "stop"
             (write it and stop with :class:`~md_recipes.uncertain.UncertainStructure`).
         uncertain_frames: extxyz path of the geometries beyond the threshold; None: not written.
+        uncertainty_rms_threshold: eV/Å (> 0) bound on the RMS over the atoms of the per-atom
+            force std (:mod:`md_recipes.uncertain`); None: not watched. A geometry beyond either
+            threshold counts.
 
     Returns:
         RelaxResult; ``converged=False`` (with a RuntimeWarning) when the criterion was not met.
@@ -172,12 +176,14 @@ def relax(
     from md_recipes.uncertain import UncertaintyWatch, check_uncertainty_arguments
 
     name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
-    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames)
+    check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames,
+                                uncertainty_rms_threshold)
     if len(atoms) == 0:
         raise ValueError("cannot relax an empty Atoms object")
+    watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
     uncertainty = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
-                                    label="relaxation")
-                   if uncertainty_threshold is not None else None)
+                                    label="relaxation", rms_threshold=uncertainty_rms_threshold)
+                   if watched else None)
     work = atoms.copy()
     work.calc = (default_calculator(uncertainty=uncertainty is not None) if calc is None
                  else calc)
@@ -200,7 +206,8 @@ def relax(
                 value = uncertainty(opt.nsteps, work)
                 if opt.logfile is not None:
                     opt.logfile.write(f"Uncertainty: {opt.nsteps:3d} max_force_std "
-                                      f"{value:.5f} eV/Å\n")
+                                      f"{value:.5f} eV/Å rms_force_std "
+                                      f"{uncertainty.last_rms:.5f} eV/Å\n")
 
         opt.attach(watch, interval=1)
         try:

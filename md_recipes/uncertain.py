@@ -8,8 +8,18 @@ file for relabelling (positions, cell, pbc, the per-atom ``forces_std`` array an
 line, the step and ``max_force_std``; no model energy or forces, which would read as labels), and
 the run either goes on ("record") or stops with :class:`UncertainStructure` ("stop").
 
-A threshold to start from: the 95th percentile of the per-frame largest force std of held-out
-in-distribution frames (benchmarks/RESULTS.md, "Uncertainty", gives it for the shipped potential).
+Two statistics of a frame can be watched, each against its own threshold (either or both):
+
+* the largest per-atom force std, ``uncertainty_threshold``: one new environment (an unseen
+  adsorbate, a defect);
+* the frame's RMS of the per-atom force std, ``uncertainty_rms_threshold``: every atom a little
+  new (a strained or expanded lattice, an unseen facet), where the energy error adds up over the
+  atoms while no single atom stands out. For the shipped latent estimate it is
+  energy_std / (kappa sqrt N).
+
+Thresholds to start from: the 95th percentiles of either statistic over held-out
+in-distribution frames (benchmarks/RESULTS.md, "Uncertainty", gives both for the shipped
+potential). A frame beyond either threshold counts as uncertain.
 """
 
 from __future__ import annotations
@@ -27,25 +37,28 @@ ON_UNCERTAIN = ("record", "stop")
 
 
 class UncertainStructure(SimulationUnstable):
-    """The largest per-atom force std exceeded the threshold and the run was asked to stop.
+    """A frame's force std exceeded a threshold and the run was asked to stop.
 
-    ``quantity`` is "force std", ``value`` the largest per-atom force std (eV/Å) and ``limit``
-    the threshold; the structure is the last frame of the run's extxyz file of uncertain frames.
+    ``quantity`` is "force std", ``value`` the statistic that exceeded its threshold (the largest
+    per-atom force std, or else the frame's RMS of it; eV/Å) and ``limit`` that threshold; the
+    structure is the last frame of the run's extxyz file of uncertain frames.
     """
 
 
 def check_uncertainty_arguments(uncertainty_threshold, on_uncertain: str,
-                                uncertain_frames) -> None:
+                                uncertain_frames, uncertainty_rms_threshold=None) -> None:
     """Raise ValueError, naming the argument, for a threshold that is not None or finite and
     > 0, an unknown ``on_uncertain``, or an output path that cannot be created."""
-    threshold = uncertainty_threshold
-    if threshold is not None:
+    for name, threshold in (("uncertainty_threshold", uncertainty_threshold),
+                            ("uncertainty_rms_threshold", uncertainty_rms_threshold)):
+        if threshold is None:
+            continue
         try:
             ok = math.isfinite(float(threshold)) and float(threshold) > 0
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"uncertainty_threshold must be a finite number > 0 (eV/Å) or None, "
+            raise ValueError(f"{name} must be a finite number > 0 (eV/Å) or None, "
                              f"got {threshold!r}")
     if on_uncertain not in ON_UNCERTAIN:
         raise ValueError(f"on_uncertain must be one of {list(ON_UNCERTAIN)}, got "
@@ -54,29 +67,38 @@ def check_uncertainty_arguments(uncertainty_threshold, on_uncertain: str,
 
 
 class UncertaintyWatch:
-    """Compare each step's largest per-atom force std with a threshold (module docstring).
+    """Compare each step's largest per-atom force std, and the frame's RMS of it, with their
+    thresholds (module docstring).
 
     Args:
-        threshold: eV/Å (> 0).
+        threshold: eV/Å (> 0) bound on the largest per-atom force std, or None.
         on_uncertain: "record" or "stop".
         path: extxyz file the uncertain frames are written to (None: not written).
         label: what runs, for messages ("MD", "relaxation").
         append: add to an existing ``path`` (a restarted run) instead of starting it afresh.
+        rms_threshold: eV/Å (> 0) bound on the RMS over the frame's atoms of the per-atom force
+            std, or None. At least one of the two thresholds is given.
 
     Attributes:
-        steps: the steps whose structure exceeded the threshold, in order.
+        steps: the steps whose structure exceeded a threshold, in order.
         last: the largest per-atom force std of the last checked step (eV/Å).
+        last_rms: the RMS per-atom force std of the last checked step (eV/Å).
     """
 
-    def __init__(self, threshold: float, on_uncertain: str = "record", path=None, *,
-                 label: str = "run", append: bool = False):
-        check_uncertainty_arguments(threshold, on_uncertain, path)
-        self.threshold = float(threshold)
+    def __init__(self, threshold: float | None, on_uncertain: str = "record", path=None, *,
+                 label: str = "run", append: bool = False, rms_threshold: float | None = None):
+        check_uncertainty_arguments(threshold, on_uncertain, path, rms_threshold)
+        if threshold is None and rms_threshold is None:
+            raise ValueError("an uncertainty watch needs uncertainty_threshold or "
+                             "uncertainty_rms_threshold")
+        self.threshold = None if threshold is None else float(threshold)
+        self.rms_threshold = None if rms_threshold is None else float(rms_threshold)
         self.on_uncertain = on_uncertain
         self.path = path
         self.label = label
         self.steps: list[int] = []
         self.last = math.nan
+        self.last_rms = math.nan
         self._append = bool(append)
 
     def max_std(self, atoms) -> tuple[float, np.ndarray]:
@@ -97,32 +119,40 @@ class UncertaintyWatch:
         """Check the structure ``atoms`` at ``step``; returns its largest force std (eV/Å).
 
         Raises:
-            UncertainStructure: beyond the threshold with ``on_uncertain="stop"`` (after the
+            UncertainStructure: beyond a threshold with ``on_uncertain="stop"`` (after the
                 frame is written).
         """
         value, std = self.max_std(atoms)
-        self.last = value
-        if not value > self.threshold:
+        rms = float(np.sqrt(np.mean(std ** 2))) if std.size else 0.0
+        self.last, self.last_rms = value, rms
+        over_max = self.threshold is not None and value > self.threshold
+        over_rms = self.rms_threshold is not None and rms > self.rms_threshold
+        if not (over_max or over_rms):
             return value
         self.steps.append(int(step))
         if self.path is not None:
-            self._write(step, atoms, value, std)
+            self._write(step, atoms, value, std, rms)
         if self.on_uncertain == "stop":
             where = f" (written to {self.path})" if self.path is not None else ""
+            if over_max:
+                what, got, limit, name = ("largest per-atom force std", value, self.threshold,
+                                          "uncertainty_threshold")
+            else:
+                what, got, limit, name = ("RMS per-atom force std", rms, self.rms_threshold,
+                                          "uncertainty_rms_threshold")
             raise UncertainStructure(
-                f"{self.label} stopped at step {step}: largest per-atom force std {value:.4g} "
-                f"eV/Å exceeds uncertainty_threshold={self.threshold:g}; the potential is "
-                f"extrapolating here{where}",
-                step=step, quantity="force std", value=value, limit=self.threshold)
+                f"{self.label} stopped at step {step}: {what} {got:.4g} eV/Å exceeds "
+                f"{name}={limit:g}; the potential is extrapolating here{where}",
+                step=step, quantity="force std", value=got, limit=limit)
         return value
 
-    def _write(self, step: int, atoms, value: float, std: np.ndarray) -> None:
+    def _write(self, step: int, atoms, value: float, std: np.ndarray, rms: float) -> None:
         from ase import Atoms
         from ase.io import write
 
         frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell,
                       pbc=atoms.pbc)
-        frame.info.update(step=int(step), max_force_std=value)
+        frame.info.update(step=int(step), max_force_std=value, rms_force_std=rms)
         frame.arrays["forces_std"] = np.asarray(std, dtype=float).copy()
         write(self.path, frame, format="extxyz", append=self._append)
         self._append = True

@@ -27,10 +27,24 @@ class StdEMT(EMT):
         self.results["forces_std"] = SCALE * np.linalg.norm(self.results["forces"], axis=1)
 
 
-def _max_std(atoms) -> float:
+def _std(atoms) -> np.ndarray:
     atoms = atoms.copy()
     atoms.calc = EMT()
-    return SCALE * float(np.linalg.norm(atoms.get_forces(apply_constraint=False), axis=1).max())
+    return SCALE * np.linalg.norm(atoms.get_forces(apply_constraint=False), axis=1)
+
+
+def _max_std(atoms) -> float:
+    return float(_std(atoms).max())
+
+
+def _rms_std(atoms) -> float:
+    return float(np.sqrt(np.mean(_std(atoms) ** 2)))
+
+
+def _between(values, k: int) -> float:
+    """Halfway between the k-th and (k+1)-th smallest value: a threshold no value is near."""
+    v = np.sort(values)
+    return float(0.5 * (v[k - 1] + v[k]))
 
 
 @pytest.fixture
@@ -61,8 +75,42 @@ def test_md_records_exactly_the_frames_beyond_the_threshold(cu, tmp_path):
         assert atoms.arrays["forces_std"].shape == (len(cu),)
         assert atoms.calc is None  # no model labels in a file meant for relabelling
     lines = [line for line in log.read_text().splitlines() if not line.startswith("#")]
-    assert "max_Fstd" in log.read_text().splitlines()[1]
-    np.testing.assert_allclose([float(line.split()[-1]) for line in lines], stds, rtol=1e-4)
+    assert log.read_text().splitlines()[1].endswith("max_Fstd_eV_per_A  rms_Fstd_eV_per_A")
+    np.testing.assert_allclose([float(line.split()[-2]) for line in lines], stds, rtol=1e-4)
+    np.testing.assert_allclose([float(line.split()[-1]) for line in lines],
+                               [_rms_std(a) for a in read(traj, ":")], rtol=1e-4)
+
+
+def test_md_rms_threshold_alone_and_with_the_max_one(cu, tmp_path):
+    """The frame's RMS std has its own threshold; with both, a frame beyond either is written,
+    each frame once."""
+    traj = tmp_path / "md.traj"
+    run_md(cu, StdEMT(), ensemble="nve", temperature_K=600.0, n_steps=12, log_every=1,
+           trajectory=str(traj), progress=False)
+    run = read(traj, ":")
+    maxes, rmses = [_max_std(a) for a in run], [_rms_std(a) for a in run]
+    rms_threshold = _between(rmses, len(rmses) // 2)
+    res = run_md(cu, StdEMT(), ensemble="nve", temperature_K=600.0, n_steps=12, log_every=1,
+                 progress=False, uncertainty_rms_threshold=rms_threshold,
+                 uncertain_frames=str(tmp_path / "rms.extxyz"))
+    want = [k for k, r in enumerate(rmses) if r > rms_threshold]
+    assert 0 < len(want) < len(run) and res.uncertain_steps == want
+    written = read(tmp_path / "rms.extxyz", ":")
+    assert [a.info["step"] for a in written] == want
+    assert all(a.info["rms_force_std"] > rms_threshold for a in written)
+    # a max threshold that picks a step the RMS one does not: the union is written
+    max_threshold = 0.999 * max(maxes[k] for k in range(len(run)) if k not in want)
+    res = run_md(cu, StdEMT(), ensemble="nve", temperature_K=600.0, n_steps=12, log_every=1,
+                 progress=False, uncertainty_threshold=max_threshold,
+                 uncertainty_rms_threshold=rms_threshold)
+    union = [k for k in range(len(run)) if maxes[k] > max_threshold or rmses[k] > rms_threshold]
+    assert res.uncertain_steps == union
+    assert set(union) > set(want)
+    with pytest.raises(UncertainStructure, match=r"step 0: RMS per-atom force std .* exceeds "
+                                                 r"uncertainty_rms_threshold"):
+        run_md(cu, StdEMT(), ensemble="nve", n_steps=3, progress=False,
+               uncertainty_threshold=10 * maxes[0], uncertainty_rms_threshold=0.5 * rmses[0],
+               on_uncertain="stop")
 
 
 def test_md_stops_at_the_first_uncertain_step(cu, tmp_path):
@@ -106,6 +154,12 @@ def test_bad_uncertainty_arguments(cu, threshold, on, match):
                on_uncertain=on)
     with pytest.raises(ValueError, match=match):
         relax(cu, StdEMT(), uncertainty_threshold=threshold, on_uncertain=on)
+    if threshold != 0.1:
+        rms_match = match.replace("uncertainty_threshold", "uncertainty_rms_threshold")
+        with pytest.raises(ValueError, match=rms_match):
+            run_md(cu, StdEMT(), n_steps=2, progress=False, uncertainty_rms_threshold=threshold)
+        with pytest.raises(ValueError, match=rms_match):
+            relax(cu, StdEMT(), uncertainty_rms_threshold=threshold)
 
 
 def test_threshold_needs_a_calculator_with_forces_std(cu):
@@ -147,13 +201,19 @@ def test_cli_record_writes_every_step_and_reports(cu, tmp_path, capsys):
     code = main(["relax", str(path), "--device", "cpu", "--steps", "2", "-o",
                  str(tmp_path / "r.traj"), "--uncertainty-threshold", "1e3",
                  "--uncertain-frames", str(tmp_path / "r.extxyz")])
-    assert "0 above 1000 eV/Å" in capsys.readouterr().out
+    assert "0 above max 1000 eV/Å" in capsys.readouterr().out
     assert not (tmp_path / "r.extxyz").exists()
+    code = main(_md_argv(path, tmp_path, "--uncertainty-rms-threshold", "1e-6",
+                         "--uncertain-frames", str(tmp_path / "rms.extxyz")))
+    assert code == 0 and "4 above RMS 1e-06 eV/Å" in capsys.readouterr().out
+    assert len(read(tmp_path / "rms.extxyz", ":")) == 4
 
 
 @pytest.mark.parametrize("extra, match", [
     (["--uncertainty-threshold", "0"], "uncertainty_threshold must be a finite number > 0"),
     (["--uncertainty-threshold", "0.2", "--calc", "emt"], "--calc emt has none"),
+    (["--uncertainty-rms-threshold", "-1"], "uncertainty_rms_threshold must be a finite number"),
+    (["--uncertainty-rms-threshold", "0.2", "--calc", "emt"], "--calc emt has none"),
 ])
 def test_cli_bad_uncertainty_options(cu, tmp_path, capsys, extra, match):
     path = tmp_path / "cu.xyz"
