@@ -95,12 +95,17 @@ class LatentDistance(nn.Module):
             absent from the reference frames): the largest distance met while fitting.
         pool_radius: R of the neighbour pooling, Å (module docstring); 0 turns it off.
         self_weight: w0 of the pooling (> 0).
+        thresholds: {"max": eV/Å, "rms": eV/Å}: the 95th percentiles, over the calibration
+            frames, of a frame's largest per-atom forces_std and of its RMS over the atoms (the
+            recipes' ``uncertainty_threshold="auto"`` and ``uncertainty_rms_threshold="auto"``);
+            empty for a part fitted before they were stored.
     """
 
     def __init__(self, species: Tensor, centres: Tensor, n_centres: Tensor, mean: Tensor,
                  whiten: Tensor, *, force_a: float,
                  force_b: float, energy_kappa: float, unknown_distance: float,
-                 pool_radius: float = 0.0, self_weight: float = 1.0):
+                 pool_radius: float = 0.0, self_weight: float = 1.0,
+                 thresholds: dict | None = None):
         super().__init__()
         if centres.ndim != 3 or centres.shape[0] != len(species):
             raise ValueError(f"centres must be (S, M, C) with S = {len(species)} species, got "
@@ -126,6 +131,11 @@ class LatentDistance(nn.Module):
         self.unknown_distance = float(unknown_distance)
         self.pool_radius = float(pool_radius)
         self.self_weight = float(self_weight)
+        self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
+        if set(self.thresholds) - {"max", "rms"} or not all(
+                v > 0 for v in self.thresholds.values()):
+            raise ValueError(f"LatentDistance thresholds must be {{'max': x, 'rms': y}} with "
+                             f"values > 0, got {thresholds!r}")
 
     @property
     def n_features(self) -> int:
@@ -197,7 +207,8 @@ class LatentDistance(nn.Module):
                             "whiten": self.whiten.float().cpu()},
                 "force_a": self.force_a, "force_b": self.force_b,
                 "energy_kappa": self.energy_kappa, "unknown_distance": self.unknown_distance,
-                "pool_radius": self.pool_radius, "self_weight": self.self_weight}
+                "pool_radius": self.pool_radius, "self_weight": self.self_weight,
+                "thresholds": dict(self.thresholds)}
 
     @classmethod
     def from_state(cls, state: dict) -> "LatentDistance":
@@ -207,7 +218,8 @@ class LatentDistance(nn.Module):
                    force_b=state["force_b"], energy_kappa=state["energy_kappa"],
                    unknown_distance=state["unknown_distance"],
                    pool_radius=state.get("pool_radius", 0.0),
-                   self_weight=state.get("self_weight", 1.0))
+                   self_weight=state.get("self_weight", 1.0),
+                   thresholds=state.get("thresholds"))
 
     def extra_repr(self) -> str:
         return (f"species={self.species.tolist()}, centres={tuple(self.centres.shape)}, "

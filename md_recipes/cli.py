@@ -131,17 +131,41 @@ def _compile_of(args) -> bool | str:
 def _add_uncertainty_args(p: argparse.ArgumentParser) -> None:
     from md_recipes.uncertain import ON_UNCERTAIN
 
-    p.add_argument("--uncertainty-threshold", type=float, default=None, metavar="F",
+    p.add_argument("--uncertainty-threshold", type=_threshold, default=None, metavar="F",
                    help="watch the largest per-atom force std (eV/Å): steps above F are written "
-                        "to --uncertain-frames (the potential needs an uncertainty part)")
-    p.add_argument("--uncertainty-rms-threshold", type=float, default=None, metavar="F",
+                        "to --uncertain-frames (the potential needs an uncertainty part); "
+                        "'auto': the potential's own 95 %% in-distribution value")
+    p.add_argument("--uncertainty-rms-threshold", type=_threshold, default=None, metavar="F",
                    help="watch the RMS over the atoms of the per-atom force std (eV/Å; a whole "
                         "frame a little new, e.g. a strained lattice): steps above F are "
-                        "written too")
+                        "written too; 'auto' as above")
     p.add_argument("--on-uncertain", default="record", choices=ON_UNCERTAIN,
                    help="record: write the frame and go on (default); stop: write it and stop")
     p.add_argument("--uncertain-frames", default="uncertain.extxyz", metavar="PATH",
                    help="extxyz file of the frames above the threshold (default uncertain.extxyz)")
+
+
+def _threshold(text: str):
+    """argparse type of an uncertainty threshold: a number or "auto" (checked later, with the
+    recipes' own message)."""
+    from md_recipes.uncertain import AUTO
+
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number (eV/Å) or 'auto', got {text!r}") from None
+
+
+def _resolve_auto(calc, kwargs: dict) -> None:
+    """Replace "auto" thresholds in ``kwargs`` by the calculator's numbers (printed)."""
+    from md_recipes.uncertain import resolve_thresholds
+
+    if not _watched(kwargs):
+        return
+    kwargs["uncertainty_threshold"], kwargs["uncertainty_rms_threshold"] = resolve_thresholds(
+        calc, kwargs["uncertainty_threshold"], kwargs["uncertainty_rms_threshold"])
 
 
 def _uncertainty_kwargs(args) -> dict:
@@ -267,6 +291,7 @@ def _run_relax(args) -> int:
     calc = make_calculator(args.calc, args.device, args.skin, _compile_of(args), args.dispersion,
                            args.functional, uncertainty=_watched(unc),
                            max_atoms=args.max_atoms)
+    _resolve_auto(calc, unc)
     res = relax(atoms, calc, fmax_eV_per_A=args.fmax, max_steps=args.steps,
                 optimizer=args.optimizer, relax_cell=args.cell, trajectory=None, logfile=args.log,
                 max_force_eV_per_A=args.max_force, **unc)
@@ -341,6 +366,7 @@ def _run_md(args) -> int:
                            args.functional,
                            uncertainty=_watched(kwargs),
                            max_atoms=args.max_atoms)
+    _resolve_auto(calc, kwargs)
     res = run_md(atoms, calc, seed=args.seed, progress=not args.no_progress, **kwargs)
     if args.restart is not None and res.start_step == res.n_steps > 0:
         print(f"{'restart':<22}{args.restart} is already at step {res.n_steps}: "

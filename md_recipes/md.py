@@ -41,7 +41,8 @@ from md_recipes.safety import (
     check_finite_state,
     check_output_path,
 )
-from md_recipes.uncertain import UncertaintyWatch, check_uncertainty_arguments
+from md_recipes.uncertain import (UncertaintyWatch, check_uncertainty_arguments,
+                                  resolve_thresholds)
 
 __all__ = ["ENSEMBLES", "MDResult", "run_md", "read_checkpoint", "SimulationUnstable",
            "TEMPERATURE_FLOOR_K"]
@@ -284,10 +285,10 @@ def run_md(
     max_force_eV_per_A: float | None = DEFAULT_MAX_FORCE_EV_PER_A,
     max_temperature_ratio: float | None = 10.0,
     max_energy_drift_eV_per_atom: float | None = 0.1,
-    uncertainty_threshold: float | None = None,
+    uncertainty_threshold: float | str | None = None,
     on_uncertain: str = "record",
     uncertain_frames: str | None = None,
-    uncertainty_rms_threshold: float | None = None,
+    uncertainty_rms_threshold: float | str | None = None,
 ) -> MDResult:
     """Run molecular dynamics in one of :data:`ENSEMBLES`.
 
@@ -349,14 +350,16 @@ def run_md(
         max_temperature_ratio: runaway bound of thermostatted ensembles, relative to the target
             (> 1).
         max_energy_drift_eV_per_atom: bound on the total-energy change per atom in "nve".
-        uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std; None: not
-            watched.
+        uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std; "auto": the
+            potential's own (its uncertainty part's 95 % in-distribution value,
+            :func:`md_recipes.uncertain.resolve_thresholds`); None: not watched.
         on_uncertain: "record" (write the frame and go on) or "stop" (write it and stop).
         uncertain_frames: extxyz path of the frames beyond the threshold (appended to on
             restart); None: not written.
         uncertainty_rms_threshold: eV/Å (> 0) bound on the RMS over the atoms of the per-atom
-            force std (a whole frame a little new, e.g. a strained lattice); None: not
-            watched. Either threshold, or both, may be given; a frame beyond either counts.
+            force std (a whole frame a little new, e.g. a strained lattice); "auto" as above;
+            None: not watched. Either threshold, or both, may be given; a frame beyond either
+            counts.
 
     Returns:
         MDResult with the samples of this call.
@@ -390,11 +393,13 @@ def run_md(
     header, saved = (read_checkpoint(restart) if resuming else (None, None))
     work = atoms.copy()
     watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
-    watch = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
-                              label="MD", append=resuming,
-                              rms_threshold=uncertainty_rms_threshold)
-             if watched else None)
-    work.calc = (default_calculator(uncertainty=watch is not None) if calc is None else calc)
+    work.calc = default_calculator(uncertainty=watched) if calc is None else calc
+    watch = None
+    if watched:
+        max_t, rms_t = resolve_thresholds(work.calc, uncertainty_threshold,
+                                          uncertainty_rms_threshold)
+        watch = UncertaintyWatch(max_t, on_uncertain, uncertain_frames, label="MD",
+                                 append=resuming, rms_threshold=rms_t)
     if ensemble == "nvt-langevin" and not work.constraints:
         work.set_constraint(FixCom())
     rng = np.random.default_rng(seed)

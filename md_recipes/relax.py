@@ -131,10 +131,10 @@ def relax(
     trajectory: str | None = None,
     logfile: str | None = None,
     max_force_eV_per_A: float | None = DEFAULT_RELAX_MAX_FORCE_EV_PER_A,
-    uncertainty_threshold: float | None = None,
+    uncertainty_threshold: float | str | None = None,
     on_uncertain: str = "record",
     uncertain_frames: str | None = None,
-    uncertainty_rms_threshold: float | None = None,
+    uncertainty_rms_threshold: float | str | None = None,
 ) -> RelaxResult:
     """Relax atomic positions (and optionally the cell) until max |F| < fmax.
 
@@ -155,7 +155,8 @@ def relax(
         uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std of every
             visited geometry (the calculator must return ``forces_std``; the default one then
             does); the log gets a line ``Uncertainty: step max_force_std ... rms_force_std ...``
-            per step. None: not watched.
+            per step. "auto": the potential's own 95 % in-distribution value
+            (:func:`md_recipes.uncertain.resolve_thresholds`). None: not watched.
         on_uncertain: "record" (write the geometry to ``uncertain_frames`` and go on) or "stop"
             (write it and stop with :class:`~md_recipes.uncertain.UncertainStructure`).
         uncertain_frames: extxyz path of the geometries beyond the threshold; None: not written.
@@ -173,7 +174,8 @@ def relax(
     """
     from ase.optimize import BFGS, FIRE, LBFGS
 
-    from md_recipes.uncertain import UncertaintyWatch, check_uncertainty_arguments
+    from md_recipes.uncertain import (UncertaintyWatch, check_uncertainty_arguments,
+                                      resolve_thresholds)
 
     name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
     check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames,
@@ -181,12 +183,14 @@ def relax(
     if len(atoms) == 0:
         raise ValueError("cannot relax an empty Atoms object")
     watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
-    uncertainty = (UncertaintyWatch(uncertainty_threshold, on_uncertain, uncertain_frames,
-                                    label="relaxation", rms_threshold=uncertainty_rms_threshold)
-                   if watched else None)
     work = atoms.copy()
-    work.calc = (default_calculator(uncertainty=uncertainty is not None) if calc is None
-                 else calc)
+    work.calc = default_calculator(uncertainty=watched) if calc is None else calc
+    uncertainty = None
+    if watched:
+        max_t, rms_t = resolve_thresholds(work.calc, uncertainty_threshold,
+                                          uncertainty_rms_threshold)
+        uncertainty = UncertaintyWatch(max_t, on_uncertain, uncertain_frames,
+                                       label="relaxation", rms_threshold=rms_t)
     target = work
     if relax_cell:
         if not work.pbc.all():

@@ -18,8 +18,10 @@ Two statistics of a frame can be watched, each against its own threshold (either
   energy_std / (kappa sqrt N).
 
 Thresholds to start from: the 95th percentiles of either statistic over held-out
-in-distribution frames (benchmarks/RESULTS.md, "Uncertainty", gives both for the shipped
-potential). A frame beyond either threshold counts as uncertain.
+in-distribution frames. A latent uncertainty part fitted by this version (``est train
+--uncertainty``, the shipped default's) stores both, from its calibration frames, and
+``"auto"`` uses them (:func:`resolve_thresholds`). A frame beyond either threshold counts as
+uncertain.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ import numpy as np
 
 from md_recipes.safety import SimulationUnstable, check_output_path
 
-__all__ = ["ON_UNCERTAIN", "UncertainStructure", "UncertaintyWatch", "check_uncertainty_arguments"]
+__all__ = ["AUTO", "ON_UNCERTAIN", "UncertainStructure", "UncertaintyWatch",
+           "check_uncertainty_arguments", "resolve_thresholds"]
+
+#: A threshold given as this string is the potential's own (:func:`resolve_thresholds`).
+AUTO = "auto"
 
 #: What a run does with a structure beyond the threshold: write it and go on, or write it and stop.
 ON_UNCERTAIN = ("record", "stop")
@@ -51,19 +57,45 @@ def check_uncertainty_arguments(uncertainty_threshold, on_uncertain: str,
     > 0, an unknown ``on_uncertain``, or an output path that cannot be created."""
     for name, threshold in (("uncertainty_threshold", uncertainty_threshold),
                             ("uncertainty_rms_threshold", uncertainty_rms_threshold)):
-        if threshold is None:
+        if threshold is None or _is_auto(threshold):
             continue
         try:
             ok = math.isfinite(float(threshold)) and float(threshold) > 0
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{name} must be a finite number > 0 (eV/Å) or None, "
+            raise ValueError(f"{name} must be a finite number > 0 (eV/Å), 'auto' or None, "
                              f"got {threshold!r}")
     if on_uncertain not in ON_UNCERTAIN:
         raise ValueError(f"on_uncertain must be one of {list(ON_UNCERTAIN)}, got "
                          f"{on_uncertain!r}")
     check_output_path("uncertain_frames", uncertain_frames)
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold
+                       ) -> tuple[float | None, float | None]:
+    """The two thresholds with ``"auto"`` replaced by the calculator's potential's own (its
+    latent uncertainty part's ``thresholds``: 95 % of in-distribution calibration frames stay
+    under each). Raises ValueError, naming the argument, where there are none to use."""
+    out = []
+    for name, key, value in (("uncertainty_threshold", "max", uncertainty_threshold),
+                             ("uncertainty_rms_threshold", "rms", uncertainty_rms_threshold)):
+        if not _is_auto(value):
+            out.append(None if value is None else float(value))
+            continue
+        part = getattr(getattr(calc, "potential", None), "uncertainty", None)
+        stored = getattr(part, "thresholds", {}) or {}
+        if key not in stored:
+            raise ValueError(
+                f"{name}='auto' needs a potential whose latent uncertainty part stores its "
+                f"thresholds (fitted by est train --uncertainty); "
+                f"{type(calc).__name__}'s has none: give a number (eV/Å)")
+        out.append(float(stored[key]))
+    return out[0], out[1]
 
 
 class UncertaintyWatch:

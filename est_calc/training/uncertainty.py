@@ -17,6 +17,9 @@ Two data sets, both labelled by the teacher:
   an RMS fit on two calibration sets of the same recipe gave b = 0.14 and 0.32). And
   kappa^2 = median_frames(dE^2 / sum_i forces_std_i^2) / 0.4549 (the median
   of chi^2 with one degree of freedom), so that energy_std is the frames' Gaussian sigma.
+* flag thresholds: the 95th percentiles over the calibration frames of a frame's largest
+  forces_std and of its RMS over the atoms (``LatentDistance.thresholds``): what an
+  in-distribution frame passes 95 % of the time, the recipes' ``"auto"`` thresholds.
 
 The trunk is frozen: features come from forward passes without gradients, forces from one
 backward pass per calibration batch, so a fit takes minutes on a CPU.
@@ -44,6 +47,8 @@ MAX_EXPONENT = 2.0
 MEDIAN_RATIO = 0.8880641651696379
 #: Median of the chi^2 distribution with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
+#: Share of the in-distribution (calibration) frames under each flag threshold.
+FLAG_QUANTILE = 0.95
 #: w0 of the neighbour pooling, the default of ``uncertainty.self_weight``.
 DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
@@ -234,12 +239,21 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     # with large energy errors (gas molecules) do not set the scale of all the others.
     ratio = cal.energy_error ** 2 / np.maximum(var_frame, 1e-30)
     kappa = float(np.sqrt(np.median(ratio) / CHI2_1_MEDIAN))
+    # Flag thresholds: 95 % of the calibration frames (in distribution) stay under each.
+    n_frame = np.bincount(cal.frame, minlength=len(cal.n_atoms))
+    has_atoms = n_frame > 0
+    frame_max = np.full(len(n_frame), -np.inf)
+    np.maximum.at(frame_max, cal.frame, std)
+    frame_rms = np.sqrt(var_frame[has_atoms] / n_frame[has_atoms])
+    thresholds = {"max": float(np.quantile(frame_max[has_atoms], FLAG_QUANTILE)),
+                  "rms": float(np.quantile(frame_rms, FLAG_QUANTILE))}
     t = raw.state()["tensors"]
     part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                           force_a=a, force_b=b, energy_kappa=kappa,
                           unknown_distance=float(max(d.max(), 1e-6)) * 2.0,
-                          pool_radius=radius, self_weight=float(self_weight))
-    report = {"force_a": a, "force_b": b, "energy_kappa": kappa,
+                          pool_radius=radius, self_weight=float(self_weight),
+                          thresholds=thresholds)
+    report = {"thresholds": thresholds, "force_a": a, "force_b": b, "energy_kappa": kappa,
               "bins": bins, "miscalibration_area_calibration": miscalibration_area(
                   std, cal.force_error)[0],
               "n_reference_atoms": int(len(ref.z)), "n_calibration_atoms": int(len(cal.z)),

@@ -288,6 +288,28 @@ def test_format_1_sidecar_loads_without_pooling(latent_potential, tmp_path):
     assert reason is None and part.pool_radius == 0.0 and part.self_weight == 1.0
 
 
+def test_flag_thresholds_round_trip_and_older_sidecars_have_none(latent_potential, tmp_path):
+    from est_calc.uncertainty import LatentDistance
+
+    part, _ = load_uncertainty(latent_potential)
+    assert part.thresholds == {}  # fitted without calibration frames: none stored
+    state = part.state()
+    state["thresholds"] = {"max": 0.2, "rms": 0.1}
+    assert LatentDistance.from_state(state).thresholds == {"max": 0.2, "rms": 0.1}
+    state.pop("thresholds")  # a sidecar written before they were stored
+    assert LatentDistance.from_state(state).thresholds == {}
+    for bad in ({"max": 0.0}, {"mean": 0.1}, {"rms": -1.0}):
+        state["thresholds"] = bad
+        with pytest.raises(ValueError, match="thresholds"):
+            LatentDistance.from_state(state)
+
+
+def test_shipped_part_stores_its_flag_thresholds():
+    part = ESTCalculator(device="cpu", uncertainty=True).potential.uncertainty
+    assert set(part.thresholds) == {"max", "rms"}
+    assert 0 < part.thresholds["rms"] < part.thresholds["max"] < 1.0
+
+
 def test_pooling_beyond_the_cutoff_is_refused(latent_potential, tmp_path):
     """Pairs beyond the cutoff are not in the graph (or only a skin's share of them)."""
     path = tmp_path / "wide.pt"

@@ -162,6 +162,40 @@ def test_bad_uncertainty_arguments(cu, threshold, on, match):
             relax(cu, StdEMT(), uncertainty_rms_threshold=threshold)
 
 
+def test_auto_thresholds_are_the_potentials_own(cu, tmp_path):
+    """'auto' takes the latent part's stored 95 % in-distribution thresholds; a calculator
+    without them is refused, naming the argument."""
+    from types import SimpleNamespace
+
+    calc = StdEMT()
+    calc.potential = SimpleNamespace(uncertainty=SimpleNamespace(
+        thresholds={"max": 0.5 * _max_std(cu), "rms": 10 * _rms_std(cu)}))
+    res = run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="auto",
+                 uncertainty_rms_threshold="auto", logfile=str(tmp_path / "md.log"))
+    assert res.uncertain_steps == [0]  # beyond the stored max threshold, not the RMS one
+    res = run_md(cu, calc, n_steps=0, progress=False, uncertainty_rms_threshold="AUTO")
+    assert res.uncertain_steps == []
+    with pytest.raises(ValueError, match="uncertainty_rms_threshold='auto' needs a potential"):
+        relax(cu, StdEMT(), uncertainty_rms_threshold="auto")
+    with pytest.raises(ValueError, match="uncertainty_threshold must be a finite number > 0"):
+        run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="sometimes")
+
+
+def test_cli_auto_threshold_of_the_shipped_potential(cu, tmp_path, capsys):
+    from est_calc.calculator import ESTCalculator
+
+    path = tmp_path / "cu.xyz"
+    write(path, cu)
+    stored = ESTCalculator(device="cpu", uncertainty=True).potential.uncertainty.thresholds
+    assert main(_md_argv(path, tmp_path, "--uncertainty-threshold", "auto",
+                         "--uncertainty-rms-threshold", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"above max {stored['max']:g} or RMS {stored['rms']:g} eV/Å" in out
+    with pytest.raises(SystemExit) as exc:
+        main(_md_argv(path, tmp_path, "--uncertainty-threshold", "often"))
+    assert exc.value.code == 2 and "a number (eV/Å) or 'auto'" in capsys.readouterr().err
+
+
 def test_threshold_needs_a_calculator_with_forces_std(cu):
     with pytest.raises(ValueError, match="forces_std"):
         run_md(cu, EMT(), n_steps=2, progress=False, uncertainty_threshold=0.1)

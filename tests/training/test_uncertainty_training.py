@@ -65,6 +65,20 @@ def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
     calc = ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True)
     part = calc.potential.uncertainty
     assert part.pool_radius == calc.potential.cutoff_A and part.self_weight == 4.0
+    # The flag thresholds are the 95th percentiles, over the calibration frames (here data.val),
+    # of each frame's largest forces_std and of its RMS: what the calculator gives on them.
+    from ase.io import read
+
+    stds = []
+    cfg = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    for atoms in read(cfg["data"]["val"], ":"):
+        atoms.calc = calc
+        atoms.get_forces()
+        stds.append(np.asarray(calc.results["forces_std"], dtype=float))
+    want_max = np.quantile([s.max() for s in stds], 0.95)
+    want_rms = np.quantile([np.sqrt(np.mean(s ** 2)) for s in stds], 0.95)
+    assert part.thresholds["max"] == pytest.approx(want_max, rel=1e-4)
+    assert part.thresholds["rms"] == pytest.approx(want_rms, rel=1e-4)
 
 
 def test_latent_pooling_from_the_config(config, tmp_path, capsys):
