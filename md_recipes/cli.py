@@ -159,7 +159,8 @@ def _threshold(text: str):
 
 
 def _resolve_auto(calc, kwargs: dict) -> None:
-    """Replace "auto" thresholds in ``kwargs`` by the calculator's numbers (printed)."""
+    """Replace "auto" thresholds in ``kwargs`` by the calculator's numbers (which the report
+    line then prints)."""
     from md_recipes.uncertain import resolve_thresholds
 
     if not _watched(kwargs):

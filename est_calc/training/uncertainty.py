@@ -348,5 +348,7 @@ def fit_run_uncertainty(cfg, potential_path) -> Path:
     out = save_uncertainty(part, potential_path, metadata=meta)
     print(f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
           f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
-          f"{report['n_calibration_atoms']} calibration atoms) -> {out}")
+          f"{report['n_calibration_atoms']} calibration atoms; 95 % in-distribution flag "
+          f"thresholds: largest std {report['thresholds']['max']:.4g}, RMS std "
+          f"{report['thresholds']['rms']:.4g} eV/Å, the recipes' 'auto') -> {out}")
     return out

@@ -59,7 +59,8 @@ def test_train_committee_in_one_command(config, tmp_path, capsys):
 
 def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
     assert main(["train", str(config(tmp_path)), "--uncertainty"]) == 0
-    assert "uncertainty: latent distance fitted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "uncertainty: latent distance fitted" in out and "the recipes' 'auto'" in out
     run = tmp_path / "run"
     assert (run / "potential.uncertainty").exists()
     calc = ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True)
