@@ -28,6 +28,11 @@ Stages (``--stage``, comma-separated; default all of them, in this order):
   EST potential exported by ``est export`` (one AOTInductor graph, no Python per operation;
   ``--no-export`` leaves it out). Tables go to stdout and ``report.md``, numbers to
   ``report.json`` in ``--out``.
+* ``uncertainty``: would the user have been warned where EST is wrong? EST's latent
+  uncertainty fitted as ``est train --uncertainty`` fits it (training frames as reference,
+  validation frames as calibration and for the flag thresholds), then the share of flagged
+  frames and the rank correlation of the std with the error on every evaluation set, per
+  chemical formula where a set mixes molecules (``uncertainty.md``, ``uncertainty.json``).
 
 Usage::
 
@@ -643,6 +648,86 @@ def stage_report(args, spec, out: Path, split: dict) -> dict:
     return report
 
 
+def stage_uncertainty(args, out: Path, split: dict) -> dict:
+    """Would the user have been warned? The latent-distance uncertainty (issue 26's
+    ``ESTCalculator(uncertainty=True)``) fitted to the trained EST potential the way ``est train
+    --uncertainty`` fits it (reference: the training frames; calibration: the validation
+    frames, whose 95 % values are its "auto" flag thresholds), then evaluated on every
+    evaluation set, per chemical formula where a set mixes molecules: frames flagged by the
+    largest per-atom forces_std, by the frame's RMS of it, and by either; and the rank
+    correlation of forces_std with the per-atom force error (sets with forces) or of energy_std
+    with the energy error (energy-only sets)."""
+    import shutil
+
+    from ase.io import read
+
+    from est_calc import ESTCalculator
+    from est_calc.potential import load_potential
+    from est_calc.training.datasets import open_dataset
+    from est_calc.training.uncertainty import fit_latent_distance, spearman
+    from est_calc.uncertainty import save_uncertainty
+
+    folder = out / "est_uncertainty"
+    folder.mkdir(exist_ok=True)
+    path = folder / "potential.pt"
+    shutil.copyfile(out / "est" / "potential.pt", path)  # the sidecar is bound to this copy
+    part, fit = fit_latent_distance(load_potential(str(path)),
+                                    list(open_dataset(out / "train.xyz")),
+                                    list(open_dataset(out / "valid.xyz")))
+    save_uncertainty(part, path)
+    th = part.thresholds
+    calc = ESTCalculator(model=str(path), dtype=args.dtype, device="cpu", uncertainty=True)
+    rows, result = [], {"thresholds": th, "sets": {}}
+    for label, s in split["evals"].items():
+        frames = read(s["file"], index=":")
+        if not frames:
+            continue
+        per = []
+        for a in frames:
+            ref_e = a.get_potential_energy()
+            ref_f = a.calc.results.get("forces")
+            b = a.copy()
+            b.calc = calc
+            e, f = b.get_potential_energy(), b.get_forces()
+            std = np.asarray(calc.results["forces_std"], dtype=float)
+            per.append({"formula": a.get_chemical_formula(), "max": float(std.max()),
+                        "rms": float(np.sqrt(np.mean(std ** 2))), "std": std,
+                        "e_std": float(calc.results["energy_std"]), "de": e - ref_e,
+                        "df": None if ref_f is None else np.linalg.norm(f - ref_f, axis=1)})
+        formulas = sorted({r["formula"] for r in per})
+        groups = [(label, per)] + ([(f"{label}: {f}", [r for r in per if r["formula"] == f])
+                                    for f in formulas] if len(formulas) > 1 else [])
+        for name, rs in groups:
+            over_max = np.array([r["max"] > th["max"] for r in rs])
+            over_rms = np.array([r["rms"] > th["rms"] for r in rs])
+            if rs[0]["df"] is not None:
+                rank = spearman(np.concatenate([r["std"] for r in rs]),
+                                np.concatenate([r["df"] for r in rs]))
+                what = "forces_std vs per-atom force error"
+            else:
+                rank = spearman(np.array([r["e_std"] for r in rs]),
+                                np.abs([r["de"] for r in rs]))
+                what = "energy_std vs energy error"
+            result["sets"][name] = {"n": len(rs), "flagged_max": float(over_max.mean()),
+                                    "flagged_rms": float(over_rms.mean()),
+                                    "flagged_either": float((over_max | over_rms).mean()),
+                                    "spearman": rank, "spearman_of": what}
+            rows.append([name, len(rs), f"{100 * over_max.mean():.1f} %",
+                         f"{100 * over_rms.mean():.1f} %",
+                         f"{100 * (over_max | over_rms).mean():.1f} %", f"{rank:.3f} ({what})"])
+    text = ("## EST's latent uncertainty on the evaluation sets\n\n"
+            f"Fitted on the training frames (reference) and the validation frames (calibration): "
+            f"a = {fit['force_a']:.4g} eV/Å, b = {fit['force_b']:.4g}; flag thresholds (95 % of "
+            f"the validation frames under each) {th['max']:.4g} eV/Å (largest per-atom std) and "
+            f"{th['rms']:.4g} eV/Å (the frame's RMS).\n\n"
+            + markdown_table(["set", "frames", "flagged: largest std", "flagged: RMS std",
+                              "flagged: either", "Spearman"], rows) + "\n")
+    (out / "uncertainty.md").write_text(text)
+    (out / "uncertainty.json").write_text(json.dumps(result, indent=1))
+    print(text)
+    return result
+
+
 def format_report(r: dict) -> str:
     # Error columns for the models evaluated on the sets (the exported package is the EST
     # potential: its errors are EST's, so it has a speed row only).
@@ -683,7 +768,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", choices=sorted(DATASETS), default="3bpa")
     p.add_argument("--data-root", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=None, help="work folder (default runs/accuracy/DATASET)")
-    p.add_argument("--stage", default="split,calibrate,mace,est,report")
+    p.add_argument("--stage", default="split,calibrate,mace,est,report,uncertainty")
     p.add_argument("--budget-min", type=float, default=60.0)
     p.add_argument("--cores", default=None, help="taskset CPU list for the trainings, e.g. 1")
     p.add_argument("--share", type=int, default=1,
@@ -720,10 +805,10 @@ def main(argv=None) -> int:
     out = Path(args.out or REPO / "runs" / "accuracy" / args.dataset)
     out.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in args.stage.split(",") if s.strip()]
-    unknown = set(stages) - {"split", "calibrate", "mace", "est", "report"}
+    unknown = set(stages) - {"split", "calibrate", "mace", "est", "report", "uncertainty"}
     if unknown:
         raise SystemExit(f"unknown stage(s) {sorted(unknown)}; choose split, calibrate, mace, "
-                         f"est, report")
+                         f"est, report, uncertainty")
     split = stage_split(args, spec, out) if "split" in stages else \
         json.loads((out / "split.json").read_text())
     for s in split["evals"].values():
@@ -740,6 +825,8 @@ def main(argv=None) -> int:
         stage_est(args, spec, out, split)
     if "report" in stages:
         stage_report(args, spec, out, split)
+    if "uncertainty" in stages:
+        stage_uncertainty(args, out, split)
     return 0
 
 

@@ -62,6 +62,15 @@ def test_accuracy_quick_ethanol(tmp_path, monkeypatch, capsys):
     for (_, _, e1, f1, _), (_, _, e2, f2, _) in zip(rows, direct):
         assert e2 == pytest.approx(e1, abs=1e-4) and np.abs(f2 - f1).max() < 1e-4
     assert "| EST .pt2 |" in (out / "report.md").read_text()
+    # The uncertainty stage: a latent part fitted for a copy of the potential, flag shares and
+    # rank correlations on every evaluation set.
+    unc = json.loads((out / "uncertainty.json").read_text())
+    assert set(unc["thresholds"]) == {"max", "rms"}
+    assert set(split["evals"]) <= set(unc["sets"])
+    for row in unc["sets"].values():
+        assert 0.0 <= row["flagged_max"] <= row["flagged_either"] <= 1.0
+    assert (out / "est_uncertainty" / "potential.uncertainty").is_file()
+    assert "## EST's latent uncertainty" in text
 
 
 def test_report_table_has_both_ratios_to_mace():
