@@ -40,6 +40,21 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--all-atoms", action="store_true", help="force metrics on all atoms, not only free ones")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("fit-uncertainty",
+                       help="fit the latent-distance uncertainty of an existing potential file")
+    p.add_argument("potential", help="path of a potential .pt file (the sidecar goes beside it)")
+    p.add_argument("--reference", required=True,
+                   help="the frames the potential was trained on (any supported format)")
+    p.add_argument("--calibration", required=True,
+                   help="held-out labelled frames of the same distribution (calibration and the "
+                        "95 %% flag thresholds, the recipes' 'auto')")
+    p.add_argument("--energy", choices=["total", "referenced"], default="total")
+    p.add_argument("--n-reference", type=_positive_int, default=2048,
+                   help="reference atoms kept per element (default 2048)")
+    p.add_argument("--max-reference-frames", type=_positive_int, default=2000)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sidecar")
+    p.set_defaults(func=_fit_uncertainty)
+
     p = sub.add_parser("convert", help="convert a data set to the packed HDF5 format (or another format)")
     p.add_argument("input")
     p.add_argument("output")
@@ -105,6 +120,46 @@ def _eval(args) -> int:
     m = evaluate(pot, frames, energy_mode=args.energy, batch_size=args.batch_size, device=device,
                  free_atoms_only=not args.all_atoms)
     print(format_metrics(m, title=f"{args.potential} on {args.data} ({len(frames)} frames)"))
+    return 0
+
+
+def _fit_uncertainty(args) -> int:
+    """``est fit-uncertainty``: what ``est train --uncertainty`` does after training, for a
+    potential file that exists already (trained elsewhere, or before the option)."""
+    from pathlib import Path
+
+    from est_calc.potential import load_potential
+    from est_calc.training.datasets import FrameSubset, check_species
+    from est_calc.training.trainer import _open
+    from est_calc.training.uncertainty import describe_fit, fit_latent_distance
+    from est_calc.uncertainty import save_uncertainty, sidecar_path
+
+    path = Path(args.potential)
+    if not path.is_file():
+        raise ValueError(f"potential file {path} not found (give the path of a .pt file: the "
+                         f"uncertainty part is written beside it)")
+    side = sidecar_path(path)
+    if side.exists() and not args.overwrite:
+        raise ValueError(f"{side} exists; pass --overwrite to replace it")
+    pot = load_potential(str(path))
+    sets = []
+    for label, source, limit in (("reference", args.reference, args.max_reference_frames),
+                                 ("calibration", args.calibration, None)):
+        data, good, _ = _open(source, limit, "skip", label)
+        if not good:
+            raise ValueError(f"--{label} {source} has no usable frames")
+        frames = FrameSubset(data, good)
+        check_species(frames, pot.species, what=str(source), owner=f"potential {path}")
+        sets.append(frames)
+    part, report = fit_latent_distance(pot, sets[0], sets[1], n_reference=args.n_reference,
+                                       energy_mode=args.energy)
+    meta = {"kind": "latent_distance",
+            "recipe": f"reference: {args.reference} (up to {args.max_reference_frames} frames); "
+                      f"calibration: {args.calibration}",
+            "fit": {k: v for k, v in report.items() if k != "bins"}}
+    out = save_uncertainty(part, path, metadata=meta)
+    print(describe_fit(report, out))
+    print(f"use: ESTCalculator(model={str(path)!r}, uncertainty=True)")
     return 0
 
 

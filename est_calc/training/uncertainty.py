@@ -53,7 +53,7 @@ FLAG_QUANTILE = 0.95
 DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
-           "train_with_uncertainty", "fit_run_uncertainty",
+           "train_with_uncertainty", "fit_run_uncertainty", "describe_fit",
            "spearman", "miscalibration_area"]
 
 
@@ -346,9 +346,15 @@ def fit_run_uncertainty(cfg, potential_path) -> Path:
                       f"calibration: {source}",
             "fit": {k: v for k, v in report.items() if k != "bins"}}
     out = save_uncertainty(part, potential_path, metadata=meta)
-    print(f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
-          f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
-          f"{report['n_calibration_atoms']} calibration atoms; 95 % in-distribution flag "
-          f"thresholds: largest std {report['thresholds']['max']:.4g}, RMS std "
-          f"{report['thresholds']['rms']:.4g} eV/Å, the recipes' 'auto') -> {out}")
+    print(describe_fit(report, out))
     return out
+
+
+def describe_fit(report: dict, out) -> str:
+    """One line on a fit of :func:`fit_latent_distance` written to the sidecar ``out``."""
+    th = report["thresholds"]
+    return (f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
+            f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
+            f"{report['n_calibration_atoms']} calibration atoms; 95 % in-distribution flag "
+            f"thresholds: largest std {th['max']:.4g}, RMS std {th['rms']:.4g} eV/Å, the "
+            f"recipes' 'auto') -> {out}")

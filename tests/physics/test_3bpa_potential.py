@@ -184,6 +184,35 @@ def test_held_out_errors_are_those_of_the_card(calc64):
     assert e_rmse == pytest.approx(card["energy_rmse_meV"], rel=0.05, abs=0.5)
 
 
+@needs_data
+def test_uncertainty_part_ships_and_flags_hotter_frames():
+    """ESTCalculator("est-3bpa", uncertainty=True) works out of the box: its part was fitted on
+    the benchmark's split (`est fit-uncertainty`, training frames as reference, the 50 held-out
+    ones as calibration), so about 5 % of those 50 frames are above its stored largest-std
+    threshold, and the same frames rattled by 0.1 Å (far hotter than 300 K) get larger stds."""
+    from ase.io import read
+
+    from est_calc.calculator import ESTCalculator
+
+    calc = ESTCalculator(NAME, device="cpu", uncertainty=True)
+    thresholds = calc.potential.uncertainty.thresholds
+    frames = read(DATA / "train_300K.xyz", index=":")
+    order = np.random.default_rng(0).permutation(len(frames))
+    held = [frames[i] for i in order[450:500]]
+    cool, hot = [], []
+    for k, atoms in enumerate(held):
+        a = atoms.copy()
+        a.calc = calc
+        a.get_forces()
+        cool.append(float(calc.results["forces_std"].max()))
+        a.rattle(0.1, seed=k)
+        a.get_forces()
+        hot.append(float(calc.results["forces_std"].max()))
+    above = np.mean(np.array(cool) > thresholds["max"])
+    assert 0.02 <= above <= 0.08
+    assert np.median(hot) > 1.5 * np.median(cool) and np.mean(np.array(hot) > thresholds["max"]) > 0.5
+
+
 if __name__ == "__main__":
     if "--write" in sys.argv:
         write_golden()

@@ -129,3 +129,31 @@ def test_spearman_is_nan_where_no_ranking_exists():
         assert np.isnan(spearman(np.ones(4), np.arange(4.0)))
         assert np.isnan(spearman(np.arange(4.0), np.zeros(4)))
         assert np.isnan(spearman(np.ones(1), np.ones(1)))
+
+
+def test_fit_uncertainty_of_an_existing_potential(config, tmp_path, capsys):
+    """`est fit-uncertainty` gives a trained potential file the part `est train --uncertainty`
+    would have fitted; it refuses to replace a sidecar without --overwrite and names a missing
+    file, each in one line with a non-zero exit."""
+    assert main(["train", str(config(tmp_path))]) == 0
+    run = tmp_path / "run"
+    assert not (run / "potential.uncertainty").exists()
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())["data"]
+    argv = ["fit-uncertainty", str(run / "potential.pt"), "--reference", data["train"],
+            "--calibration", data["val"]]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "uncertainty: latent distance fitted" in out and "uncertainty=True" in out
+    part = ESTCalculator(str(run / "potential.pt"), device="cpu", uncertainty=True
+                         ).potential.uncertainty
+    assert set(part.thresholds) == {"max", "rms"}
+    assert np.all(_forces_std(ESTCalculator(str(run / "potential.pt"), device="cpu",
+                                            uncertainty=True)) > 0)
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --overwrite" in err[0]
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(["fit-uncertainty", str(tmp_path / "none.pt"), "--reference", data["train"],
+                 "--calibration", data["val"]]) != 0
+    assert "not found" in capsys.readouterr().err
