@@ -128,11 +128,8 @@ def _fit_uncertainty(args) -> int:
     potential file that exists already (trained elsewhere, or before the option)."""
     from pathlib import Path
 
-    from est_calc.potential import load_potential
-    from est_calc.training.datasets import FrameSubset, check_species
-    from est_calc.training.trainer import _open
-    from est_calc.training.uncertainty import describe_fit, fit_latent_distance
-    from est_calc.uncertainty import save_uncertainty, sidecar_path
+    from est_calc.training.uncertainty import fit_and_save
+    from est_calc.uncertainty import sidecar_path
 
     path = Path(args.potential)
     if not path.is_file():
@@ -141,24 +138,9 @@ def _fit_uncertainty(args) -> int:
     side = sidecar_path(path)
     if side.exists() and not args.overwrite:
         raise ValueError(f"{side} exists; pass --overwrite to replace it")
-    pot = load_potential(str(path))
-    sets = []
-    for label, source, limit in (("reference", args.reference, args.max_reference_frames),
-                                 ("calibration", args.calibration, None)):
-        data, good, _ = _open(source, limit, "skip", label)
-        if not good:
-            raise ValueError(f"--{label} {source} has no usable frames")
-        frames = FrameSubset(data, good)
-        check_species(frames, pot.species, what=str(source), owner=f"potential {path}")
-        sets.append(frames)
-    part, report = fit_latent_distance(pot, sets[0], sets[1], n_reference=args.n_reference,
-                                       energy_mode=args.energy)
-    meta = {"kind": "latent_distance",
-            "recipe": f"reference: {args.reference} (up to {args.max_reference_frames} frames); "
-                      f"calibration: {args.calibration}",
-            "fit": {k: v for k, v in report.items() if k != "bins"}}
-    out = save_uncertainty(part, path, metadata=meta)
-    print(describe_fit(report, out))
+    fit_and_save(path, args.reference, args.calibration,
+                 max_reference_frames=args.max_reference_frames, n_reference=args.n_reference,
+                 energy_mode=args.energy)
     print(f"use: ESTCalculator(model={str(path)!r}, uncertainty=True)")
     return 0
 

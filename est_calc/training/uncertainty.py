@@ -53,7 +53,7 @@ FLAG_QUANTILE = 0.95
 DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
-           "train_with_uncertainty", "fit_run_uncertainty", "describe_fit",
+           "train_with_uncertainty", "fit_run_uncertainty", "fit_and_save", "describe_fit",
            "spearman", "miscalibration_area"]
 
 
@@ -325,25 +325,44 @@ def train_with_uncertainty(cfg, *, init: str | None = None, resume: bool = False
 def fit_run_uncertainty(cfg, potential_path) -> Path:
     """Fit and write the latent-distance sidecar of a run's exported potential (``cfg`` as in
     :func:`train_with_uncertainty`); returns the sidecar's path."""
+    u = cfg.uncertainty
+    return fit_and_save(potential_path, cfg.data.train,
+                        u.calibration if u.calibration is not None else cfg.data.val,
+                        max_reference_frames=u.max_reference_frames, n_reference=u.n_reference,
+                        seed=cfg.train.seed, energy_mode=cfg.data.energy,
+                        pool_radius=u.pool_radius, self_weight=u.self_weight)
+
+
+def fit_and_save(potential_path, reference, calibration, *,
+                 max_reference_frames: int | None = 2000, n_reference: int = 2048,
+                 seed: int = 0, energy_mode: str = "total", pool_radius: float | None = None,
+                 self_weight: float = DEFAULT_SELF_WEIGHT) -> Path:
+    """Fit the latent distance of the potential file ``potential_path`` on the data files
+    ``reference`` (up to ``max_reference_frames`` frames) and ``calibration``, write it as the
+    file's sidecar, print one line on the fit and return the sidecar's path. Raises ValueError
+    for a data file without usable frames or with elements the potential does not know."""
     from est_calc.potential import load_potential
-    from est_calc.training.datasets import FrameSubset
+    from est_calc.training.datasets import FrameSubset, check_species
     from est_calc.training.trainer import _open
     from est_calc.uncertainty import save_uncertainty
 
-    u = cfg.uncertainty
     potential = load_potential(str(potential_path))
-    data, good, _ = _open(cfg.data.train, u.max_reference_frames, "skip", "train")
-    reference = FrameSubset(data, good)
-    source = u.calibration if u.calibration is not None else cfg.data.val
-    data, good, _ = _open(source, None, "skip", "calibration")
-    calibration = FrameSubset(data, good)
-    part, report = fit_latent_distance(potential, reference, calibration,
-                                       n_reference=u.n_reference, seed=cfg.train.seed,
-                                       energy_mode=cfg.data.energy, pool_radius=u.pool_radius,
-                                       self_weight=u.self_weight)
+    sets = []
+    for label, source, limit in (("reference", reference, max_reference_frames),
+                                 ("calibration", calibration, None)):
+        data, good, _ = _open(source, limit, "skip", label)
+        if not good:
+            raise ValueError(f"{label} data {source} has no usable frames")
+        frames = FrameSubset(data, good)
+        check_species(frames, potential.species, what=str(source),
+                      owner=f"potential {potential_path}")
+        sets.append(frames)
+    part, report = fit_latent_distance(potential, sets[0], sets[1], n_reference=n_reference,
+                                       seed=seed, energy_mode=energy_mode,
+                                       pool_radius=pool_radius, self_weight=self_weight)
     meta = {"kind": "latent_distance",
-            "recipe": f"reference: {cfg.data.train} (up to {u.max_reference_frames} frames); "
-                      f"calibration: {source}",
+            "recipe": f"reference: {reference} (up to {max_reference_frames} frames); "
+                      f"calibration: {calibration}",
             "fit": {k: v for k, v in report.items() if k != "bins"}}
     out = save_uncertainty(part, potential_path, metadata=meta)
     print(describe_fit(report, out))

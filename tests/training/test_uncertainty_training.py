@@ -157,3 +157,11 @@ def test_fit_uncertainty_of_an_existing_potential(config, tmp_path, capsys):
     assert main(["fit-uncertainty", str(tmp_path / "none.pt"), "--reference", data["train"],
                  "--calibration", data["val"]]) != 0
     assert "not found" in capsys.readouterr().err
+    water = bulk("Cu", "fcc", a=3.6, cubic=True)
+    water.numbers[0] = 8  # an element the potential was not trained on
+    water.calc = EMT()
+    water.get_potential_energy()
+    write_extxyz_with_sidecar([frame_from_atoms(water, sid=0, fid=0)], tmp_path / "o.extxyz")
+    assert main([*argv[:4], "--calibration", str(tmp_path / "o.extxyz"), "--overwrite"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "O" in err[0]
