@@ -87,6 +87,9 @@ def resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold
         if not _is_auto(value):
             out.append(None if value is None else float(value))
             continue
+        if getattr(calc, "committee", None):
+            raise ValueError(f"{name}='auto' takes a latent uncertainty part's stored "
+                             f"thresholds; a committee's spread has none: give a number (eV/Å)")
         part = getattr(getattr(calc, "potential", None), "uncertainty", None)
         stored = getattr(part, "thresholds", {}) or {}
         if key not in stored:

@@ -179,6 +179,9 @@ def test_auto_thresholds_are_the_potentials_own(cu, tmp_path):
         relax(cu, StdEMT(), uncertainty_rms_threshold="auto")
     with pytest.raises(ValueError, match="uncertainty_threshold must be a finite number > 0"):
         run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="sometimes")
+    calc.committee = [object(), object()]  # a committee whose first member has a latent part
+    with pytest.raises(ValueError, match="a committee's spread has none"):
+        run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="auto")
 
 
 def test_cli_auto_threshold_of_the_shipped_potential(cu, tmp_path, capsys):
