@@ -111,7 +111,8 @@ def tiny_package64(make_potential, tmp_path_factory):
     """(source .pt, package .pt2) of ``make_potential("so2", n_layers=1)`` (the one-layer "tiny"
     potential, H C O Cu, cutoff 4 Å) exported in float64 through the ``est export`` command line,
     once per session: tests/deploy, tests/lammps and tests/benchmarks/test_lammps_bench.py all
-    use it (an export compiles for about a minute). Read-only: copy it to change it."""
+    use it (an export compiles for about a minute; made once per run, whatever the number of
+    pytest-xdist workers). Read-only: copy it to change it."""
     from est_calc.cli import main
     from est_calc.potential import save_potential
 
