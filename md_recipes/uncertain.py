@@ -2,11 +2,12 @@
 
 A calculator that returns ``forces_std`` (eV/Å per atom, ``ESTCalculator(uncertainty=True)``,
 :mod:`est_calc.uncertainty`) tells where the potential is extrapolating. :class:`UncertaintyWatch`
-reads the largest per-atom value after every step of :func:`md_recipes.run_md` or
-:func:`md_recipes.relax`; when it exceeds the threshold the structure is appended to an extxyz
+reads the largest per-atom value and the frame's RMS after every step of :func:`md_recipes.run_md`
+or :func:`md_recipes.relax`; when one exceeds its threshold the structure is appended to an extxyz
 file for relabelling (positions, cell, pbc, the per-atom ``forces_std`` array and, in the info
-line, the step and ``max_force_std``; no model energy or forces, which would read as labels), and
-the run either goes on ("record") or stops with :class:`UncertainStructure` ("stop").
+line, the step, ``max_force_std`` and ``rms_force_std``; no model energy or forces, which would
+read as labels), and the run either goes on ("record") or stops with :class:`UncertainStructure`
+("stop").
 
 Two statistics of a frame can be watched, each against its own threshold (either or both):
 
