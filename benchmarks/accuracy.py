@@ -662,21 +662,16 @@ def stage_uncertainty(args, out: Path, split: dict) -> dict:
     from ase.io import read
 
     from est_calc import ESTCalculator
-    from est_calc.potential import load_potential
-    from est_calc.training.datasets import open_dataset
-    from est_calc.training.uncertainty import fit_latent_distance, spearman
-    from est_calc.uncertainty import save_uncertainty
+    from est_calc.training.uncertainty import fit_and_save, spearman
 
     folder = out / "est_uncertainty"
     folder.mkdir(exist_ok=True)
     path = folder / "potential.pt"
     shutil.copyfile(out / "est" / "potential.pt", path)  # the sidecar is bound to this copy
-    part, fit = fit_latent_distance(load_potential(str(path)),
-                                    list(open_dataset(out / "train.xyz")),
-                                    list(open_dataset(out / "valid.xyz")))
-    save_uncertainty(part, path)
-    th = part.thresholds
+    fit_and_save(path, out / "train.xyz", out / "valid.xyz")
     calc = ESTCalculator(model=str(path), dtype=args.dtype, device="cpu", uncertainty=True)
+    part = calc.potential.uncertainty
+    th = part.thresholds
     rows, result = [], {"thresholds": th, "sets": {}}
     for label, s in split["evals"].items():
         frames = read(s["file"], index=":")
@@ -717,7 +712,7 @@ def stage_uncertainty(args, out: Path, split: dict) -> dict:
                          f"{100 * (over_max | over_rms).mean():.1f} %", f"{rank:.3f} ({what})"])
     text = ("## EST's latent uncertainty on the evaluation sets\n\n"
             f"Fitted on the training frames (reference) and the validation frames (calibration): "
-            f"a = {fit['force_a']:.4g} eV/Å, b = {fit['force_b']:.4g}; flag thresholds (95 % of "
+            f"a = {part.force_a:.4g} eV/Å, b = {part.force_b:.4g}; flag thresholds (95 % of "
             f"the validation frames under each) {th['max']:.4g} eV/Å (largest per-atom std) and "
             f"{th['rms']:.4g} eV/Å (the frame's RMS).\n\n"
             + markdown_table(["set", "frames", "flagged: largest std", "flagged: RMS std",

@@ -171,9 +171,9 @@ def _resolve_auto(calc, kwargs: dict) -> None:
 
 def _uncertainty_kwargs(args) -> dict:
     """The recipes' uncertainty arguments of the command line, checked."""
-    from md_recipes.uncertain import check_uncertainty_arguments
+    from md_recipes.uncertain import check_uncertainty_arguments, watching
 
-    on = args.uncertainty_threshold is not None or args.uncertainty_rms_threshold is not None
+    on = watching(args.uncertainty_threshold, args.uncertainty_rms_threshold)
     kwargs = dict(uncertainty_threshold=args.uncertainty_threshold,
                   on_uncertain=args.on_uncertain,
                   uncertain_frames=args.uncertain_frames if on else None,
@@ -183,8 +183,9 @@ def _uncertainty_kwargs(args) -> dict:
 
 
 def _watched(kwargs: dict) -> bool:
-    return (kwargs["uncertainty_threshold"] is not None
-            or kwargs["uncertainty_rms_threshold"] is not None)
+    from md_recipes.uncertain import watching
+
+    return watching(kwargs["uncertainty_threshold"], kwargs["uncertainty_rms_threshold"])
 
 
 def _report_uncertain(steps: list, kwargs: dict) -> None:

@@ -41,8 +41,7 @@ from md_recipes.safety import (
     check_finite_state,
     check_output_path,
 )
-from md_recipes.uncertain import (UncertaintyWatch, check_uncertainty_arguments,
-                                  resolve_thresholds)
+from md_recipes.uncertain import check_uncertainty_arguments, make_watch, watching
 
 __all__ = ["ENSEMBLES", "MDResult", "run_md", "read_checkpoint", "SimulationUnstable",
            "TEMPERATURE_FLOOR_K"]
@@ -392,14 +391,10 @@ def run_md(
     resuming = restart is not None and os.path.exists(restart)
     header, saved = (read_checkpoint(restart) if resuming else (None, None))
     work = atoms.copy()
-    watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
+    watched = watching(uncertainty_threshold, uncertainty_rms_threshold)
     work.calc = default_calculator(uncertainty=watched) if calc is None else calc
-    watch = None
-    if watched:
-        max_t, rms_t = resolve_thresholds(work.calc, uncertainty_threshold,
-                                          uncertainty_rms_threshold)
-        watch = UncertaintyWatch(max_t, on_uncertain, uncertain_frames, label="MD",
-                                 append=resuming, rms_threshold=rms_t)
+    watch = make_watch(work.calc, uncertainty_threshold, uncertainty_rms_threshold, on_uncertain,
+                       uncertain_frames, label="MD", append=resuming)
     if ensemble == "nvt-langevin" and not work.constraints:
         work.set_constraint(FixCom())
     rng = np.random.default_rng(seed)

@@ -174,23 +174,19 @@ def relax(
     """
     from ase.optimize import BFGS, FIRE, LBFGS
 
-    from md_recipes.uncertain import (UncertaintyWatch, check_uncertainty_arguments,
-                                      resolve_thresholds)
+    from md_recipes.uncertain import check_uncertainty_arguments, make_watch, watching
 
     name = _check_common(fmax_eV_per_A, max_steps, optimizer, max_force_eV_per_A)
     check_uncertainty_arguments(uncertainty_threshold, on_uncertain, uncertain_frames,
                                 uncertainty_rms_threshold)
     if len(atoms) == 0:
         raise ValueError("cannot relax an empty Atoms object")
-    watched = uncertainty_threshold is not None or uncertainty_rms_threshold is not None
     work = atoms.copy()
-    work.calc = default_calculator(uncertainty=watched) if calc is None else calc
-    uncertainty = None
-    if watched:
-        max_t, rms_t = resolve_thresholds(work.calc, uncertainty_threshold,
-                                          uncertainty_rms_threshold)
-        uncertainty = UncertaintyWatch(max_t, on_uncertain, uncertain_frames,
-                                       label="relaxation", rms_threshold=rms_t)
+    work.calc = (default_calculator(uncertainty=watching(uncertainty_threshold,
+                                                         uncertainty_rms_threshold))
+                 if calc is None else calc)
+    uncertainty = make_watch(work.calc, uncertainty_threshold, uncertainty_rms_threshold,
+                             on_uncertain, uncertain_frames, label="relaxation")
     target = work
     if relax_cell:
         if not work.pbc.all():

@@ -34,7 +34,7 @@ import numpy as np
 from md_recipes.safety import SimulationUnstable, check_output_path
 
 __all__ = ["AUTO", "ON_UNCERTAIN", "UncertainStructure", "UncertaintyWatch",
-           "check_uncertainty_arguments", "resolve_thresholds"]
+           "check_uncertainty_arguments", "make_watch", "resolve_thresholds", "watching"]
 
 #: A threshold given as this string is the potential's own (:func:`resolve_thresholds`).
 AUTO = "auto"
@@ -100,6 +100,23 @@ def resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold
                 f"{type(calc).__name__}'s has none: give a number (eV/Å)")
         out.append(float(stored[key]))
     return out[0], out[1]
+
+
+def watching(uncertainty_threshold, uncertainty_rms_threshold) -> bool:
+    """Whether a run watches its uncertainty: either threshold is given (its calculator must
+    then return ``forces_std``)."""
+    return uncertainty_threshold is not None or uncertainty_rms_threshold is not None
+
+
+def make_watch(calc, uncertainty_threshold, uncertainty_rms_threshold, on_uncertain: str,
+               path, *, label: str, append: bool = False) -> UncertaintyWatch | None:
+    """The :class:`UncertaintyWatch` of a run whose calculator is ``calc`` ("auto" thresholds
+    resolved from it), or None when neither threshold is given."""
+    if not watching(uncertainty_threshold, uncertainty_rms_threshold):
+        return None
+    max_t, rms_t = resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold)
+    return UncertaintyWatch(max_t, on_uncertain, path, label=label, append=append,
+                            rms_threshold=rms_t)
 
 
 class UncertaintyWatch:

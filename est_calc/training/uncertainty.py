@@ -53,7 +53,7 @@ FLAG_QUANTILE = 0.95
 DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
-           "train_with_uncertainty", "fit_run_uncertainty", "fit_and_save", "describe_fit",
+           "train_with_uncertainty", "fit_run_uncertainty", "fit_and_save",
            "spearman", "miscalibration_area"]
 
 
@@ -365,15 +365,10 @@ def fit_and_save(potential_path, reference, calibration, *,
                       f"calibration: {calibration}",
             "fit": {k: v for k, v in report.items() if k != "bins"}}
     out = save_uncertainty(part, potential_path, metadata=meta)
-    print(describe_fit(report, out))
-    return out
-
-
-def describe_fit(report: dict, out) -> str:
-    """One line on a fit of :func:`fit_latent_distance` written to the sidecar ``out``."""
     th = report["thresholds"]
-    return (f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
-            f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
-            f"{report['n_calibration_atoms']} calibration atoms; 95 % in-distribution flag "
-            f"thresholds: largest std {th['max']:.4g}, RMS std {th['rms']:.4g} eV/Å, the "
-            f"recipes' 'auto') -> {out}")
+    print(f"uncertainty: latent distance fitted (a={report['force_a']:.4g}, "
+          f"b={report['force_b']:.4g}, Spearman {report['spearman_calibration']:.3f} on "
+          f"{report['n_calibration_atoms']} calibration atoms; 95 % in-distribution flag "
+          f"thresholds: largest std {th['max']:.4g}, RMS std {th['rms']:.4g} eV/Å, the "
+          f"recipes' 'auto') -> {out}")
+    return out

@@ -288,6 +288,18 @@ def test_time_budget_fits_the_schedule_into_the_budget_and_resumes_with_it(data_
     assert again.step == trainer.step
 
 
+def _replans(data_dir, out, sim_clock, caplog, seconds_of_step, what: str) -> None:
+    """A 10 s budget with steps of ``seconds_of_step(k)``: the run set its schedule, then made
+    it again (``what``: "shortened" or "lengthened"), never used the budget up, and ended with
+    80-100 % of it spent."""
+    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
+    _, trainer = _budget_trainer(data_dir, out, 10.0)
+    _fit_with_pace(trainer, sim_clock, seconds_of_step)
+    assert "schedule set" in caplog.text and f"schedule {what}" in caplog.text
+    assert "used up" not in caplog.text
+    assert 0.8 * 10.0 < trainer.elapsed_s <= 10.0
+
+
 def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp_path, sim_clock,
                                                                    caplog):
     """Steps that become three times as slow two steps after the plan (a shared machine): the
@@ -295,13 +307,9 @@ def test_time_budget_shortens_the_schedule_when_the_run_slows_down(data_dir, tmp
     being cut mid-decay."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
-    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
     slow_from = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 2
-    _, trainer = _budget_trainer(data_dir, tmp_path / "slow", 10.0)
-    _fit_with_pace(trainer, sim_clock, lambda k: 0.05 if k < slow_from else 0.15)
-    assert "schedule set" in caplog.text and "schedule shortened" in caplog.text
-    assert "used up" not in caplog.text
-    assert 0.8 * 10.0 < trainer.elapsed_s <= 10.0
+    _replans(data_dir, tmp_path / "slow", sim_clock, caplog,
+             lambda k: 0.05 if k < slow_from else 0.15, "shortened")
 
 
 def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp_path, sim_clock,
@@ -311,13 +319,9 @@ def test_time_budget_lengthens_the_schedule_when_the_run_speeds_up(data_dir, tmp
     and still ends with a fully decayed schedule."""
     from est_calc.training.trainer import CALIBRATION_STEPS, CALIBRATION_WARMUP_STEPS
 
-    caplog.set_level(logging.INFO, logger="est_calc.training.trainer")
     slow_until = CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS + 5
-    _, trainer = _budget_trainer(data_dir, tmp_path / "fast", 10.0)
-    _fit_with_pace(trainer, sim_clock, lambda k: 0.1 if k < slow_until else 0.05)
-    assert "schedule set" in caplog.text and "schedule lengthened" in caplog.text
-    assert "used up" not in caplog.text
-    assert 0.8 * 10.0 < trainer.elapsed_s <= 10.0
+    _replans(data_dir, tmp_path / "fast", sim_clock, caplog,
+             lambda k: 0.1 if k < slow_until else 0.05, "lengthened")
 
 
 def test_time_budget_stops_a_run_that_outlives_it(data_dir, tmp_path, sim_clock):
