@@ -92,6 +92,9 @@ class ModelConfig:
         fourier_channels: C_f, channels of the per-edge grid in the "est" message block.
         message_heads: attention heads of the per-edge cross-attention (divides fourier_channels).
         so2_m_max: M, the largest |m| kept by the "so2" message block.
+        so2_neighbour_sum: the "so2" message block adds a plain neighbour sum (learned weight per
+            head over avg_degree) to its softmax attention, as the "est" block does; without it
+            the message is a weighted mean over the neighbours (``nn/message_so2.py``).
         n_rbf: number of radial basis functions.
         rbf: radial basis: "bessel" | "gaussian".
         envelope_p: order p of the polynomial cutoff envelope.
@@ -126,6 +129,7 @@ class ModelConfig:
     fourier_channels: int = 8
     message_heads: int = 2
     so2_m_max: int = 2
+    so2_neighbour_sum: bool = False
     n_rbf: int = 8
     rbf: str = "bessel"
     envelope_p: int = 5
@@ -170,7 +174,7 @@ class ModelConfig:
                              f"message_heads={self.message_heads}")
         if self.so2_m_max > self.l_max:
             raise ValueError(f"so2_m_max={self.so2_m_max} exceeds l_max={self.l_max}")
-        for name in ("rotate_grid_in_training", "zbl"):
+        for name in ("rotate_grid_in_training", "zbl", "so2_neighbour_sum"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         f = self.zbl_radius_factor
@@ -272,7 +276,8 @@ def _message_block(c: ModelConfig, grid: nn.Module, scalar: bool) -> nn.Module:
                    hidden_mult=c.hidden_mult, avg_degree=c.avg_degree)
     cls = ScalarSO2MessageBlock if scalar else SO2MessageBlock
     return cls(c.l_max, c.so2_m_max, c.channels, n_heads=c.n_heads, n_rbf=c.n_rbf,
-               species_channels=c.species_channels, radial_hidden=c.radial_hidden)
+               species_channels=c.species_channels, radial_hidden=c.radial_hidden,
+               neighbour_sum=c.so2_neighbour_sum, avg_degree=c.avg_degree)
 
 
 class ESTModel(nn.Module):

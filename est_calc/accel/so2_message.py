@@ -188,7 +188,7 @@ class FastSO2MessageBlock(SO2MessageBlock):
         a = self.alpha_norm(s_alpha.view(n_edges, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)        # (E, H)
         alpha = bounded_segment_softmax(logits, envelope, i, n_nodes, self._logit_bound())
-        alpha = alpha * envelope.unsqueeze(-1)
+        alpha = self.with_sum(alpha) * envelope.unsqueeze(-1)
         # alpha per value channel (head-major, as v's channels), then one broadcast over rows: a
         # broadcast over the innermost d_v channels of (E, K_M, H, d_v) is several times slower
         # on the CPU, forward and backward (the gradient of alpha becomes a strided reduction).

@@ -15,8 +15,15 @@ y <- Gate(y; gates from s)                        SiLU on l = 0,   gate (``gate(
 v = SO2Linear_2(y)                                (K_M, H d_v)     conv (``self.conv2``)
 a_eh = a_h . SmoothLeakyReLU(LayerNorm(s_h))      (H,)             attend (``attention_weights()``)
 alpha_eh = u_e exp(a_eh) / sum_{e' -> i} u_e' exp(a_e'h)
+  (+ w_h / <deg> with ``neighbour_sum``)                                   ``attention_weights()``
 x_i += DWLinear( sum_j D_e^T (u_e alpha_eh v_eh) )                 rotate back, sum, ``self.proj``
 =================================================================  ==============================
+
+The softmax makes the message a weighted *mean* over the neighbours: the weights sum to one
+whatever their number, so the count of neighbours reaches the features only through the
+envelope. ``neighbour_sum`` adds a learned per-head weight w_h / <deg> to every alpha_eh (w_h
+starts at 1), i.e. the plain neighbour sum that the "est" block (``message.py``) keeps beside its
+attention: an atom with one neighbour fewer then also receives one message fewer.
 
 SO2Linear: for m = 0 an ordinary linear map over (l, channel); for m > 0 the pair
 (x_{+m}, x_{-m}) maps as y_{+m} = W_r x_{+m} - W_i x_{-m}, y_{-m} = W_i x_{+m} + W_r x_{-m}, which
@@ -200,11 +207,14 @@ class SO2MessageBlock(nn.Module):
         hidden_channels: C_h, channels between the two SO(2) maps (default C).
         alpha_channels: d_alpha, attention scalars per head (default max(C // H, 8)).
         value_channels: d_v, value channels per head (default max(C // H, 1)).
+        neighbour_sum: add w_h / avg_degree to the attention weights (module docstring).
+        avg_degree: <deg>, the normaliser of that sum (typical number of neighbours).
     """
 
     def __init__(self, l_max: int, m_max: int, channels: int, *, n_heads: int, n_rbf: int,
                  species_channels: int, radial_hidden: int, hidden_channels: int | None = None,
-                 alpha_channels: int | None = None, value_channels: int | None = None):
+                 alpha_channels: int | None = None, value_channels: int | None = None,
+                 neighbour_sum: bool = False, avg_degree: float = 1.0):
         super().__init__()
         L, M, C, H = l_max, m_max, channels, n_heads
         if L < 0 or not 0 <= M <= L or C < 1 or H < 1:
@@ -222,6 +232,8 @@ class SO2MessageBlock(nn.Module):
         self.radial = RadialMLP(n_rbf + 2 * species_channels, radial_hidden, self.conv1.radial_size)
         self.alpha_norm = nn.LayerNorm(d_alpha)
         self.alpha_dot = nn.Parameter(torch.randn(H, d_alpha) / d_alpha**0.5)
+        self.w_sum = nn.Parameter(torch.ones(H)) if neighbour_sum else None
+        self.avg_degree = float(avg_degree)
         self.proj = DWLinear(L, H * d_value, C, bias=False)
         degree = [int(k**0.5) for k in so2_index(L, M).tolist()]
         self.register_buffer("_row_degree", torch.tensor(degree, dtype=torch.long),
@@ -246,10 +258,16 @@ class SO2MessageBlock(nn.Module):
 
     def attention_weights(self, s_alpha: Tensor, envelope: Tensor, center: Tensor,
                           n_nodes: int) -> Tensor:
-        """u_e alpha_eh (E, H) from the attention scalars s_alpha (E, H d_alpha)."""
+        """u_e alpha_eh (E, H) from the attention scalars s_alpha (E, H d_alpha) (with the
+        neighbour-sum weight w_h / <deg> added to alpha_eh when the block has one)."""
         a = self.alpha_norm(s_alpha.view(-1, self.n_heads, self.d_alpha))
         logits = (smooth_leaky_relu(a) * self.alpha_dot).sum(-1)
-        return segment_softmax(logits, envelope, center, n_nodes) * envelope.unsqueeze(-1)
+        return self.with_sum(segment_softmax(logits, envelope, center, n_nodes)) \
+            * envelope.unsqueeze(-1)
+
+    def with_sum(self, alpha: Tensor) -> Tensor:
+        """alpha (E, H) plus w_h / <deg> when the block has a neighbour sum, else alpha."""
+        return alpha if self.w_sum is None else alpha + self.w_sum / self.avg_degree
 
     def forward(self, x: Tensor, edges: EdgeFeatures) -> Tensor:
         """x (N, K, C) -> x plus the aggregated messages (N, K, C)."""
@@ -270,7 +288,9 @@ class SO2MessageBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"l_max={self.l_max}, m_max={self.m_max}, channels={self.channels}, "
-                f"heads={self.n_heads}, alpha={self.d_alpha}, value={self.d_value}")
+                f"heads={self.n_heads}, alpha={self.d_alpha}, value={self.d_value}"
+                + (f", neighbour_sum (<deg> {self.avg_degree:g})" if self.w_sum is not None
+                   else ""))
 
 
 class ScalarSO2MessageBlock(SO2MessageBlock):

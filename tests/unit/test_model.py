@@ -258,3 +258,46 @@ def test_state_dict_keys_shapes_and_parameter_order_are_pinned(key):
         params = [k for k, _ in m.named_parameters()]
         text = json.dumps({"state": sorted(state), "params": params})
         assert hashlib.sha256(text.encode()).hexdigest()[:16] == STATE_LAYOUT[key]
+
+
+def test_so2_neighbour_sum_adds_one_message_per_neighbour(ethanol, copper):
+    """so2_neighbour_sum: with every w_h = 0 the model is the attention-only one (same other
+    weights); with w_h != 0 it differs, and the difference is what the sum path says: for one
+    block, the weights u (alpha + w / <deg>) exceed the attention-only ones by u w / <deg>."""
+    base = make_model(seed=3, message="so2")
+    summed = ESTModel(ModelConfig.preset("tiny", message="so2", so2_neighbour_sum=True)).double()
+    missing, unexpected = summed.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == [f"messages.{k}.w_sum"
+                                                  for k in range(len(summed.messages))]
+    summed.eval()
+    with torch.no_grad():
+        for block in summed.messages:
+            block.w_sum.zero_()
+    for atoms in (ethanol, copper):
+        assert torch.allclose(run(summed, atoms).energy, run(base, atoms).energy, rtol=0,
+                              atol=1e-12)
+    with torch.no_grad():
+        for block in summed.messages:
+            block.w_sum.fill_(0.7)
+    assert (run(summed, ethanol).energy - run(base, ethanol).energy).abs().item() > 1e-6
+
+    block, plain = summed.messages[0], base.messages[0]
+    gen = torch.Generator().manual_seed(0)
+    s_alpha = torch.randn(6, block.n_heads * block.d_alpha, generator=gen, dtype=torch.float64)
+    u = torch.tensor([0.2, 0.9, 0.5, 1.0, 0.3, 0.8], dtype=torch.float64)
+    centre = torch.tensor([0, 0, 0, 1, 1, 2])
+    extra = block.attention_weights(s_alpha, u, centre, 3) - plain.attention_weights(
+        s_alpha, u, centre, 3)
+    expected = u[:, None] * block.w_sum / block.avg_degree
+    assert torch.allclose(extra, expected.expand_as(extra), atol=1e-14)
+    assert block.avg_degree == summed.config.avg_degree
+
+
+def test_so2_neighbour_sum_config_round_trip_and_legacy():
+    cfg = ModelConfig.preset("molecule", so2_neighbour_sum=True)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["so2_neighbour_sum"]                 # a config written before the field existed
+    assert ModelConfig.from_dict(old).so2_neighbour_sum is False
+    with pytest.raises(ValueError, match="so2_neighbour_sum"):
+        ModelConfig(so2_neighbour_sum="yes")
