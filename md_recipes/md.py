@@ -165,6 +165,16 @@ def _write_checkpoint(path, atoms, dyn, ensemble, step, rng, meta) -> None:
         np.savez(fh, **arrays)
 
 
+def _last_column_line(logfile) -> str | None:
+    """The last "# step ..." column line of an MD log, or None (no such file or line)."""
+    try:
+        with open(logfile) as handle:
+            lines = [line.rstrip("\n") for line in handle if line.startswith("# step")]
+    except FileNotFoundError:
+        return None
+    return lines[-1] if lines else None
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """Read a checkpoint written by :func:`run_md`.
 
@@ -333,7 +343,9 @@ def run_md(
         n_steps: TOTAL number of steps of the run; a restarted run continues up to it.
         seed: seeds the Generator of the initial momenta and of the stochastic thermostats.
         trajectory: ASE .traj written every ``log_every`` steps (appended on restart).
-        logfile: text log of step, time, Epot, Ekin, Etot, T (and P) every ``log_every`` steps.
+        logfile: text log of step, time, Epot, Ekin, Etot, T (and P) every ``log_every`` steps
+            (appended on restart; when the columns differ from the log's last column line, e.g.
+            a watch added on restart, the column line is repeated where the new part starts).
         log_every: sampling interval in steps (log, trajectory, checkpoint, result arrays).
         restart: checkpoint path (.npz); written every ``log_every`` steps and at the end, each
             time as a whole file (temporary file, then rename). If it exists, the run continues
@@ -486,12 +498,20 @@ def run_md(
             from ase.io import Trajectory
 
             traj = Trajectory(trajectory, "a" if resuming else "w", work)
-        log = open(logfile, "a" if resuming else "w") if logfile is not None else None
-        if log is not None and not resuming:
+        columns = ("# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa"
+                   + ("  max_Fstd_eV_per_A  rms_Fstd_eV_per_A" if watch is not None else ""))
+        if logfile is not None and resuming:
+            # The columns this run writes may differ from those of the log it appends to (the
+            # earlier part ran without an uncertainty watch, or with another version's columns):
+            # then the column line is repeated where this part starts.
+            previous = _last_column_line(logfile)
+            log = open(logfile, "a")
+            if previous != columns:
+                log.write(f"# restarted at step {start}; columns from here on:\n{columns}\n")
+        elif logfile is not None:
+            log = open(logfile, "w")
             log.write(f"# {ensemble} dt={timestep_fs} fs T={temperature_K} K seed={seed}\n"
-                      "# step  time_fs  Epot_eV  Ekin_eV  Etot_eV  T_K  P_GPa"
-                      + ("  max_Fstd_eV_per_A  rms_Fstd_eV_per_A" if watch is not None
-                         else "") + "\n")
+                      f"{columns}\n")
 
     def sample(step: int, write: bool = True) -> None:
         epot = float(work.get_potential_energy())

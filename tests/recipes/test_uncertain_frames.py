@@ -257,3 +257,29 @@ def test_cli_bad_uncertainty_options(cu, tmp_path, capsys, extra, match):
     write(path, cu)
     assert main(_md_argv(path, tmp_path, *extra)) == 2
     assert match in _one_error_line(capsys)
+
+
+def test_restart_with_a_watch_repeats_the_column_line(cu, tmp_path):
+    """A run restarted with an uncertainty watch appends two std columns to a log whose earlier
+    part had none: the column line is repeated where the new part starts (not when the columns
+    are the same), and every data line has as many fields as the column line above it."""
+    log, ckpt = tmp_path / "md.log", tmp_path / "md.npz"
+    kwargs = dict(ensemble="nve", temperature_K=600.0, log_every=2, logfile=str(log),
+                  restart=str(ckpt), progress=False)
+    run_md(cu, StdEMT(), n_steps=4, **kwargs)
+    run_md(cu, StdEMT(), n_steps=8, uncertainty_threshold=10.0, **kwargs)
+    run_md(cu, StdEMT(), n_steps=12, uncertainty_threshold=10.0, **kwargs)
+    lines = log.read_text().splitlines()
+    headers = [k for k, line in enumerate(lines) if line.startswith("# step")]
+    assert len(headers) == 2 and lines[headers[1] - 1] == ("# restarted at step 4; columns "
+                                                           "from here on:")
+    assert lines[headers[1]].endswith("max_Fstd_eV_per_A  rms_Fstd_eV_per_A")
+    columns = None
+    steps = []
+    for line in lines:
+        if line.startswith("# step"):
+            columns = len(line[1:].split())
+        elif not line.startswith("#"):
+            assert len(line.split()) == columns
+            steps.append(int(line.split()[0]))
+    assert steps == [0, 2, 4, 6, 8, 10, 12]
