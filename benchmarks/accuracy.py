@@ -663,6 +663,7 @@ def stage_uncertainty(args, out: Path, split: dict) -> dict:
 
     from est_calc import ESTCalculator
     from est_calc.training.uncertainty import fit_and_save, spearman
+    from est_calc.uncertainty import frame_statistics
 
     folder = out / "est_uncertainty"
     folder.mkdir(exist_ok=True)
@@ -685,8 +686,9 @@ def stage_uncertainty(args, out: Path, split: dict) -> dict:
             b.calc = calc
             e, f = b.get_potential_energy(), b.get_forces()
             std = np.asarray(calc.results["forces_std"], dtype=float)
-            per.append({"formula": a.get_chemical_formula(), "max": float(std.max()),
-                        "rms": float(np.sqrt(np.mean(std ** 2))), "std": std,
+            (largest,), (rms,) = frame_statistics(std)
+            per.append({"formula": a.get_chemical_formula(), "max": float(largest),
+                        "rms": float(rms), "std": std,
                         "e_std": float(calc.results["energy_std"]), "de": e - ref_e,
                         "df": None if ref_f is None else np.linalg.norm(f - ref_f, axis=1)})
         formulas = sorted({r["formula"] for r in per})

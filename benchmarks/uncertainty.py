@@ -139,32 +139,21 @@ def predict(calc, frames, chunk: int = 16) -> dict:
             for k, v in out.items()}
 
 
-def frame_max(values: np.ndarray, frame: np.ndarray) -> np.ndarray:
-    """Largest value per frame."""
-    out = np.full(frame.max() + 1, -np.inf)
-    np.maximum.at(out, frame, values)
-    return out
-
-
-def frame_rms(values: np.ndarray, frame: np.ndarray) -> np.ndarray:
-    """Root mean square per frame."""
-    return np.sqrt(np.bincount(frame, values ** 2) / np.bincount(frame))
-
-
 def accuracy_table(calc, sets: dict, label: str) -> tuple[str, dict, float]:
     """Markdown table of one estimate on every set, the per-set predictions and the threshold
     of the largest per-atom std (the frame-RMS threshold is in the text)."""
-    from est_calc.training.uncertainty import miscalibration_area, spearman
+    from est_calc.training.uncertainty import flag_thresholds, miscalibration_area, spearman
+    from est_calc.uncertainty import frame_statistics
 
     preds = {name: predict(calc, frames) for name, frames in sets.items()}
     ref = preds[ID_SET]
-    threshold = float(np.quantile(frame_max(ref["std"], ref["frame"]), 0.95))
-    rms_threshold = float(np.quantile(frame_rms(ref["std"], ref["frame"]), 0.95))
+    flags = flag_thresholds(ref["std"], ref["frame"])
+    threshold, rms_threshold = flags["max"], flags["rms"]
     rows = []
     for name, p in preds.items():
         area, _, _ = miscalibration_area(p["std"], p["err"])
-        over_max = frame_max(p["std"], p["frame"]) > threshold
-        over_rms = frame_rms(p["std"], p["frame"]) > rms_threshold
+        largest, rms = frame_statistics(p["std"], p["frame"])
+        over_max, over_rms = largest > threshold, rms > rms_threshold
         e_rank = spearman(p["e_std"], np.abs(p["e_err"])) if len(p["e_err"]) > 2 else float("nan")
         rows.append([name, len(sets[name]), len(p["err"]),
                      f"{np.sqrt(np.mean(p['err'] ** 2)):.3f}",

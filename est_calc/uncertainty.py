@@ -51,6 +51,7 @@ import hashlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,7 +61,7 @@ from est_calc.geometry import apply_strain, symmetrize
 
 __all__ = ["UncertaintyEstimate", "LatentDistance", "committee_forces_stress", "committee_models",
            "check_committee", "check_uncertainty_request", "latent_forces_stress", "sidecar_path",
-           "graph_pairs",
+           "graph_pairs", "frame_statistics",
            "STD_PROPERTIES",
            "save_uncertainty", "load_uncertainty", "file_sha256", "SIDECAR_SUFFIX"]
 
@@ -245,6 +246,31 @@ def latent_forces_stress(potential, batch, graph, *, compute_stress: bool = Fals
     estimate = part(batch.atomic_numbers, features[0], batch.system_idx, batch.n_systems,
                     pairs=graph_pairs(batch, graph))
     return pred, estimate
+
+
+def frame_statistics(forces_std, frame=None, n_frames: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The two per-frame statistics that flag a frame: the largest per-atom force std and the
+    root mean square of the per-atom stds over the frame's atoms (eV/Å).
+
+    Args:
+        forces_std: per-atom stds (eV/Å), of one frame or of several frames one after another.
+        frame: each atom's frame index (0 .. F - 1); None: all atoms are one frame.
+        n_frames: F (default: the largest index + 1), so trailing frames without atoms count.
+
+    Returns:
+        (largest, rms), arrays of length F; a frame without atoms gets 0 for both.
+    """
+    std = np.asarray(forces_std, dtype=float).reshape(-1)
+    frame = np.zeros(len(std), dtype=np.int64) if frame is None else np.asarray(frame)
+    if frame.shape != std.shape:
+        raise ValueError(f"frame_statistics: {len(std)} stds but {frame.size} frame indices")
+    n = int(frame.max()) + 1 if n_frames is None and len(frame) else int(n_frames or 1)
+    count = np.bincount(frame, minlength=n)
+    largest = np.zeros(n)
+    np.maximum.at(largest, frame, std)               # stds are >= 0, so 0 is a neutral start
+    rms = np.sqrt(np.bincount(frame, weights=std ** 2, minlength=n) / np.maximum(count, 1))
+    return largest, rms
 
 
 def graph_pairs(batch, graph) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from est_calc.uncertainty import frame_statistics
 from md_recipes.safety import SimulationUnstable, check_output_path
 
 __all__ = ["AUTO", "ON_UNCERTAIN", "UncertainStructure", "UncertaintyWatch",
@@ -166,7 +167,7 @@ class UncertaintyWatch:
                 f"an uncertainty threshold needs a calculator that returns forces_std "
                 f"(ESTCalculator(..., uncertainty=True)); {type(atoms.calc).__name__} does not")
         std = np.asarray(std, dtype=float)
-        return float(std.max()) if std.size else 0.0, std
+        return float(frame_statistics(std)[0][0]), std
 
     def __call__(self, step: int, atoms) -> float:
         """Check the structure ``atoms`` at ``step``; returns its largest force std (eV/Å).
@@ -176,7 +177,7 @@ class UncertaintyWatch:
                 frame is written).
         """
         value, std = self.max_std(atoms)
-        rms = float(np.sqrt(np.mean(std ** 2))) if std.size else 0.0
+        rms = float(frame_statistics(std)[1][0])
         self.last, self.last_rms = value, rms
         over_max = self.threshold is not None and value > self.threshold
         over_rms = self.rms_threshold is not None and rms > self.rms_threshold

@@ -38,7 +38,7 @@ from est_calc.batch import AtomsBatch
 from est_calc.forces import energy_forces_stress
 from est_calc.neighbors import build_graph
 from est_calc.training.config import UncertaintySection
-from est_calc.uncertainty import LatentDistance
+from est_calc.uncertainty import LatentDistance, frame_statistics
 
 #: Fewest calibration atoms per distance bin, and the largest exponent b of the power law.
 MIN_BIN_ATOMS = 50
@@ -54,7 +54,7 @@ DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
            "train_with_uncertainty", "fit_run_uncertainty", "fit_and_save",
-           "spearman", "miscalibration_area"]
+           "flag_thresholds", "spearman", "miscalibration_area"]
 
 
 @dataclass
@@ -66,7 +66,7 @@ class FrameErrors:
         predicted, eV/Å; force_error: (n,) |F - F_ref|, eV/Å; frame: (n,) frame index of each
         atom; energy_error: (n_frames,) E - E_ref, eV; n_atoms: (n_frames,); pairs: (i, j, r)
         of every neighbour pair within the potential's cutoff, both directions, atom indices
-        into the arrays above (the pooling's input).
+        into the arrays above (the pooling's input), or None where they were not asked for.
     """
 
     z: np.ndarray
@@ -76,7 +76,7 @@ class FrameErrors:
     frame: np.ndarray
     energy_error: np.ndarray
     n_atoms: np.ndarray
-    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
 
 
 def _chunks(frames: Sequence, max_atoms: int):
@@ -91,13 +91,14 @@ def _chunks(frames: Sequence, max_atoms: int):
         yield chunk
 
 
-def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
+def evaluate_frames(potential, frames: Sequence, *, forces: bool = True, pairs: bool = True,
                     max_atoms: int = 3000, energy_mode: str = "total") -> FrameErrors:
     """Features (and, with ``forces``, errors against the frames' labels) of ``potential`` on
     ``frames`` (objects with positions, numbers, cell, pbc, energy and forces, as
     :class:`est_calc.training.datasets.Frame`), in batches of up to ``max_atoms`` atoms.
     ``energy_mode`` "referenced": the label is energy - reference_energy (as the potential was
-    trained with ``data.energy: referenced``)."""
+    trained with ``data.energy: referenced``). ``pairs``: also collect the neighbour pairs
+    (what the pooling of calibration frames needs; reference frames need only features)."""
     from est_calc.accel import accelerate
     from est_calc.uncertainty import graph_pairs
 
@@ -118,10 +119,11 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
                 with torch.no_grad():
                     pred = fast(batch, graph)
         parts["z"].append(batch.atomic_numbers.cpu().numpy())
-        i, j, r = graph_pairs(batch, graph)
-        parts["i"].append(i.cpu().numpy() + offset)
-        parts["j"].append(j.cpu().numpy() + offset)
-        parts["r"].append(r.double().cpu().numpy())
+        if pairs:
+            i, j, r = graph_pairs(batch, graph)
+            parts["i"].append(i.cpu().numpy() + offset)
+            parts["j"].append(j.cpu().numpy() + offset)
+            parts["r"].append(r.double().cpu().numpy())
         offset += batch.n_atoms
         parts["features"].append(sink[0].double().cpu().numpy())
         if forces:
@@ -136,10 +138,10 @@ def evaluate_frames(potential, frames: Sequence, *, forces: bool = True,
             parts["energy_error"].append(e - ref_e)
     n_atoms = np.array([f.n_atoms for f in frames])
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
-    pairs = (cat["i"].astype(np.int64), cat["j"].astype(np.int64), cat["r"])
+    found = (cat["i"].astype(np.int64), cat["j"].astype(np.int64), cat["r"]) if pairs else None
     return FrameErrors(cat["z"], cat["features"], cat["forces"], cat["force_error"],
                        np.repeat(np.arange(len(n_atoms)), n_atoms), cat["energy_error"], n_atoms,
-                       pairs)
+                       found)
 
 
 def _power_law(d: np.ndarray, err: np.ndarray, n_bins: int) -> tuple[float, float, list]:
@@ -223,7 +225,7 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
         kappa, the bins and the Spearman correlation of forces_std with the force error on the
         calibration frames.
     """
-    ref = evaluate_frames(potential, reference, forces=False, max_atoms=max_atoms)
+    ref = evaluate_frames(potential, reference, forces=False, pairs=False, max_atoms=max_atoms)
     raw = latent_distance_from(potential, ref, n_reference=n_reference, seed=seed)
     cal = evaluate_frames(potential, calibration, forces=True, max_atoms=max_atoms,
                           energy_mode=energy_mode)
@@ -240,13 +242,7 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
     ratio = cal.energy_error ** 2 / np.maximum(var_frame, 1e-30)
     kappa = float(np.sqrt(np.median(ratio) / CHI2_1_MEDIAN))
     # Flag thresholds: 95 % of the calibration frames (in distribution) stay under each.
-    n_frame = np.bincount(cal.frame, minlength=len(cal.n_atoms))
-    has_atoms = n_frame > 0
-    frame_max = np.full(len(n_frame), -np.inf)
-    np.maximum.at(frame_max, cal.frame, std)
-    frame_rms = np.sqrt(var_frame[has_atoms] / n_frame[has_atoms])
-    thresholds = {"max": float(np.quantile(frame_max[has_atoms], FLAG_QUANTILE)),
-                  "rms": float(np.quantile(frame_rms, FLAG_QUANTILE))}
+    thresholds = flag_thresholds(std, cal.frame, len(cal.n_atoms))
     t = raw.state()["tensors"]
     part = LatentDistance(t["species"], t["centres"], t["n_centres"], t["mean"], t["whiten"],
                           force_a=a, force_b=b, energy_kappa=kappa,
@@ -261,6 +257,18 @@ def fit_latent_distance(potential, reference: Sequence, calibration: Sequence, *
               "n_reference": n_reference, "pool_radius": radius,
               "self_weight": float(self_weight)}
     return part, report
+
+
+def flag_thresholds(forces_std, frame, n_frames: int | None = None) -> dict:
+    """{"max": x, "rms": y} (eV/Å): the values of the two frame statistics
+    (:func:`est_calc.uncertainty.frame_statistics`) that :data:`FLAG_QUANTILE` of the frames with
+    atoms stay under, from per-atom stds and each atom's frame index (in-distribution frames)."""
+    largest, rms = frame_statistics(forces_std, frame, n_frames)
+    has_atoms = np.bincount(np.asarray(frame), minlength=len(largest)) > 0
+    if not has_atoms.any():
+        raise ValueError("flag thresholds need at least one frame with atoms")
+    return {"max": float(np.quantile(largest[has_atoms], FLAG_QUANTILE)),
+            "rms": float(np.quantile(rms[has_atoms], FLAG_QUANTILE))}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -25,14 +25,3 @@ def test_quick_run_prints_the_tables_and_writes_the_plot(tmp_path):
     assert "flagged (frame RMS)" in out and "flagged (either)" in out
     assert "| CO/Cu(111) slab | 66 |" in out and "Cost of uncertainty=True" in out
     assert plot.stat().st_size > 10_000
-
-
-def test_frame_statistics_of_the_flag_columns():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import numpy as np
-    import uncertainty
-
-    values = np.array([3.0, 4.0, 1.0, 1.0, 1.0, 5.0])
-    frame = np.array([0, 0, 1, 1, 1, 2])
-    np.testing.assert_allclose(uncertainty.frame_max(values, frame), [4.0, 1.0, 5.0])
-    np.testing.assert_allclose(uncertainty.frame_rms(values, frame), [np.sqrt(12.5), 1.0, 5.0])

@@ -319,3 +319,19 @@ def test_pooling_beyond_the_cutoff_is_refused(latent_potential, tmp_path):
     calc = ESTCalculator(str(path), device="cpu", dtype="float64", uncertainty=True)
     with pytest.raises(ValueError, match="beyond the potential's cutoff"):
         _calc_results(calc, _cells()[0])
+
+
+def test_reference_frames_are_evaluated_without_their_pairs():
+    """The fit reads only the reference frames' features: evaluate_frames(pairs=False) skips
+    the neighbour pairs and gives the same features and frame indices."""
+    from est_calc.model import ModelConfig
+    from est_calc.training.datasets import frame_from_atoms
+
+    torch.manual_seed(0)
+    pot = Potential.from_config(ModelConfig.preset("tiny"), species=(1, 6, 8, 29)).double().eval()
+    frames = [frame_from_atoms(a) for a in (fcc111("Cu", (2, 2, 2), vacuum=5.0),
+                                            bulk("Cu", "fcc", a=3.6, cubic=True))]
+    full, bare = (evaluate_frames(pot, frames, forces=False, pairs=p) for p in (True, False))
+    assert bare.pairs is None and len(full.pairs[0]) > 0
+    np.testing.assert_array_equal(bare.features, full.features)
+    np.testing.assert_array_equal(bare.frame, full.frame)

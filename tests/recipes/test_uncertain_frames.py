@@ -264,8 +264,8 @@ def test_restart_with_a_watch_repeats_the_column_line(cu, tmp_path):
     part had none: the column line is repeated where the new part starts (not when the columns
     are the same), and every data line has as many fields as the column line above it."""
     log, ckpt = tmp_path / "md.log", tmp_path / "md.npz"
-    kwargs = dict(ensemble="nve", temperature_K=600.0, log_every=2, logfile=str(log),
-                  restart=str(ckpt), progress=False)
+    kwargs = {"ensemble": "nve", "temperature_K": 600.0, "log_every": 2, "logfile": str(log),
+              "restart": str(ckpt), "progress": False}
     run_md(cu, StdEMT(), n_steps=4, **kwargs)
     run_md(cu, StdEMT(), n_steps=8, uncertainty_threshold=10.0, **kwargs)
     run_md(cu, StdEMT(), n_steps=12, uncertainty_threshold=10.0, **kwargs)
