@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "temp_files_of", "new_file_mode"]
+__all__ = ["atomic_torch_save", "atomic_write_text", "temp_files_of", "new_file_mode"]
 
 
 def _umask() -> int:
@@ -54,12 +54,24 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
     The file gets mode ``0o666 & ~umask``; on any exception the temporary file is removed and
     an existing file under ``path`` is left as it was.
     """
+    return _atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_torch_save`; returns the path."""
+    data = text.encode("utf-8")
+    return _atomic_write(path, lambda fh: fh.write(data))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(binary file)`` on a temporary file beside ``path``, fsync, set the mode and
+    rename it to ``path``; on any exception remove the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
             if hasattr(os, "fchmod"):

@@ -410,6 +410,11 @@ class ESTCalculator(Calculator):
         potential: the :class:`Potential` that runs: the accelerated view
             (``accelerate(..., inference=True)``) of the one given or loaded.
         dispersion: the :class:`~est_calc.dispersion.DispersionD3` term, or None.
+        committee: the members' accelerated views (the first is ``potential``), or None.
+        committee_thresholds: a committee of files' flag thresholds {"max", "rms"} (eV/Å) from
+            the ``.committee`` file fitted for exactly these members
+            (:func:`est_calc.uncertainty.load_committee_thresholds`), else {}; the recipes'
+            ``"auto"`` thresholds of a committee.
         n_model_calls: how many times the network ran (each ``calculate`` or
             ``calculate_batch`` pass adds one); makes ASE's caching observable.
         captured_step: the :class:`~est_calc.accel.graphs.CapturedStep` that serves
@@ -517,6 +522,12 @@ class ESTCalculator(Calculator):
         potential = fast(potential)
         self.committee = None if committee is None else [potential] + [
             fast(member) for member in committee[1:]]
+        self.committee_thresholds = {}
+        if committee is not None and all(isinstance(m, (str, os.PathLike)) for m in model):
+            from est_calc.potential import _resolve
+            from est_calc.uncertainty import load_committee_thresholds
+
+            self.committee_thresholds, _ = load_committee_thresholds([_resolve(m) for m in model])
         self.compile = bool(compile)
         self.potential = potential
         self.cuda_graph = bool(cuda_graph)

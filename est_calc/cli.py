@@ -8,6 +8,7 @@
     est train CONFIG.yaml         train an EST potential
     est eval POTENTIAL DATA       OC20 metrics of a potential on a data set
     est fit-uncertainty POT.pt    the latent uncertainty part of an existing potential file
+                                  (several files: a committee's flag thresholds)
     est export POTENTIAL -o F.pt2 a compiled deployment package for ASE and LAMMPS
 
 Each subcommand imports its module lazily so that ``est --help`` stays fast. The library reports

@@ -43,11 +43,18 @@ The latent-distance state ships as a sidecar file next to the potential file,
 ``<stem>.uncertainty`` (:func:`save_uncertainty`, read by :func:`load_uncertainty` with
 ``torch.load(weights_only=True)``), which holds the sha256 of the potential file it was fitted
 for; a sidecar of another file is not used.
+
+A committee's flag thresholds (the values of the largest and of the RMS per-atom ``forces_std``
+that 95 % of in-distribution frames stay under, the recipes' ``"auto"``) are a JSON file beside a
+member, ``<stem>.committee`` (:func:`save_committee_thresholds`), which lists the sha256 of every
+member it was fitted for; it is used only for exactly that set of members, in any order
+(:func:`load_committee_thresholds`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -55,7 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from est_calc.atomic_io import atomic_torch_save
+from est_calc.atomic_io import atomic_torch_save, atomic_write_text
 from est_calc.forces import Prediction, _check_volumes
 from est_calc.geometry import apply_strain, symmetrize
 
@@ -63,13 +70,17 @@ __all__ = ["UncertaintyEstimate", "LatentDistance", "committee_forces_stress", "
            "check_committee", "check_uncertainty_request", "latent_forces_stress", "sidecar_path",
            "graph_pairs", "frame_statistics",
            "STD_PROPERTIES",
-           "save_uncertainty", "load_uncertainty", "file_sha256", "SIDECAR_SUFFIX"]
+           "save_uncertainty", "load_uncertainty", "file_sha256", "SIDECAR_SUFFIX",
+           "COMMITTEE_SUFFIX", "committee_sidecar_path", "save_committee_thresholds",
+           "load_committee_thresholds", "check_thresholds"]
 
 #: The results ``uncertainty=True`` adds: eV per structure, eV/Å per atom.
 STD_PROPERTIES = ("energy_std", "forces_std")
 FORMAT = "est_calc.uncertainty"
 FORMAT_VERSION = 2
 SIDECAR_SUFFIX = ".uncertainty"
+COMMITTEE_FORMAT = "est_calc.committee"
+COMMITTEE_SUFFIX = ".committee"
 
 
 class UncertaintyEstimate(NamedTuple):
@@ -132,11 +143,7 @@ class LatentDistance(nn.Module):
         self.unknown_distance = float(unknown_distance)
         self.pool_radius = float(pool_radius)
         self.self_weight = float(self_weight)
-        self.thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
-        if set(self.thresholds) - {"max", "rms"} or not all(
-                v > 0 for v in self.thresholds.values()):
-            raise ValueError(f"LatentDistance thresholds must be {{'max': x, 'rms': y}} with "
-                             f"values > 0, got {thresholds!r}")
+        self.thresholds = check_thresholds(thresholds, "LatentDistance thresholds")
 
     @property
     def n_features(self) -> int:
@@ -390,6 +397,20 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def check_thresholds(thresholds, what: str) -> dict:
+    """``thresholds`` as {"max": x, "rms": y} of floats (either key may be absent; None: {}),
+    or ValueError naming ``what`` unless every value is a finite number > 0."""
+    try:
+        out = {str(k): float(v) for k, v in (thresholds or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        out = None
+    if out is None or set(out) - {"max", "rms"} or not all(0 < v < float("inf")
+                                                           for v in out.values()):
+        raise ValueError(f"{what} must be {{'max': x, 'rms': y}} with values > 0 (eV/Å), got "
+                         f"{thresholds!r}")
+    return out
+
+
 def sidecar_path(potential_path) -> Path:
     """``<folder>/<stem>.uncertainty`` of a potential file ``<folder>/<stem>.pt``."""
     path = Path(potential_path)
@@ -450,3 +471,52 @@ def check_uncertainty_request(uncertainty, potential, committee, cuda_graph) -> 
                          "uncertainty=True (the captured step records one model's energy and "
                          "forces only)")
 
+
+
+def committee_sidecar_path(member_path) -> Path:
+    """``<folder>/<stem>.committee`` of a member file ``<folder>/<stem>.pt``."""
+    path = Path(member_path)
+    return path.with_name(path.stem + COMMITTEE_SUFFIX)
+
+
+def save_committee_thresholds(member_paths: Sequence, thresholds: dict, *,
+                              metadata: dict | None = None) -> Path:
+    """Write the flag thresholds of the committee of the files ``member_paths`` as a JSON file
+    beside the first member (atomically), bound to the sha256 of every member; returns its path.
+    """
+    paths = [Path(p) for p in member_paths]
+    if len(paths) < 2:
+        raise ValueError(f"a committee needs at least two members, got {len(paths)}")
+    payload = {"format": COMMITTEE_FORMAT, "format_version": 1,
+               "members": [{"file": p.name, "sha256": file_sha256(p)} for p in paths],
+               "thresholds": check_thresholds(thresholds, "committee thresholds"),
+               "metadata": dict(metadata or {})}
+    return atomic_write_text(json.dumps(payload, indent=1) + "\n",
+                             committee_sidecar_path(paths[0]))
+
+
+def load_committee_thresholds(member_paths: Sequence) -> tuple[dict, str | None]:
+    """(thresholds, None) from the ``.committee`` file beside any of the members that was
+    fitted for exactly these members (by sha256, in any order), or ({}, why there are none)."""
+    paths = [Path(p) for p in member_paths]
+    wanted = sorted(file_sha256(p) for p in paths)
+    problems = []
+    for path in paths:
+        side = committee_sidecar_path(path)
+        if not side.is_file():
+            continue
+        try:
+            payload = json.loads(side.read_text())
+            if payload.get("format") != COMMITTEE_FORMAT:
+                raise ValueError("not a committee file")
+            members = sorted(str(m["sha256"]) for m in payload["members"])
+            thresholds = check_thresholds(payload["thresholds"], f"{side}'s thresholds")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problems.append(f"{side} is unreadable ({type(err).__name__})")
+            continue
+        if members == wanted:
+            return thresholds, None
+        problems.append(f"{side} was fitted for other members")
+    if not problems:
+        problems.append(f"no {COMMITTEE_SUFFIX} file beside the members")
+    return {}, "; ".join(problems)

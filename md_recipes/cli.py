@@ -63,7 +63,8 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
                     compile: bool | str = False, dispersion: str | None = None,
                     functional: str | None = None, uncertainty: bool = False,
                     max_atoms: int | None = None):
-    """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT) or a file path.
+    """Calculator from a --calc value: "est" (default potential), "emt" (ASE EMT), a file path,
+    or several file paths separated by commas (a committee, ``ESTCalculator(model=[...])``).
 
     ``dispersion`` ("d3bj") and ``functional`` (e.g. "rpbe") add DFT-D3(BJ) to an EST potential
     (``ESTCalculator(..., dispersion=, functional=)``); ``uncertainty`` makes it return
@@ -87,20 +88,26 @@ def make_calculator(spec: str = "est", device: str = "auto", skin: float = 0.0,
         from ase.calculators.emt import EMT
 
         return EMT()
-    if spec.lower() != "est" and not os.path.exists(spec):
-        raise ValueError(f"--calc {spec!r}: use 'est', 'emt' or the path of a potential file")
+    files = [part.strip() for part in spec.split(",")] if "," in spec else [spec]
+    for name in files:
+        if (name.lower() != "est" or len(files) > 1) and not os.path.exists(name):
+            raise ValueError(f"--calc {spec!r}: use 'est', 'emt', the path of a potential file "
+                             f"or several paths separated by commas (a committee); {name!r} "
+                             f"does not exist")
     check_device(device)
     from est_calc.calculator import ESTCalculator
 
-    return ESTCalculator("default" if spec.lower() == "est" else spec, device=device, skin=skin,
+    model = files if len(files) > 1 else ("default" if spec.lower() == "est" else spec)
+    return ESTCalculator(model, device=device, skin=skin,
                          compile=compile, dispersion=dispersion, functional=functional,
                          uncertainty=uncertainty, max_atoms=max_atoms)
 
 
 def _add_calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calc", default="est",
-                   help="'est' (default EST potential), 'emt' (ASE EMT, for demonstration) "
-                        "or a path to a potential file")
+                   help="'est' (default EST potential), 'emt' (ASE EMT, for demonstration), "
+                        "a path to a potential file, or several paths separated by commas (a "
+                        "committee)")
     p.add_argument("--device", default="auto", help="device for EST: auto, cpu, cuda, ...")
     p.add_argument("--skin", type=float, default=1.0,
                    help="Verlet skin in Å for EST: the neighbour list is rebuilt only when an atom "
@@ -134,7 +141,8 @@ def _add_uncertainty_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncertainty-threshold", type=_threshold, default=None, metavar="F",
                    help="watch the largest per-atom force std (eV/Å): steps above F are written "
                         "to --uncertain-frames (the potential needs an uncertainty part); "
-                        "'auto': the potential's own 95 %% in-distribution value")
+                        "'auto': the potential's (or committee's) own 95 %% in-distribution "
+                        "value")
     p.add_argument("--uncertainty-rms-threshold", type=_threshold, default=None, metavar="F",
                    help="watch the RMS over the atoms of the per-atom force std (eV/Å; a whole "
                         "frame a little new, e.g. a strained lattice): steps above F are "

@@ -362,8 +362,9 @@ def run_md(
             (> 1).
         max_energy_drift_eV_per_atom: bound on the total-energy change per atom in "nve".
         uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std; "auto": the
-            potential's own (its uncertainty part's 95 % in-distribution value,
-            :func:`md_recipes.uncertain.resolve_thresholds`); None: not watched.
+            potential's own (its uncertainty part's 95 % in-distribution value, or a
+            committee's fitted one, :func:`md_recipes.uncertain.resolve_thresholds`); None: not
+            watched.
         on_uncertain: "record" (write the frame and go on) or "stop" (write it and stop).
         uncertain_frames: extxyz path of the frames beyond the threshold (appended to on
             restart); None: not written.

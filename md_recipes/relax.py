@@ -155,7 +155,7 @@ def relax(
         uncertainty_threshold: eV/Å (> 0) bound on the largest per-atom force std of every
             visited geometry (the calculator must return ``forces_std``; the default one then
             does); the log gets a line ``Uncertainty: step max_force_std ... rms_force_std ...``
-            per step. "auto": the potential's own 95 % in-distribution value
+            per step. "auto": the potential's (or committee's) own 95 % in-distribution value
             (:func:`md_recipes.uncertain.resolve_thresholds`). None: not watched.
         on_uncertain: "record" (write the geometry to ``uncertain_frames`` and go on) or "stop"
             (write it and stop with :class:`~md_recipes.uncertain.UncertainStructure`).

@@ -80,9 +80,10 @@ def _is_auto(value) -> bool:
 
 def resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold
                        ) -> tuple[float | None, float | None]:
-    """The two thresholds with ``"auto"`` replaced by the calculator's potential's own (its
-    latent uncertainty part's ``thresholds``: 95 % of in-distribution calibration frames stay
-    under each). Raises ValueError, naming the argument, where there are none to use."""
+    """The two thresholds with ``"auto"`` replaced by the calculator's own: 95 % of
+    in-distribution calibration frames stay under each (a latent uncertainty part's stored
+    ``thresholds``, or a committee's ``committee_thresholds`` from its ``.committee`` file).
+    Raises ValueError, naming the argument, where there are none to use."""
     out = []
     for name, key, value in (("uncertainty_threshold", "max", uncertainty_threshold),
                              ("uncertainty_rms_threshold", "rms", uncertainty_rms_threshold)):
@@ -90,8 +91,15 @@ def resolve_thresholds(calc, uncertainty_threshold, uncertainty_rms_threshold
             out.append(None if value is None else float(value))
             continue
         if getattr(calc, "committee", None):
-            raise ValueError(f"{name}='auto' takes a latent uncertainty part's stored "
-                             f"thresholds; a committee's spread has none: give a number (eV/Å)")
+            stored = getattr(calc, "committee_thresholds", {}) or {}
+            if key not in stored:
+                raise ValueError(
+                    f"{name}='auto' needs the committee's fitted thresholds (a .committee file "
+                    f"beside a member, written by est train --committee or est fit-uncertainty "
+                    f"A.pt B.pt ... --calibration HELD_OUT); these members have none: give a "
+                    f"number (eV/Å)")
+            out.append(float(stored[key]))
+            continue
         part = getattr(getattr(calc, "potential", None), "uncertainty", None)
         stored = getattr(part, "thresholds", {}) or {}
         if key not in stored:

@@ -41,10 +41,15 @@ def add_training_parsers(sub) -> None:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("fit-uncertainty",
-                       help="fit the latent-distance uncertainty of an existing potential file")
-    p.add_argument("potential", help="path of a potential .pt file (the sidecar goes beside it)")
-    p.add_argument("--reference", required=True,
-                   help="the frames the potential was trained on (any supported format)")
+                       help="fit the latent-distance uncertainty of an existing potential file, "
+                            "or the flag thresholds of a committee of files")
+    p.add_argument("potential", nargs="+",
+                   help="path of a potential .pt file (the sidecar goes beside it); several: "
+                        "the members of a committee (their .committee file goes beside the "
+                        "first)")
+    p.add_argument("--reference", default=None,
+                   help="the frames the potential was trained on (any supported format; "
+                        "needed for one potential, not for a committee)")
     p.add_argument("--calibration", required=True,
                    help="held-out labelled frames of the same distribution (calibration and the "
                         "95 %% flag thresholds, the recipes' 'auto')")
@@ -128,13 +133,29 @@ def _fit_uncertainty(args) -> int:
     potential file that exists already (trained elsewhere, or before the option)."""
     from pathlib import Path
 
-    from est_calc.training.uncertainty import fit_and_save
-    from est_calc.uncertainty import sidecar_path
+    from est_calc.training.uncertainty import fit_and_save, fit_committee_thresholds
+    from est_calc.uncertainty import committee_sidecar_path, sidecar_path
 
-    path = Path(args.potential)
-    if not path.is_file():
-        raise ValueError(f"potential file {path} not found (give the path of a .pt file: the "
-                         f"uncertainty part is written beside it)")
+    paths = [Path(p) for p in args.potential]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"potential file {path} not found (give the path of a .pt file: "
+                             f"the uncertainty part is written beside it)")
+    if len(paths) > 1:
+        if args.reference is not None:
+            raise ValueError("--reference is for one potential's latent part; a committee's "
+                             "thresholds need only --calibration")
+        side = committee_sidecar_path(paths[0])
+        if side.exists() and not args.overwrite:
+            raise ValueError(f"{side} exists; pass --overwrite to replace it")
+        fit_committee_thresholds(paths, args.calibration)
+        names = ", ".join(repr(str(p)) for p in paths)
+        print(f"use: ESTCalculator(model=[{names}], uncertainty=True)")
+        return 0
+    path = paths[0]
+    if args.reference is None:
+        raise ValueError("--reference (the frames the potential was trained on) is needed to "
+                         "fit one potential's latent part")
     side = sidecar_path(path)
     if side.exists() and not args.overwrite:
         raise ValueError(f"{side} exists; pass --overwrite to replace it")

@@ -54,6 +54,7 @@ DEFAULT_SELF_WEIGHT = UncertaintySection.self_weight
 
 __all__ = ["FrameErrors", "evaluate_frames", "fit_latent_distance", "latent_distance_from",
            "train_with_uncertainty", "fit_run_uncertainty", "fit_and_save",
+           "committee_frame_stds", "fit_committee_thresholds",
            "flag_thresholds", "spearman", "miscalibration_area"]
 
 
@@ -307,7 +308,8 @@ def train_with_uncertainty(cfg, *, init: str | None = None, resume: bool = False
     "latent" trains as usual, then fits the latent distance of the exported potential and
     writes its sidecar (``potential.uncertainty``); "committee" trains ``committee_size``
     members, each a whole run with its own seed in ``output_dir/member<k>`` (``resume`` and
-    ``overwrite`` apply to each).
+    ``overwrite`` apply to each), then, with calibration data (``uncertainty.calibration`` or
+    ``data.val``), fits the committee's flag thresholds (``member0/potential.committee``).
     """
     import copy
 
@@ -327,7 +329,67 @@ def train_with_uncertainty(cfg, *, init: str | None = None, resume: bool = False
         member.train.seed = cfg.train.seed + k
         member.uncertainty.kind = "none"
         paths.append(train(member, init=init, resume=resume, overwrite=overwrite))
+    calibration = u.calibration if u.calibration is not None else cfg.data.val
+    if calibration is not None:
+        fit_committee_thresholds(paths, calibration)
     return paths
+
+
+def committee_frame_stds(potentials: Sequence, frames: Sequence, *, max_atoms: int = 3000
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(per-atom forces_std (eV/Å), each atom's frame index) of the committee ``potentials``
+    (loaded :class:`est_calc.potential.Potential` objects of one architecture) on ``frames``
+    (as :func:`evaluate_frames` takes them), in batches of up to ``max_atoms`` atoms."""
+    from est_calc.accel import accelerate
+    from est_calc.uncertainty import committee_forces_stress
+
+    members = [accelerate(p, inference=True).eval() for p in potentials]
+    first = members[0]
+    stds, frame_idx, offset = [], [], 0
+    for chunk in _chunks(list(frames), max_atoms):
+        batch = AtomsBatch.from_arrays([f.positions for f in chunk], [f.numbers for f in chunk],
+                                       [f.cell for f in chunk], [f.pbc for f in chunk],
+                                       device=first.device, dtype=first.dtype)
+        graph = build_graph(batch, first.cutoff_A, paired=True)
+        _, estimate = committee_forces_stress(members, batch, graph)
+        stds.append(estimate.forces_std.double().cpu().numpy())
+        frame_idx.append(np.repeat(np.arange(len(chunk)) + offset, [f.n_atoms for f in chunk]))
+        offset += len(chunk)
+    return np.concatenate(stds), np.concatenate(frame_idx)
+
+
+def fit_committee_thresholds(member_paths: Sequence, calibration, *, max_atoms: int = 3000
+                             ) -> Path:
+    """The flag thresholds of the committee of the potential files ``member_paths`` on the
+    held-out frames of the data file ``calibration`` (:func:`flag_thresholds` of the committee's
+    ``forces_std``), written beside the first member as its ``.committee`` file; prints one line
+    and returns the file's path. Raises ValueError for members that are no committee, data
+    without usable frames or with elements the members do not know."""
+    from est_calc.potential import load_potential
+    from est_calc.training.datasets import FrameSubset, check_species
+    from est_calc.training.trainer import _open
+    from est_calc.uncertainty import check_committee, save_committee_thresholds
+
+    paths = [Path(p) for p in member_paths]
+    if len(paths) < 2:
+        raise ValueError(f"a committee needs at least two potential files, got {len(paths)}")
+    potentials = [load_potential(str(p)) for p in paths]
+    check_committee(potentials, [str(p) for p in paths])
+    data, good, _ = _open(calibration, None, "skip", "calibration")
+    if not good:
+        raise ValueError(f"calibration data {calibration} has no usable frames")
+    frames = FrameSubset(data, good)
+    check_species(frames, potentials[0].species, what=str(calibration),
+                  owner=f"committee member {paths[0]}")
+    std, frame = committee_frame_stds(potentials, frames, max_atoms=max_atoms)
+    thresholds = flag_thresholds(std, frame, len(frames))
+    out = save_committee_thresholds(paths, thresholds, metadata={
+        "calibration": str(calibration), "n_calibration_frames": len(frames),
+        "quantile": FLAG_QUANTILE})
+    print(f"committee: 95 % in-distribution flag thresholds on {len(frames)} calibration "
+          f"frames: largest std {thresholds['max']:.4g}, RMS std {thresholds['rms']:.4g} eV/Å, "
+          f"the recipes' 'auto' -> {out}")
+    return out
 
 
 def fit_run_uncertainty(cfg, potential_path) -> Path:

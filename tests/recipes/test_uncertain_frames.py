@@ -179,9 +179,18 @@ def test_auto_thresholds_are_the_potentials_own(cu, tmp_path):
         relax(cu, StdEMT(), uncertainty_rms_threshold="auto")
     with pytest.raises(ValueError, match="uncertainty_threshold must be a finite number > 0"):
         run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="sometimes")
-    calc.committee = [object(), object()]  # a committee whose first member has a latent part
-    with pytest.raises(ValueError, match="a committee's spread has none"):
+    # A committee uses its own fitted thresholds (committee_thresholds), never its first
+    # member's latent ones, which do not measure the spread.
+    calc.committee = [object(), object()]
+    with pytest.raises(ValueError, match="uncertainty_threshold='auto' needs the committee's "
+                                         "fitted thresholds"):
         run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="auto")
+    calc.committee_thresholds = {"max": 10 * _max_std(cu), "rms": 0.5 * _rms_std(cu)}
+    res = run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="auto",
+                 uncertainty_rms_threshold="auto")
+    assert res.uncertain_steps == [0]  # beyond the committee's RMS threshold only
+    res = run_md(cu, calc, n_steps=0, progress=False, uncertainty_threshold="auto")
+    assert res.uncertain_steps == []
 
 
 def test_cli_auto_threshold_of_the_shipped_potential(cu, tmp_path, capsys):

@@ -8,11 +8,13 @@ import pytest
 import yaml
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from ase.io import read
 
 from est_calc.calculator import ESTCalculator
 from est_calc.cli import main
 from est_calc.training.config import load_config
 from est_calc.training.datasets import frame_from_atoms, write_extxyz_with_sidecar
+from est_calc.uncertainty import frame_statistics
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,21 @@ def test_train_committee_in_one_command(config, tmp_path, capsys):
     assert all(p.exists() for p in paths) and "committee: ESTCalculator(model=[" in out
     std = _forces_std(ESTCalculator([str(p) for p in paths], device="cpu", uncertainty=True))
     assert std.shape == (8,) and np.all(std > 0)  # different seeds, different members
+    # The committee's flag thresholds, fitted on data.val: the 95th percentiles over its frames
+    # of each frame's largest and RMS forces_std, as the calculator gives them one by one.
+    assert "committee: 95 % in-distribution flag thresholds" in out
+    assert (paths[0].parent / "potential.committee").is_file()
+    calc = ESTCalculator([str(p) for p in reversed(paths)], device="cpu", uncertainty=True)
+    val = read(yaml.safe_load(config(tmp_path).read_text())["data"]["val"], ":")
+    largest, rms = [], []
+    for atoms in val:
+        atoms.calc = calc
+        atoms.get_forces()
+        (m,), (r,) = frame_statistics(calc.results["forces_std"])
+        largest.append(m)
+        rms.append(r)
+    assert calc.committee_thresholds == pytest.approx(
+        {"max": np.quantile(largest, 0.95), "rms": np.quantile(rms, 0.95)}, rel=1e-4)
 
 
 def test_train_latent_uncertainty_in_one_command(config, tmp_path, capsys):
@@ -165,3 +182,81 @@ def test_fit_uncertainty_of_an_existing_potential(config, tmp_path, capsys):
     assert main([*argv[:4], "--calibration", str(tmp_path / "o.extxyz"), "--overwrite"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "O" in err[0]
+
+
+def test_committee_thresholds_are_bound_to_their_members(config, tmp_path, capsys):
+    """`est fit-uncertainty A.pt B.pt --calibration` writes a committee's thresholds beside A;
+    the calculator uses them for exactly those members (in any order), not for another set,
+    a changed member file or an unreadable file; refusals are one line with a non-zero exit."""
+    import shutil
+
+    import torch
+
+    from est_calc.potential import load_potential, save_potential
+    from est_calc.uncertainty import committee_sidecar_path
+
+    assert main(["train", str(config(tmp_path)), "--committee", "3",
+                 "--set", "data.val=null"]) == 0
+    run = tmp_path / "run"
+    paths = [run / f"member{k}" / "potential.pt" for k in range(3)]
+    assert not committee_sidecar_path(paths[0]).exists()   # no calibration data: no thresholds
+    val = yaml.safe_load((tmp_path / "c.yaml").read_text())["data"]["train"]
+    pair = [str(paths[0]), str(paths[1])]
+    capsys.readouterr()
+    assert main(["fit-uncertainty", *pair, "--calibration", val]) == 0
+    assert "uncertainty=True" in capsys.readouterr().out
+    stored = ESTCalculator(pair, device="cpu").committee_thresholds
+    assert set(stored) == {"max", "rms"} and all(v > 0 for v in stored.values())
+    assert ESTCalculator(pair[::-1], device="cpu").committee_thresholds == stored
+    assert ESTCalculator([*pair, str(paths[2])], device="cpu").committee_thresholds == {}
+    assert ESTCalculator([load_potential(p) for p in pair], device="cpu"
+                         ).committee_thresholds == {}
+    # A member file changed after the fit: the thresholds are not used.
+    changed = tmp_path / "changed" / "potential.pt"
+    changed.parent.mkdir()
+    shutil.copyfile(paths[0], changed)
+    shutil.copyfile(committee_sidecar_path(paths[0]), committee_sidecar_path(changed))
+    assert ESTCalculator([str(changed), pair[1]], device="cpu").committee_thresholds == stored
+    pot = load_potential(str(changed))
+    with torch.no_grad():
+        next(pot.model.parameters()).add_(0.01)
+    save_potential(pot, changed)
+    assert ESTCalculator([str(changed), pair[1]], device="cpu").committee_thresholds == {}
+    committee_sidecar_path(changed).write_text("{not json")
+    assert ESTCalculator([str(changed), pair[1]], device="cpu").committee_thresholds == {}
+    # Refusals.
+    for argv, message in (
+            (["fit-uncertainty", *pair, "--calibration", val], "pass --overwrite"),
+            (["fit-uncertainty", *pair, "--calibration", val, "--reference", val],
+             "--reference is for one potential"),
+            (["fit-uncertainty", pair[0], "--calibration", val], "--reference"),
+            (["fit-uncertainty", pair[0], str(tmp_path / "none.pt"), "--calibration", val],
+             "not found")):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert main(["fit-uncertainty", *pair, "--calibration", val, "--overwrite"]) == 0
+
+    # est md with a committee (--calc A.pt,B.pt) and 'auto' thresholds: the committee's own.
+    from ase.io import write
+
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.05, seed=3)
+    write(tmp_path / "cu.xyz", cu)
+
+    def md(calc, *extra):
+        return main(["md", str(tmp_path / "cu.xyz"), "--calc", calc, "--steps", "2",
+                     "--no-progress", "--device", "cpu", "-o", str(tmp_path / "md.traj"),
+                     "--uncertain-frames", str(tmp_path / "u.extxyz"), *extra])
+
+    capsys.readouterr()
+    assert md(",".join(pair), "--uncertainty-threshold", "auto",
+              "--uncertainty-rms-threshold", "auto") == 0
+    assert (f"above max {stored['max']:g} or RMS {stored['rms']:g} eV/Å"
+            in capsys.readouterr().out)
+    for calc, message in ((",".join([*pair, str(paths[2])]),
+                           "needs the committee's fitted thresholds"),
+                          (f"{pair[0]},{tmp_path / 'none.pt'}", "does not exist")):
+        assert md(calc, "--uncertainty-threshold", "auto") != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
