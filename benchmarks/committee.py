@@ -201,8 +201,8 @@ def run(work: Path, members: list[Path], latent: bool, dtype: str = "float32") -
             + ".\n\n"
             + markdown_table(["set", "estimate", "frames", "flagged: largest std",
                               "flagged: RMS std", "flagged: either",
-                              "Spearman (forces_std vs |dF| per atom; energy-only sets: "
-                              "energy_std vs |dE|)"], unc_rows) + "\n")
+                              ("Spearman (forces_std vs per-atom force error; energy-only "
+                               "sets: energy_std vs energy error)")], unc_rows) + "\n")
     return text, result
 
 

@@ -472,7 +472,6 @@ def check_uncertainty_request(uncertainty, potential, committee, cuda_graph) -> 
                          "forces only)")
 
 
-
 def committee_sidecar_path(member_path) -> Path:
     """``<folder>/<stem>.committee`` of a member file ``<folder>/<stem>.pt``."""
     path = Path(member_path)

@@ -20,8 +20,9 @@ x_i += DWLinear( sum_j D_e^T (u_e alpha_eh v_eh) )                 rotate back, 
 =================================================================  ==============================
 
 The softmax makes the message a weighted *mean* over the neighbours: the weights sum to one
-whatever their number, so the count of neighbours reaches the features only through the
-envelope. ``neighbour_sum`` adds a learned per-head weight w_h / <deg> to every alpha_eh (w_h
+whatever their number, so within this block the count of neighbours reaches the message only
+through the envelope (the model's edge-degree embedding, before the first layer, is a sum).
+``neighbour_sum`` adds a learned per-head weight w_h / <deg> to every alpha_eh (w_h
 starts at 1), i.e. the plain neighbour sum that the "est" block (``message.py``) keeps beside its
 attention: an atom with one neighbour fewer then also receives one message fewer.
 
