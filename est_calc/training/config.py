@@ -173,7 +173,9 @@ class UncertaintySection:
     ``n_reference`` atoms kept per element, calibration on ``calibration`` frames, default
     ``data.val``; written as ``potential.uncertainty`` beside ``potential.pt``); or "committee"
     (train ``committee_size`` potentials with seeds ``train.seed + k`` into
-    ``output_dir/member<k>``, for ``ESTCalculator(model=[...], uncertainty=True)``).
+    ``output_dir/member<k>``, for ``ESTCalculator(model=[...], uncertainty=True)``; with
+    ``calibration`` or ``data.val``, the committee's 95 % flag thresholds are then fitted and
+    written as ``member0/potential.committee``, the recipes' "auto").
     ``pool_radius`` (Å, at most the model's cutoff; None: the cutoff; 0: no pooling) and
     ``self_weight`` set the latent distance's pooling over neighbours
     (:class:`est_calc.uncertainty.LatentDistance`).
