@@ -98,16 +98,22 @@ def subset_errors(parts: list[dict], k: int) -> tuple[float, float]:
     return tuple(float(v) for v in np.mean(found, axis=0))
 
 
+def _frame_rows(pred: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every atom's force std of a prediction in one array, and the frame index of each row."""
+    frame = np.repeat(np.arange(len(pred["std"])), [len(s) for s in pred["std"]])
+    return np.concatenate(pred["std"]), frame
+
+
 def flags(pred: dict, thresholds: dict) -> tuple[float, float, float, float]:
     """(% flagged by the largest std, by the RMS std, by either; Spearman)."""
     from est_calc.training.uncertainty import spearman
     from est_calc.uncertainty import frame_statistics
 
-    largest = np.array([frame_statistics(s)[0][0] for s in pred["std"]])
-    rms = np.array([frame_statistics(s)[1][0] for s in pred["std"]])
+    std, frame = _frame_rows(pred)
+    largest, rms = frame_statistics(std, frame, len(pred["std"]))
     over_max, over_rms = largest > thresholds["max"], rms > thresholds["rms"]
     if pred["df"]:
-        rank = spearman(np.concatenate(pred["std"]), np.concatenate(pred["df"]))
+        rank = spearman(std, np.concatenate(pred["df"]))
     elif len(pred["de"]) > 2:
         rank = spearman(np.asarray(pred["e_std"]), np.abs(pred["de"]))
     else:
@@ -117,10 +123,10 @@ def flags(pred: dict, thresholds: dict) -> tuple[float, float, float, float]:
 
 
 def thresholds_of(pred: dict) -> dict:
+    """The flag thresholds that this (in-distribution) prediction passes 95 % of the time."""
     from est_calc.training.uncertainty import flag_thresholds
 
-    frame = np.repeat(np.arange(len(pred["std"])), [len(s) for s in pred["std"]])
-    return flag_thresholds(np.concatenate(pred["std"]), frame)
+    return flag_thresholds(*_frame_rows(pred))
 
 
 def groups(pred: dict, label: str):

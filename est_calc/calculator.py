@@ -522,12 +522,9 @@ class ESTCalculator(Calculator):
         potential = fast(potential)
         self.committee = None if committee is None else [potential] + [
             fast(member) for member in committee[1:]]
-        self.committee_thresholds = {}
-        if committee is not None and all(isinstance(m, (str, os.PathLike)) for m in model):
-            from est_calc.potential import _resolve
-            from est_calc.uncertainty import load_committee_thresholds
-
-            self.committee_thresholds, _ = load_committee_thresholds([_resolve(m) for m in model])
+        self._committee_files = (list(model) if committee is not None and all(
+            isinstance(m, (str, os.PathLike)) for m in model) else None)
+        self._committee_thresholds = None
         self.compile = bool(compile)
         self.potential = potential
         self.cuda_graph = bool(cuda_graph)
@@ -594,6 +591,20 @@ class ESTCalculator(Calculator):
                 p.requires_grad_(False)
         potential.eval()
         return potential
+
+    @property
+    def committee_thresholds(self) -> dict:
+        """A committee of files' flag thresholds (the class docstring); read, and the files
+        hashed, on first use (a plain committee call never needs them)."""
+        if self._committee_thresholds is None:
+            self._committee_thresholds = {}
+            if self._committee_files is not None:
+                from est_calc.potential import _resolve
+                from est_calc.uncertainty import load_committee_thresholds
+
+                self._committee_thresholds, _ = load_committee_thresholds(
+                    [_resolve(m) for m in self._committee_files])
+        return self._committee_thresholds
 
     @property
     def cutoff_A(self) -> float:
