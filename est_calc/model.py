@@ -53,7 +53,7 @@ from est_calc.nn.so3 import EquivariantLayerNorm
 from est_calc.nn.wigner import EdgeRotation
 from est_calc.sphere import make_grid
 
-__all__ = ["PRESETS", "ESTModel", "ModelConfig", "ModelOutput", "random_rotations"]
+__all__ = ["PRESETS", "ESTModel", "LayeredHead", "ModelConfig", "ModelOutput", "random_rotations"]
 
 
 _CHOICES = {
@@ -110,6 +110,11 @@ class ModelConfig:
         zbl: add the ZBL screened nuclear repulsion at short range (``nn/repulsion.py``).
         zbl_radius_factor: the ZBL term of a pair ends at this factor times the sum of the two
             covalent radii.
+        layer_readouts: add a linear energy readout of the l = 0 row of the embedding and of
+            every layer's output but the last to the head's output (:class:`LayeredHead`), as
+            MACE reads its energy from every interaction: a path of low body order (the
+            embedding's row is a sum of two-body terms) beside the deep one. Zero at
+            initialisation.
     """
 
     cutoff_A: float = 5.0
@@ -141,6 +146,7 @@ class ModelConfig:
     vector_norm: str = "joint"
     zbl: bool = True
     zbl_radius_factor: float = 0.65
+    layer_readouts: bool = False
 
     def __post_init__(self):
         for name, kinds in _CHOICES.items():
@@ -174,7 +180,7 @@ class ModelConfig:
                              f"message_heads={self.message_heads}")
         if self.so2_m_max > self.l_max:
             raise ValueError(f"so2_m_max={self.so2_m_max} exceeds l_max={self.l_max}")
-        for name in ("rotate_grid_in_training", "zbl", "so2_neighbour_sum"):
+        for name in ("rotate_grid_in_training", "zbl", "so2_neighbour_sum", "layer_readouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         f = self.zbl_radius_factor
@@ -280,6 +286,27 @@ def _message_block(c: ModelConfig, grid: nn.Module, scalar: bool) -> nn.Module:
                neighbour_sum=c.so2_neighbour_sum, avg_degree=c.avg_degree)
 
 
+class LayeredHead(nn.Module):
+    """The energy head of ``ModelConfig.layer_readouts``: head(f) + sum_k w_k . s_k.
+
+    Its input is ESTModel.network's (N, C (1 + K)): the normalised last-layer scalars f, then
+    the l = 0 rows s_k (N, C) of the embedding and of the K - 1 earlier layers' outputs (not
+    normalised: a readout of sums over neighbours stays additive in them). The weights w_k
+    start at zero, so the model starts as the one without readouts.
+    """
+
+    def __init__(self, head: nn.Module, channels: int, n_readouts: int):
+        super().__init__()
+        self.mlp = head
+        self.channels = channels
+        self.readout = nn.Parameter(torch.zeros(n_readouts * channels, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(N, C (1 + K)) -> (N, 1)."""
+        c = self.channels
+        return self.mlp(features[:, :c]) + features[:, c:] @ self.readout
+
+
 class ESTModel(nn.Module):
     """Equivariant Spherical Transformer interatomic potential (energy only).
 
@@ -329,8 +356,8 @@ class ESTModel(nn.Module):
             if isinstance(module, EquivariantLayerNorm):
                 module.joint = c.vector_norm == "joint"
         self.repulsion = ZBLRepulsion(c.zbl_radius_factor) if c.zbl else None
-        self.head = nn.Sequential(nn.Linear(c.channels, c.channels), nn.SiLU(),
-                                  nn.Linear(c.channels, 1))
+        head = nn.Sequential(nn.Linear(c.channels, c.channels), nn.SiLU(), nn.Linear(c.channels, 1))
+        self.head = LayeredHead(head, c.channels, c.n_layers) if c.layer_readouts else head
         self.register_buffer("element_reference", torch.zeros(N_ELEMENTS))
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
@@ -427,17 +454,22 @@ class ESTModel(nn.Module):
 
     def network(self, z: Tensor, graph, vectors: Tensor) -> Tensor:
         """Per-atom scalar features (N, C), the input of the energy head, for atoms z (N,) and
-        the graph's edges with vectors (E, 3) Å."""
+        the graph's edges with vectors (E, 3) Å; with ``layer_readouts`` (N, C + n_layers): the
+        l = 0 rows of the embedding and of every layer but the last follow (LayeredHead)."""
         species_emb = self.species_embedding(z)
         edges = self.edge_features(species_emb, graph, vectors)
         x = self.edge_embedding(self.atom_embedding(z), edges)
         checkpoint = self._checkpoint_layers and torch.is_grad_enabled()
+        earlier = []
         for message, update in zip(self.messages, self.updates):
+            if self.config.layer_readouts:
+                earlier.append(x[:, 0])
             x = (self._checkpointed_layer(message, update, x, edges) if checkpoint
                  else _layer(message, update, x, edges))
         # The scalar-only last layer gives the l = 0 row (N, C) alone; the final norm's l = 0
         # part is an ordinary LayerNorm of that row.
-        return self.final_norm.scalar_norm(x) if self.scalar_last_layer else self.final_norm(x)[:, 0]
+        last = self.final_norm.scalar_norm(x) if self.scalar_last_layer else self.final_norm(x)[:, 0]
+        return torch.cat([last, *earlier], dim=-1) if earlier else last
 
     def forward(self, batch, graph) -> ModelOutput:
         """Energies of a batch of structures.

@@ -15,9 +15,9 @@ from est_calc.neighbors.pairing import one_direction
 from est_calc.testing import predict
 
 
-@pytest.fixture
-def function(make_potential, message):
-    pot = make_potential(message, n_layers=2)
+@pytest.fixture(params=[{}, {"layer_readouts": True}], ids=["plain", "layer-readouts"])
+def function(make_potential, message, request):
+    pot = make_potential(message, n_layers=2, **request.param)
     return pot, EdgeEnergyModel(_plain_model(pot, torch.float64, torch.device("cpu")),
                                 pot.species)
 

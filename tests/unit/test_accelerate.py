@@ -31,6 +31,7 @@ CONFIGS = {
     "small": ("small", {}),
     "small-m2": ("small", {"so2_m_max": 2}),
     "small-neighbour-sum": ("small", {"so2_neighbour_sum": True}),
+    "small-layer-readouts": ("small", {"layer_readouts": True}),
     "small-separate-norm-no-zbl": ("small", {"vector_norm": "separate", "zbl": False}),
     "steerable-only": ("small", {"n_spherical": 0}),
     "spherical-only-lebedev": ("small", {"n_steerable": 0, "grid": "lebedev", "n_points": None}),

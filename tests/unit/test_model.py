@@ -4,6 +4,8 @@ Forces, stress, finite differences and batched-vs-single live in tests/physics (
 All checks use the "tiny" preset in float64.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +303,82 @@ def test_so2_neighbour_sum_config_round_trip_and_legacy():
     assert ModelConfig.from_dict(old).so2_neighbour_sum is False
     with pytest.raises(ValueError, match="so2_neighbour_sum"):
         ModelConfig(so2_neighbour_sum="yes")
+
+
+def _layered_from(base: ESTModel) -> ESTModel:
+    """A layer_readouts model with base's weights (its head as the MLP), readouts zero."""
+    layered = ESTModel(replace(base.config, layer_readouts=True)).double().eval()
+    state = {(k.replace("head.", "head.mlp.", 1) if k.startswith("head.") else k): v
+             for k, v in base.state_dict().items()}
+    missing, unexpected = layered.load_state_dict(state, strict=False)
+    assert not unexpected and missing == ["head.readout"]
+    return layered
+
+
+def test_layer_readouts_start_as_the_model_without_them(ethanol, copper):
+    """Readout weights zero: the energies of the model without readouts (same other weights);
+    non-zero: they differ, by sum_i w . (s_i - s_isolated) scaled as the head's output."""
+    base = make_model(seed=3, n_layers=2)
+    layered = _layered_from(base)
+    assert layered.head.readout.shape == (2 * base.config.channels, 1)
+    for atoms in (ethanol, copper):
+        torch.testing.assert_close(run(layered, atoms).energies, run(base, atoms).energies,
+                                   rtol=0, atol=1e-12)
+    with torch.no_grad():
+        layered.head.readout.normal_(generator=torch.Generator().manual_seed(1))
+    batch = AtomsBatch.from_atoms([ethanol])
+    graph = graph_of([ethanol], layered.config.cutoff_A)
+    from est_calc.geometry import edge_vectors
+
+    vec = edge_vectors(batch.positions.double(), batch.cell.double(), graph.edge_index,
+                       graph.shifts, batch.system_idx)
+    z = batch.atomic_numbers
+    species, inverse = torch.unique(z, return_inverse=True)
+    features = layered.network(torch.cat([z, species]), graph, vec)
+    c = layered.config.channels
+    readout = (features[:, c:] @ layered.head.readout).squeeze(-1)
+    expected = (readout[:len(z)] - readout[len(z):][inverse]) * layered.energy_scale / \
+        layered.config.avg_atoms
+    torch.testing.assert_close(run(layered, ethanol).energies - run(base, ethanol).energies,
+                               expected, rtol=0, atol=1e-12)
+    assert expected.abs().max() > 1e-3
+
+
+def test_the_embedding_readout_is_a_sum_over_pairs():
+    """With the deep path silenced (the head MLP's output layer zero) and only the embedding's
+    readout on, the energy is two-body: E(ABC) - sum E_isolated equals the sum over the three
+    pairs of E(pair) - E_isolated, to round-off. With the MLP on it is not (the check can fail)."""
+    layered = _layered_from(make_model(seed=5, n_layers=2))
+    c = layered.config.channels
+    with torch.no_grad():
+        layered.head.readout[:c].normal_(generator=torch.Generator().manual_seed(2))
+    positions = np.array([[0.0, 0.0, 0.0], [1.3, 0.2, 0.0], [0.4, 1.1, 0.5]])
+    symbols = ["C", "O", "H"]
+
+    def energy(idx):
+        atoms = Atoms([symbols[i] for i in idx], positions=positions[list(idx)])
+        return run(layered, atoms).energy.item()
+
+    def excess():
+        three = energy((0, 1, 2)) - sum(energy((i,)) for i in range(3))
+        pairs = sum(energy(p) - energy(p[:1]) - energy(p[1:]) for p in ((0, 1), (0, 2), (1, 2)))
+        return three - pairs
+
+    last = layered.head.mlp[2]
+    saved = last.weight.detach().clone()
+    with torch.no_grad():
+        last.weight.zero_()
+    assert abs(excess()) < 1e-10
+    with torch.no_grad():
+        last.weight.copy_(saved)
+    assert abs(excess()) > 1e-6
+
+
+def test_layer_readouts_config_round_trip():
+    cfg = ModelConfig.preset("molecule", layer_readouts=True)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["layer_readouts"]                    # a config written before the field existed
+    assert ModelConfig.from_dict(old).layer_readouts is False
+    with pytest.raises(ValueError, match="layer_readouts"):
+        ModelConfig(layer_readouts=1)
