@@ -9,6 +9,8 @@ ESTModel(batch, graph) computes
     x           = AtomEmbedding(Z) + EdgeDegreeEmbedding(edges)
     x           = UpdateBlock(MessageBlock(x, edges))     for each of n_layers layers
     e_i         = head(LN(x_i)^(0)) - head_isolated(Z_i)   (exactly 0 for an atom without neighbours)
+                  (config.layer_readouts: head(.) + sum_k w_k . x_k^(0), k = the embedding and
+                  every layer but the last; LayeredHead)
     energies_i  = e_i * energy_scale / avg_atoms + energy_shift + element_reference[Z_i]
                   + (1/2) sum_j E_ZBL(Z_i, Z_j, r_ij)        (config.zbl; nn/repulsion.py)
     energy_b    = sum_{i in b} energies_i
@@ -407,7 +409,8 @@ class ESTModel(nn.Module):
 
     @contextmanager
     def recording_features(self):
-        """Collect the per-atom scalar features (n_atoms, C) that enter the energy head.
+        """Collect the per-atom scalar features (n_atoms, C) that enter the energy head
+        ((n_atoms, C (1 + K)) with ``layer_readouts``: :meth:`network`).
 
         Yields a list; every forward pass inside the block appends its batch's features,
         detached (``network`` output of the real atoms, after the final norm). The energy and
