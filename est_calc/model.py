@@ -457,7 +457,7 @@ class ESTModel(nn.Module):
 
     def network(self, z: Tensor, graph, vectors: Tensor) -> Tensor:
         """Per-atom scalar features (N, C), the input of the energy head, for atoms z (N,) and
-        the graph's edges with vectors (E, 3) Å; with ``layer_readouts`` (N, C + n_layers): the
+        the graph's edges with vectors (E, 3) Å; with ``layer_readouts`` (N, C (1 + n_layers)): the
         l = 0 rows of the embedding and of every layer but the last follow (LayeredHead)."""
         species_emb = self.species_embedding(z)
         edges = self.edge_features(species_emb, graph, vectors)
